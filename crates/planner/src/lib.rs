@@ -1,0 +1,4 @@
+//! Hot/cold neuron placement planning.
+//!
+//! Not implemented yet: this crate reserves its place in the workspace and exports nothing.
+//! See the crate README for what it will hold.

@@ -1,0 +1,1 @@
+//! powerinfer: activation-sparse LLM inference.
