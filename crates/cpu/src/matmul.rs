@@ -1,0 +1,456 @@
+//! Dense quantized matrix-vector and matrix-matrix products.
+//!
+//! The weights are a ggml matrix ([`Matrix`]): `rows` rows of `cols` elements each, every row a
+//! whole number of blocks of the weight type. As in llama.cpp, the activations are quantized once
+//! per product to the weight type's "vec_dot type" (Q8_0 for the 32-element formats, Q8_K for the
+//! K-quants, the float type itself for F32/F16/BF16) and every output element is one call of the
+//! type's `vec_dot` kernel from `powerinfer-quant`. That is what makes outputs agree with
+//! llama.cpp, and it makes them independent of the number of threads and of the tiling: each
+//! output element is computed by exactly one call, the same call whichever thread makes it. The
+//! batched [`matmul`] therefore gives bit-for-bit the same numbers as [`matvec`] per token.
+//!
+//! The quantized activations live in an [`ActBuffer`], which can be reused so that the decode
+//! path does not allocate: [`matvec`] and [`matmul`] use one kept per calling thread, the `_with`
+//! variants take one from the caller, and the `_quantized` variants take activations already
+//! quantized (for instance once for the Q, K and V projections of the same input).
+
+use std::cell::Cell;
+
+use powerinfer_gguf::GgmlType;
+use powerinfer_quant::TypeKernels;
+
+use crate::CpuError;
+use crate::pool::{SharedSlice, ThreadPool};
+
+/// Weight bytes per matvec chunk handed to a thread: small enough to balance two threads on a
+/// 576 x 576 matrix, large enough that the shared counter is touched rarely.
+const MATVEC_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Below this many weight bytes a matvec runs on the calling thread alone: waking another
+/// thread costs more than it saves.
+const MATVEC_INLINE_BYTES: usize = 32 * 1024;
+
+/// Bytes of quantized activations per matmul tile (several tokens whose activations stay in L2
+/// while the tile's weight rows stream past them).
+const MATMUL_TILE_ACT_BYTES: usize = 128 * 1024;
+
+/// Weight bytes per matmul tile (its rows stay in L1/L2 while they meet the tile's tokens).
+const MATMUL_TILE_WEIGHT_BYTES: usize = 16 * 1024;
+
+/// A ggml weight matrix borrowed from memory (usually a memory-mapped model file).
+///
+/// Layout: `rows` consecutive rows, each `cols` elements of `ty` (ggml `ne[0] = cols`,
+/// `ne[1] = rows`), so `data.len() == rows * row_bytes(ty, cols)`.
+#[derive(Debug, Clone, Copy)]
+pub struct Matrix<'a> {
+    /// Element type of the weights.
+    pub ty: GgmlType,
+    /// Number of rows (output features).
+    pub rows: usize,
+    /// Elements per row (input features); a multiple of `ty.block_size()`.
+    pub cols: usize,
+    /// The raw bytes, rows one after another.
+    pub data: &'a [u8],
+}
+
+/// Bytes of `cols` elements of `ty`, with the errors a caller can act on.
+fn checked_row_bytes(ty: GgmlType, cols: usize) -> Result<usize, CpuError> {
+    if !cols.is_multiple_of(ty.block_size()) {
+        return Err(CpuError::NotBlockAligned { ty, cols });
+    }
+    (cols / ty.block_size())
+        .checked_mul(ty.type_size())
+        .ok_or(CpuError::Overflow)
+}
+
+impl<'a> Matrix<'a> {
+    /// Wraps `data` as a `rows x cols` matrix of `ty`, checking that `cols` is a whole number of
+    /// blocks and that `data` has exactly the right length.
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, data: &'a [u8]) -> Result<Self, CpuError> {
+        let rb = checked_row_bytes(ty, cols)?;
+        let expected = rb.checked_mul(rows).ok_or(CpuError::Overflow)?;
+        if data.len() != expected {
+            return Err(CpuError::DataSize {
+                expected,
+                actual: data.len(),
+            });
+        }
+        Ok(Matrix {
+            ty,
+            rows,
+            cols,
+            data,
+        })
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        (self.cols / self.ty.block_size()) * self.ty.type_size()
+    }
+
+    /// The bytes of row `r`, or `None` if out of range (or the matrix is inconsistent).
+    pub fn row(&self, r: usize) -> Option<&'a [u8]> {
+        let rb = self.row_bytes();
+        let start = r.checked_mul(rb)?;
+        self.data.get(start..start.checked_add(rb)?)
+    }
+
+    /// Re-checks the invariants `new` establishes (the fields are public, so a caller may have
+    /// built the struct directly).
+    fn validate(&self) -> Result<usize, CpuError> {
+        Matrix::new(self.ty, self.rows, self.cols, self.data).map(|m| m.row_bytes())
+    }
+}
+
+/// Activations quantized for one weight type: `n_tokens` rows of `cols` elements each in the
+/// weight type's vec_dot type, together with the kernel set that quantized them (and that the
+/// products will use).
+///
+/// Reusing one buffer across calls avoids allocation once it has grown to the largest size
+/// needed.
+#[derive(Default)]
+pub struct ActBuffer {
+    kernels: Option<&'static TypeKernels>,
+    cols: usize,
+    n_tokens: usize,
+    row_bytes: usize,
+    data: Vec<u8>,
+}
+
+impl std::fmt::Debug for ActBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ActBuffer")
+            .field("weight_type", &self.weight_type())
+            .field("act_type", &self.act_type())
+            .field("kernels", &self.kernels.map(|k| k.name))
+            .field("cols", &self.cols)
+            .field("n_tokens", &self.n_tokens)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ActBuffer {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Quantizes `x` (`n_tokens` rows of `cols` floats, row-major) for products with weights of
+    /// type `weight_ty`, using the best kernels for this CPU ([`powerinfer_quant::kernels`]).
+    pub fn quantize(
+        &mut self,
+        weight_ty: GgmlType,
+        x: &[f32],
+        cols: usize,
+        n_tokens: usize,
+    ) -> Result<(), CpuError> {
+        let k = powerinfer_quant::kernels(weight_ty).ok_or(CpuError::UnsupportedType(weight_ty))?;
+        self.quantize_with(k, x, cols, n_tokens)
+    }
+
+    /// Like [`quantize`](Self::quantize) with an explicit kernel set (for instance
+    /// [`powerinfer_quant::scalar_kernels`], to run the whole product on the scalar reference).
+    pub fn quantize_with(
+        &mut self,
+        kernels: &'static TypeKernels,
+        x: &[f32],
+        cols: usize,
+        n_tokens: usize,
+    ) -> Result<(), CpuError> {
+        // The weight rows must be whole blocks too, but that is checked against the matrix.
+        let rb = checked_row_bytes(kernels.act_ty, cols)?;
+        let n_in = cols.checked_mul(n_tokens).ok_or(CpuError::Overflow)?;
+        if x.len() != n_in {
+            return Err(CpuError::ShapeMismatch {
+                what: "activation input length (n_tokens * cols)",
+                expected: n_in,
+                actual: x.len(),
+            });
+        }
+        let total = rb.checked_mul(n_tokens).ok_or(CpuError::Overflow)?;
+        self.data.clear();
+        self.data.resize(total, 0);
+        if rb > 0 {
+            for (src, dst) in x.chunks_exact(cols).zip(self.data.chunks_exact_mut(rb)) {
+                (kernels.quantize_act)(src, dst);
+            }
+        }
+        self.kernels = Some(kernels);
+        self.cols = cols;
+        self.n_tokens = n_tokens;
+        self.row_bytes = rb;
+        Ok(())
+    }
+
+    /// The weight type these activations were prepared for, if any.
+    pub fn weight_type(&self) -> Option<GgmlType> {
+        self.kernels.map(|k| k.ty)
+    }
+
+    /// The type the activations are stored in (the weight type's vec_dot type), if any.
+    pub fn act_type(&self) -> Option<GgmlType> {
+        self.kernels.map(|k| k.act_ty)
+    }
+
+    /// Elements per token.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// Number of tokens held.
+    pub fn n_tokens(&self) -> usize {
+        self.n_tokens
+    }
+
+    /// The quantized bytes of token `t`, or `None` if out of range.
+    pub fn token(&self, t: usize) -> Option<&[u8]> {
+        if t >= self.n_tokens {
+            return None;
+        }
+        self.data.get(t * self.row_bytes..(t + 1) * self.row_bytes)
+    }
+
+    /// Checks that these activations fit `w` and returns the kernels to use.
+    fn kernels_for(&self, w: &Matrix) -> Result<&'static TypeKernels, CpuError> {
+        let k = self.kernels.ok_or(CpuError::EmptyActivations)?;
+        if k.ty != w.ty {
+            return Err(CpuError::WeightTypeMismatch {
+                expected: w.ty,
+                actual: k.ty,
+            });
+        }
+        if self.cols != w.cols {
+            return Err(CpuError::ShapeMismatch {
+                what: "activation columns (matrix cols)",
+                expected: w.cols,
+                actual: self.cols,
+            });
+        }
+        Ok(k)
+    }
+}
+
+thread_local! {
+    /// The activation buffer `matvec` and `matmul` reuse on each calling thread.
+    static SCRATCH: Cell<ActBuffer> = Cell::new(ActBuffer::new());
+}
+
+/// Runs `f` with this thread's scratch buffer. The buffer is taken out for the duration, so a
+/// nested use (from inside a pool job on this thread) just gets a fresh one instead of panicking.
+fn with_scratch<R>(f: impl FnOnce(&mut ActBuffer) -> R) -> R {
+    let mut buf = SCRATCH.with(Cell::take);
+    let r = f(&mut buf);
+    SCRATCH.with(|s| s.set(buf));
+    r
+}
+
+fn check_len(what: &'static str, expected: usize, actual: usize) -> Result<(), CpuError> {
+    if expected != actual {
+        return Err(CpuError::ShapeMismatch {
+            what,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// `y[r] = dot(w[r], x)` for every row `r`: the decode-time product.
+///
+/// `x.len()` must be `w.cols` and `y.len()` must be `w.rows`. `x` is quantized once to the
+/// weight type's vec_dot type (in a buffer kept per calling thread, so this does not allocate
+/// after the first call with the largest shape), and rows are split across the pool's threads.
+///
+/// ```
+/// use powerinfer_cpu::{Matrix, ThreadPool, matvec};
+/// use powerinfer_gguf::GgmlType;
+///
+/// // A 2 x 3 F32 matrix.
+/// let w: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+///     .iter()
+///     .flat_map(|v| v.to_le_bytes())
+///     .collect();
+/// let w = Matrix::new(GgmlType::F32, 2, 3, &w)?;
+/// let mut y = [0.0f32; 2];
+/// matvec(&ThreadPool::new(1), &w, &[1.0, 1.0, 1.0], &mut y)?;
+/// assert_eq!(y, [6.0, 15.0]);
+/// # Ok::<(), powerinfer_cpu::CpuError>(())
+/// ```
+pub fn matvec(pool: &ThreadPool, w: &Matrix, x: &[f32], y: &mut [f32]) -> Result<(), CpuError> {
+    with_scratch(|scratch| matvec_with(pool, w, x, y, scratch))
+}
+
+/// [`matvec`] with a caller-owned activation buffer.
+pub fn matvec_with(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    y: &mut [f32],
+    scratch: &mut ActBuffer,
+) -> Result<(), CpuError> {
+    w.validate()?;
+    check_len("matvec input length (matrix cols)", w.cols, x.len())?;
+    check_len("matvec output length (matrix rows)", w.rows, y.len())?;
+    scratch.quantize(w.ty, x, w.cols, 1)?;
+    matvec_quantized(pool, w, scratch, y)
+}
+
+/// [`matvec`] on activations already quantized for `w`'s type (one token).
+///
+/// The products use the kernel set that quantized `acts`.
+pub fn matvec_quantized(
+    pool: &ThreadPool,
+    w: &Matrix,
+    acts: &ActBuffer,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    let rb = w.validate()?;
+    let k = acts.kernels_for(w)?;
+    check_len("matvec token count", 1, acts.n_tokens)?;
+    check_len("matvec output length (matrix rows)", w.rows, y.len())?;
+    let act = acts.token(0).ok_or(CpuError::EmptyActivations)?;
+    let total = w.data.len();
+    if pool.n_threads() == 1 || total <= MATVEC_INLINE_BYTES || rb == 0 {
+        dot_rows(k, w, rb, act, 0, y);
+        return Ok(());
+    }
+    let chunk_rows = (MATVEC_CHUNK_BYTES / rb).max(1);
+    let out = SharedSlice::new(y);
+    pool.for_each_chunk(w.rows, chunk_rows, |range| {
+        let first = range.start;
+        // SAFETY: `for_each_chunk` hands out disjoint ranges, each to one thread.
+        let part = unsafe { out.slice_mut(range) };
+        dot_rows(k, w, rb, act, first, part);
+    });
+    Ok(())
+}
+
+/// `y[i] = dot(w[first_row + i], acts[token])` for `i in 0..y.len()`, on the calling thread.
+///
+/// A building block for other schedulers (and for comparing them): [`matvec_quantized`] is this
+/// over chunks of rows on the pool's threads.
+pub fn matvec_rows(
+    w: &Matrix,
+    acts: &ActBuffer,
+    token: usize,
+    first_row: usize,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    let rb = w.validate()?;
+    let k = acts.kernels_for(w)?;
+    let act = acts.token(token).ok_or(CpuError::ShapeMismatch {
+        what: "token index (n_tokens)",
+        expected: acts.n_tokens,
+        actual: token,
+    })?;
+    match first_row.checked_add(y.len()) {
+        Some(end) if end <= w.rows => {}
+        _ => {
+            return Err(CpuError::ShapeMismatch {
+                what: "row range end (matrix rows)",
+                expected: w.rows,
+                actual: first_row.saturating_add(y.len()),
+            });
+        }
+    }
+    dot_rows(k, w, rb, act, first_row, y);
+    Ok(())
+}
+
+/// The inner loop: one `vec_dot` per output. Callers have checked every size.
+#[inline]
+fn dot_rows(k: &TypeKernels, w: &Matrix, rb: usize, act: &[u8], first: usize, y: &mut [f32]) {
+    let rows = &w.data[first * rb..(first + y.len()) * rb];
+    if rb == 0 {
+        y.fill(0.0);
+        return;
+    }
+    for (yi, row) in y.iter_mut().zip(rows.chunks_exact(rb)) {
+        *yi = (k.vec_dot)(w.cols, row, act);
+    }
+}
+
+/// `y[t][r] = dot(w[r], x[t])` for `n_tokens` tokens: the prompt-processing product.
+///
+/// `x` holds `n_tokens` rows of `w.cols` floats (row-major) and `y` receives `n_tokens` rows of
+/// `w.rows` floats. Every element equals what [`matvec`] gives for that token, bit for bit.
+/// All tokens are quantized once, then the work is split into tiles of several rows times
+/// several tokens, so each weight row is read from memory once per tile of tokens.
+pub fn matmul(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    with_scratch(|scratch| matmul_with(pool, w, x, n_tokens, y, scratch))
+}
+
+/// [`matmul`] with a caller-owned activation buffer.
+pub fn matmul_with(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    n_tokens: usize,
+    y: &mut [f32],
+    scratch: &mut ActBuffer,
+) -> Result<(), CpuError> {
+    w.validate()?;
+    let n_in = w.cols.checked_mul(n_tokens).ok_or(CpuError::Overflow)?;
+    check_len("matmul input length (n_tokens * cols)", n_in, x.len())?;
+    let n_out = w.rows.checked_mul(n_tokens).ok_or(CpuError::Overflow)?;
+    check_len("matmul output length (n_tokens * rows)", n_out, y.len())?;
+    scratch.quantize(w.ty, x, w.cols, n_tokens)?;
+    matmul_quantized(pool, w, scratch, y)
+}
+
+/// [`matmul`] on activations already quantized for `w`'s type (all of `acts`'s tokens).
+///
+/// The products use the kernel set that quantized `acts`.
+pub fn matmul_quantized(
+    pool: &ThreadPool,
+    w: &Matrix,
+    acts: &ActBuffer,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    let rb = w.validate()?;
+    let k = acts.kernels_for(w)?;
+    let n_tokens = acts.n_tokens;
+    let rows = w.rows;
+    let n_out = rows.checked_mul(n_tokens).ok_or(CpuError::Overflow)?;
+    check_len("matmul output length (n_tokens * rows)", n_out, y.len())?;
+    if n_out == 0 {
+        return Ok(());
+    }
+    if rb == 0 || acts.row_bytes == 0 {
+        y.fill(0.0);
+        return Ok(());
+    }
+    let tile_tokens = (MATMUL_TILE_ACT_BYTES / acts.row_bytes).clamp(1, n_tokens);
+    let tile_rows = (MATMUL_TILE_WEIGHT_BYTES / rb).clamp(1, rows);
+    let n_token_tiles = n_tokens.div_ceil(tile_tokens);
+    let n_row_tiles = rows.div_ceil(tile_rows);
+    let n_tiles = n_token_tiles * n_row_tiles;
+    let cols = w.cols;
+    let out = SharedSlice::new(y);
+    let tile = |t_idx: usize| {
+        // Row-tile major: consecutive tiles share weight rows, which stay in cache.
+        let (rt, tt) = (t_idx / n_token_tiles, t_idx % n_token_tiles);
+        let r0 = rt * tile_rows;
+        let r1 = (r0 + tile_rows).min(rows);
+        let t0 = tt * tile_tokens;
+        let t1 = (t0 + tile_tokens).min(n_tokens);
+        let acts_tile = &acts.data[t0 * acts.row_bytes..t1 * acts.row_bytes];
+        for r in r0..r1 {
+            let row = &w.data[r * rb..(r + 1) * rb];
+            for (t, act) in (t0..t1).zip(acts_tile.chunks_exact(acts.row_bytes)) {
+                let v = (k.vec_dot)(cols, row, act);
+                // SAFETY: element (t, r) belongs to exactly one tile, and each tile index is
+                // handed to exactly one thread by `for_each_chunk`.
+                unsafe { out.write(t * rows + r, v) };
+            }
+        }
+    };
+    pool.for_each_chunk(n_tiles, 1, |range| range.for_each(tile));
+    Ok(())
+}

@@ -1,0 +1,875 @@
+//! Element-wise and per-row operators of a transformer forward pass: RMS / layer norm, softmax,
+//! activations (SiLU, GELU as ggml evaluates it, ReLU) and gated FFN helpers, rotary position
+//! embeddings (normal and NEOX pairing) and attention of queries over an F16 KV cache.
+//!
+//! Numerics follow ggml's CPU backend where that matters for reproducing llama.cpp:
+//! - norms sum in `f64` and scale with `1/sqrtf(mean + eps)`;
+//! - GELU is the tanh approximation looked up through a table indexed by the input rounded to
+//!   f16 (ggml's `GGML_GELU_FP16` path);
+//! - RoPE angles are `pos * base^(-2i/d)` computed by one `powf` and an iterated `f32` multiply;
+//! - attention follows ggml's flash-attention kernel: the query is rounded to f16, K/V are f16,
+//!   scores are accumulated with an online softmax and the weighted V sum is kept in f16 (rounded
+//!   after every update), then divided by the softmax sum.
+//!
+//! Every function validates its slice lengths and returns [`OpsError`] on a mismatch.
+
+use half::f16;
+use std::sync::OnceLock;
+
+/// A shape or parameter problem in an operator call.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum OpsError {
+    /// A slice has the wrong length.
+    #[error("{op}: `{what}` has length {found}, expected {expected}")]
+    Length {
+        /// The operator.
+        op: &'static str,
+        /// Which argument.
+        what: &'static str,
+        /// The length the operator needs.
+        expected: usize,
+        /// The length it got.
+        found: usize,
+    },
+    /// A parameter is out of range.
+    #[error("{op}: invalid parameter: {msg}")]
+    Param {
+        /// The operator.
+        op: &'static str,
+        /// What is wrong.
+        msg: String,
+    },
+}
+
+fn check_len(
+    op: &'static str,
+    what: &'static str,
+    expected: usize,
+    found: usize,
+) -> Result<(), OpsError> {
+    if expected == found {
+        Ok(())
+    } else {
+        Err(OpsError::Length {
+            op,
+            what,
+            expected,
+            found,
+        })
+    }
+}
+
+fn param(op: &'static str, msg: impl Into<String>) -> OpsError {
+    OpsError::Param {
+        op,
+        msg: msg.into(),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Norms
+// ---------------------------------------------------------------------------------------------
+
+/// The RMS-norm scale `1/sqrt(mean(x^2) + eps)`, the mean summed in `f64` like ggml.
+pub fn rms_scale(x: &[f32], eps: f32) -> f32 {
+    let sum: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
+    let mean = (sum / x.len().max(1) as f64) as f32;
+    1.0 / (mean + eps).sqrt()
+}
+
+/// `out = x / rms(x) * weight` (ggml `rms_norm` followed by `mul`).
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) -> Result<(), OpsError> {
+    check_len("rms_norm", "weight", x.len(), weight.len())?;
+    check_len("rms_norm", "out", x.len(), out.len())?;
+    let scale = rms_scale(x, eps);
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = (v * scale) * w;
+    }
+    Ok(())
+}
+
+/// [`rms_norm`] in place.
+pub fn rms_norm_inplace(x: &mut [f32], weight: &[f32], eps: f32) -> Result<(), OpsError> {
+    check_len("rms_norm", "weight", x.len(), weight.len())?;
+    let scale = rms_scale(x, eps);
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = (*v * scale) * w;
+    }
+    Ok(())
+}
+
+/// [`rms_norm_inplace`] applied to each consecutive `row_len` slice of `x` (e.g. per-head
+/// QK-norm): `x.len()` must be a multiple of `row_len == weight.len()`.
+pub fn rms_norm_rows_inplace(x: &mut [f32], weight: &[f32], eps: f32) -> Result<(), OpsError> {
+    let n = weight.len();
+    if n == 0 || !x.len().is_multiple_of(n) {
+        return Err(param(
+            "rms_norm_rows",
+            format!("length {} is not a multiple of the row length {n}", x.len()),
+        ));
+    }
+    for row in x.chunks_exact_mut(n) {
+        rms_norm_inplace(row, weight, eps)?;
+    }
+    Ok(())
+}
+
+/// Layer norm: `out = (x - mean) / sqrt(var + eps) * weight + bias` (ggml `norm`, `mul`, `add`;
+/// mean and variance summed in `f64`).
+pub fn layer_norm(
+    x: &[f32],
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    eps: f32,
+    out: &mut [f32],
+) -> Result<(), OpsError> {
+    let n = x.len();
+    check_len("layer_norm", "weight", n, weight.len())?;
+    check_len("layer_norm", "out", n, out.len())?;
+    if let Some(b) = bias {
+        check_len("layer_norm", "bias", n, b.len())?;
+    }
+    let sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
+    let mean = (sum / n.max(1) as f64) as f32;
+    let mut sum2 = 0.0f64;
+    for (o, &v) in out.iter_mut().zip(x) {
+        let d = v - mean;
+        *o = d;
+        sum2 += f64::from(d * d);
+    }
+    let variance = (sum2 / n.max(1) as f64) as f32;
+    let scale = 1.0 / (variance + eps).sqrt();
+    for (i, o) in out.iter_mut().enumerate() {
+        let mut y = (*o * scale) * weight[i];
+        if let Some(b) = bias {
+            y += b[i];
+        }
+        *o = y;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Softmax and activations
+// ---------------------------------------------------------------------------------------------
+
+/// Softmax in place: `exp(x - max) / sum`, the sum in `f64` like ggml. An empty slice is a no-op;
+/// a slice of all `-inf` becomes all zeros.
+pub fn softmax_inplace(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        x.iter_mut().for_each(|v| *v = 0.0);
+        return;
+    }
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        let e = (*v - max).exp();
+        *v = e;
+        sum += f64::from(e);
+    }
+    let inv = (1.0 / sum) as f32;
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+/// SiLU: `x / (1 + exp(-x))`.
+#[inline]
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// [`silu`] in place.
+pub fn silu_inplace(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = silu(*v));
+}
+
+/// ReLU in place.
+pub fn relu_inplace(x: &mut [f32]) {
+    x.iter_mut().for_each(|v| *v = v.max(0.0));
+}
+
+const GELU_COEF_A: f32 = 0.044715;
+const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+
+/// The tanh-approximation GELU evaluated directly in `f32`:
+/// `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`.
+#[inline]
+pub fn gelu_tanh(x: f32) -> f32 {
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+}
+
+fn gelu_table() -> &'static [u16] {
+    static TABLE: OnceLock<Vec<u16>> = OnceLock::new();
+    TABLE.get_or_init(|| {
+        (0..=u16::MAX)
+            .map(|bits| {
+                let x = f16::from_bits(bits).to_f32();
+                f16::from_f32(gelu_tanh(x)).to_bits()
+            })
+            .collect()
+    })
+}
+
+/// GELU as llama.cpp's CPU backend computes it: `0` for `x <= -10`, `x` for `x >= 10`, otherwise
+/// a lookup of `f16(gelu_tanh(f16(x)))` (a 65536-entry table built on first use).
+#[inline]
+pub fn gelu(x: f32) -> f32 {
+    gelu_with(gelu_table(), x)
+}
+
+#[inline]
+fn gelu_with(table: &[u16], x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        f16::from_bits(table[usize::from(f16::from_f32(x).to_bits())]).to_f32()
+    }
+}
+
+/// [`gelu`] in place.
+pub fn gelu_inplace(x: &mut [f32]) {
+    let t = gelu_table();
+    x.iter_mut().for_each(|v| *v = gelu_with(t, *v));
+}
+
+/// SwiGLU: `out = silu(gate) * up`.
+pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), OpsError> {
+    check_len("swiglu", "up", gate.len(), up.len())?;
+    check_len("swiglu", "out", gate.len(), out.len())?;
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu(g) * u;
+    }
+    Ok(())
+}
+
+/// SwiGLU in place: `gate = silu(gate) * up`.
+pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) -> Result<(), OpsError> {
+    check_len("swiglu", "up", gate.len(), up.len())?;
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu(*g) * u;
+    }
+    Ok(())
+}
+
+/// GeGLU with llama.cpp's table GELU: `out = gelu(gate) * up`.
+pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), OpsError> {
+    check_len("geglu", "up", gate.len(), up.len())?;
+    check_len("geglu", "out", gate.len(), out.len())?;
+    let t = gelu_table();
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = gelu_with(t, g) * u;
+    }
+    Ok(())
+}
+
+/// GeGLU in place: `gate = gelu(gate) * up`.
+pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) -> Result<(), OpsError> {
+    check_len("geglu", "up", gate.len(), up.len())?;
+    let t = gelu_table();
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = gelu_with(t, *g) * u;
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// RoPE
+// ---------------------------------------------------------------------------------------------
+
+/// Which dimensions RoPE rotates together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RopeKind {
+    /// Adjacent pairs `(2i, 2i+1)` (llama.cpp `LLAMA_ROPE_TYPE_NORM`, LLaMA GGUFs).
+    Normal,
+    /// Split halves `(i, i + n_dims/2)` (`LLAMA_ROPE_TYPE_NEOX`: Gemma, Qwen, GPT-NeoX).
+    Neox,
+}
+
+/// Fill `cache` with `(cos, sin)` pairs of the `n_dims/2` rotation angles of position `pos`:
+/// `theta_i = pos * freq_scale * base^(-2i/n_dims)`, the powers built by one `powf` and an
+/// iterated `f32` multiply like ggml. `cache.len()` must be `n_dims` (even).
+pub fn rope_cache(pos: f32, base: f32, freq_scale: f32, cache: &mut [f32]) -> Result<(), OpsError> {
+    let n_dims = cache.len();
+    if n_dims == 0 || !n_dims.is_multiple_of(2) {
+        return Err(param(
+            "rope_cache",
+            format!("n_dims {n_dims} must be even and > 0"),
+        ));
+    }
+    let theta_scale = base.powf(-2.0 / n_dims as f32);
+    let mut theta = pos;
+    for pair in cache.chunks_exact_mut(2) {
+        let t = freq_scale * theta;
+        pair[0] = t.cos();
+        pair[1] = t.sin();
+        theta *= theta_scale;
+    }
+    Ok(())
+}
+
+/// Rotate every head of `x` (`x.len()` a multiple of `head_dim`) by the angles in `cache` (from
+/// [`rope_cache`]; its length is the number of rotated dimensions `n_dims <= head_dim`; the rest of
+/// each head passes through).
+pub fn rope_apply(
+    x: &mut [f32],
+    head_dim: usize,
+    cache: &[f32],
+    kind: RopeKind,
+) -> Result<(), OpsError> {
+    let n_dims = cache.len();
+    if head_dim == 0 || !x.len().is_multiple_of(head_dim) {
+        return Err(param(
+            "rope",
+            format!(
+                "length {} is not a multiple of head_dim {head_dim}",
+                x.len()
+            ),
+        ));
+    }
+    if n_dims > head_dim || !n_dims.is_multiple_of(2) {
+        return Err(param(
+            "rope",
+            format!("n_dims {n_dims} must be even and <= head_dim {head_dim}"),
+        ));
+    }
+    let half = n_dims / 2;
+    for head in x.chunks_exact_mut(head_dim) {
+        for i in 0..half {
+            let (c, s) = (cache[2 * i], cache[2 * i + 1]);
+            let (a, b) = match kind {
+                RopeKind::Normal => (2 * i, 2 * i + 1),
+                RopeKind::Neox => (i, i + half),
+            };
+            let x0 = head[a];
+            let x1 = head[b];
+            head[a] = x0 * c - x1 * s;
+            head[b] = x0 * s + x1 * c;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// f16 helpers (runtime-dispatched F16C/AVX2/FMA with scalar fallbacks)
+// ---------------------------------------------------------------------------------------------
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma_f16c() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx2")
+            && std::arch::is_x86_feature_detected!("fma")
+            && std::arch::is_x86_feature_detected!("f16c")
+    })
+}
+
+/// Convert f16 values to f32 (`dst.len() == src.len()`).
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) -> Result<(), OpsError> {
+    check_len("f16_to_f32", "dst", src.len(), dst.len())?;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); lengths are equal.
+        unsafe { x86::f16_to_f32(src, dst) };
+        return Ok(());
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+    Ok(())
+}
+
+/// Round f32 values to the nearest f16 (ties to even) and store them (`dst.len() == src.len()`).
+pub fn f32_to_f16(src: &[f32], dst: &mut [f16]) -> Result<(), OpsError> {
+    check_len("f32_to_f16", "dst", src.len(), dst.len())?;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        // SAFETY: the CPU supports AVX2, FMA and F16C (checked above); lengths are equal.
+        unsafe { x86::f32_to_f16(src, dst) };
+        return Ok(());
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f16::from_f32(*s);
+    }
+    Ok(())
+}
+
+/// f32 dot product.
+pub fn dot_f32(a: &[f32], b: &[f32]) -> Result<f32, OpsError> {
+    check_len("dot_f32", "b", a.len(), b.len())?;
+    Ok(dot_f32_unchecked(a, b))
+}
+
+#[inline]
+fn dot_f32_unchecked(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        // SAFETY: CPU features checked; the kernel reads min(a.len(), b.len()) elements.
+        return unsafe { x86::dot(a, b) };
+    }
+    dot_scalar(a, b)
+}
+
+fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let n8 = a.len().min(b.len()) / 8 * 8;
+    for (ca, cb) in a[..n8].chunks_exact(8).zip(b[..n8].chunks_exact(8)) {
+        for k in 0..8 {
+            acc[k] += ca[k] * cb[k];
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in a[n8..].iter().zip(&b[n8..]) {
+        s += x * y;
+    }
+    s
+}
+
+/// `acc = f16(acc * scale)` element-wise: the accumulator holds f16-representable values.
+#[inline]
+fn scale_round_f16(acc: &mut [f32], scale: f32) {
+    if std::env::var("NOROUND").is_ok() { for a in acc.iter_mut() { *a *= scale; } return; }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        // SAFETY: CPU features checked.
+        unsafe { x86::scale_round(acc, scale) };
+        return;
+    }
+    for a in acc.iter_mut() {
+        *a = f16::from_f32(*a * scale).to_f32();
+    }
+}
+
+/// `acc = f16(fma(v, s, acc))` element-wise (ggml's `vec_mad_f16`).
+#[inline]
+fn mad_round_f16(acc: &mut [f32], v: &[f32], s: f32) {
+    if std::env::var("NOROUND").is_ok() { for (a, &x) in acc.iter_mut().zip(v) { *a += x * s; } return; }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        // SAFETY: CPU features checked; the kernel processes min(acc.len(), v.len()) elements.
+        unsafe { x86::mad_round(acc, v, s) };
+        return;
+    }
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = f16::from_f32(x.mul_add(s, *a)).to_f32();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// # Safety
+    /// Requires AVX2+FMA+F16C; `dst.len() == src.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds both slices; unaligned loads/stores are used.
+            unsafe {
+                let h = _mm_loadu_si128(src.as_ptr().add(i) as *const __m128i);
+                _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = src[j].to_f32();
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA+F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f32_to_f16(src: &[f32], dst: &mut [f16]) {
+        let n = src.len().min(dst.len());
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds both slices.
+            unsafe {
+                let x = _mm256_loadu_ps(src.as_ptr().add(i));
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x);
+                _mm_storeu_si128(dst.as_mut_ptr().add(i) as *mut __m128i, h);
+            }
+            i += 8;
+        }
+        for j in i..n {
+            dst[j] = f16::from_f32(src[j]);
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn round8(x: __m256) -> __m256 {
+        _mm256_cvtph_ps(_mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x))
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA+F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot(a: &[f32], b: &[f32]) -> f32 {
+        let n = a.len().min(b.len());
+        let mut acc0 = _mm256_setzero_ps();
+        let mut acc1 = _mm256_setzero_ps();
+        let mut i = 0;
+        // SAFETY: every load below reads 8 floats at an index bounded by n <= both lengths.
+        unsafe {
+            while i + 16 <= n {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                acc1 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i + 8)),
+                    _mm256_loadu_ps(b.as_ptr().add(i + 8)),
+                    acc1,
+                );
+                i += 16;
+            }
+            while i + 8 <= n {
+                acc0 = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(a.as_ptr().add(i)),
+                    _mm256_loadu_ps(b.as_ptr().add(i)),
+                    acc0,
+                );
+                i += 8;
+            }
+        }
+        let acc = _mm256_add_ps(acc0, acc1);
+        let hi = _mm256_extractf128_ps::<1>(acc);
+        let lo = _mm256_castps256_ps128(acc);
+        let s4 = _mm_add_ps(hi, lo);
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+        let mut s = _mm_cvtss_f32(s1);
+        for j in i..n {
+            s += a[j] * b[j];
+        }
+        s
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA+F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scale_round(acc: &mut [f32], s: f32) {
+        let n = acc.len();
+        let vs = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n.
+            unsafe {
+                let p = acc.as_mut_ptr().add(i);
+                _mm256_storeu_ps(p, round8(_mm256_mul_ps(_mm256_loadu_ps(p), vs)));
+            }
+            i += 8;
+        }
+        for a in &mut acc[i..] {
+            *a = f16::from_f32(*a * s).to_f32();
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX2+FMA+F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn mad_round(acc: &mut [f32], v: &[f32], s: f32) {
+        let n = acc.len().min(v.len());
+        let vs = _mm256_set1_ps(s);
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds both slices.
+            unsafe {
+                let p = acc.as_mut_ptr().add(i);
+                let x = _mm256_loadu_ps(v.as_ptr().add(i));
+                _mm256_storeu_ps(p, round8(_mm256_fmadd_ps(x, vs, _mm256_loadu_ps(p))));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            acc[j] = f16::from_f32(v[j].mul_add(s, acc[j])).to_f32();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Attention
+// ---------------------------------------------------------------------------------------------
+
+/// Shape and masking of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AttnParams {
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads (`n_head` must be a multiple: GQA/MQA share a KV head across a group).
+    pub n_head_kv: usize,
+    /// Dimension of each query/key head.
+    pub head_dim_k: usize,
+    /// Dimension of each value head.
+    pub head_dim_v: usize,
+    /// Factor applied to each `q . k` before the softmax.
+    pub scale: f32,
+    /// Sliding window: a query at position `p` sees keys at `p - window < k <= p`; `None` sees
+    /// every key up to `p` (causal).
+    pub window: Option<usize>,
+}
+
+impl AttnParams {
+    fn check(&self, op: &'static str) -> Result<(), OpsError> {
+        if self.n_head == 0 || self.n_head_kv == 0 || self.head_dim_k == 0 || self.head_dim_v == 0 {
+            return Err(param(op, "head counts and head dims must be > 0"));
+        }
+        if !self.n_head.is_multiple_of(self.n_head_kv) {
+            return Err(param(
+                op,
+                format!(
+                    "n_head {} is not a multiple of n_head_kv {}",
+                    self.n_head, self.n_head_kv
+                ),
+            ));
+        }
+        if self.window == Some(0) {
+            return Err(param(op, "sliding window of 0"));
+        }
+        Ok(())
+    }
+
+    /// Elements of one query row (`n_head * head_dim_k`).
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim_k
+    }
+    /// Elements of one cached key row (`n_head_kv * head_dim_k`).
+    pub fn k_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim_k
+    }
+    /// Elements of one cached value row (`n_head_kv * head_dim_v`).
+    pub fn v_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim_v
+    }
+    /// Elements of one output row (`n_head * head_dim_v`).
+    pub fn out_dim(&self) -> usize {
+        self.n_head * self.head_dim_v
+    }
+}
+
+/// Reusable buffers for [`attention`] / [`attention_batch`] (one per thread).
+#[derive(Debug, Default, Clone)]
+pub struct AttnScratch {
+    q: Vec<f32>,
+    q16: Vec<f16>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    acc: Vec<f32>,
+    m: Vec<f32>,
+    s: Vec<f32>,
+}
+
+impl AttnScratch {
+    /// Buffers sized for `p`.
+    pub fn new(p: &AttnParams) -> Self {
+        let group = p.n_head / p.n_head_kv.max(1);
+        Self {
+            q: vec![0.0; p.q_dim()],
+            q16: vec![f16::ZERO; p.q_dim()],
+            k: vec![0.0; p.head_dim_k],
+            v: vec![0.0; p.head_dim_v],
+            acc: vec![0.0; group * p.head_dim_v],
+            m: vec![0.0; group],
+            s: vec![0.0; group],
+        }
+    }
+
+    fn ensure(&mut self, p: &AttnParams) {
+        let group = p.n_head / p.n_head_kv;
+        if self.q.len() != p.q_dim()
+            || self.k.len() != p.head_dim_k
+            || self.v.len() != p.head_dim_v
+            || self.acc.len() != group * p.head_dim_v
+        {
+            *self = Self::new(p);
+        }
+    }
+}
+
+/// Attention of one query row at position `pos` over an F16 KV cache.
+///
+/// `k` holds key rows of `p.k_dim()` values for positions `0..n`, `v` value rows of `p.v_dim()`
+/// for the same positions (`n > pos`; rows after `pos` are ignored: causal). `q` has `p.q_dim()`
+/// values, `out` receives `p.out_dim()`. Query head `h` uses KV head `h / (n_head / n_head_kv)`.
+pub fn attention(
+    p: &AttnParams,
+    q: &[f32],
+    pos: usize,
+    k: &[f16],
+    v: &[f16],
+    out: &mut [f32],
+    scratch: &mut AttnScratch,
+) -> Result<(), OpsError> {
+    attention_heads(p, q, pos, k, v, 0..p.n_head, out, scratch)
+}
+
+/// [`attention`] for the query heads in `heads` only (to split one row's heads across
+/// threads): `q` is still the whole query row (`p.q_dim()`), `out` receives
+/// `heads.len() * p.head_dim_v` values, head `heads.start` first. Each head's result is identical
+/// to what [`attention`] computes for it.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_heads(
+    p: &AttnParams,
+    q: &[f32],
+    pos: usize,
+    k: &[f16],
+    v: &[f16],
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+    scratch: &mut AttnScratch,
+) -> Result<(), OpsError> {
+    const OP: &str = "attention";
+    p.check(OP)?;
+    check_len(OP, "q", p.q_dim(), q.len())?;
+    if heads.start > heads.end || heads.end > p.n_head {
+        return Err(param(
+            OP,
+            format!("head range {heads:?} outside 0..{}", p.n_head),
+        ));
+    }
+    check_len(OP, "out", heads.len() * p.head_dim_v, out.len())?;
+    check_cache(OP, p, pos, k, v)?;
+    scratch.ensure(p);
+    attention_unchecked(p, q, pos, k, v, heads, out, scratch);
+    Ok(())
+}
+
+fn check_cache(
+    op: &'static str,
+    p: &AttnParams,
+    pos: usize,
+    k: &[f16],
+    v: &[f16],
+) -> Result<(), OpsError> {
+    let need = pos + 1;
+    if k.len() < need * p.k_dim() || !k.len().is_multiple_of(p.k_dim()) {
+        return Err(OpsError::Length {
+            op,
+            what: "k cache",
+            expected: need * p.k_dim(),
+            found: k.len(),
+        });
+    }
+    if v.len() < need * p.v_dim() || !v.len().is_multiple_of(p.v_dim()) {
+        return Err(OpsError::Length {
+            op,
+            what: "v cache",
+            expected: need * p.v_dim(),
+            found: v.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Attention of `n_tokens` consecutive query rows at positions `pos0..pos0 + n_tokens` (the
+/// prompt-processing case): `q` is `n_tokens x p.q_dim()`, `out` is `n_tokens x p.out_dim()`, the
+/// cache must hold rows up to `pos0 + n_tokens - 1`. Each row is computed exactly as
+/// [`attention`] would.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_batch(
+    p: &AttnParams,
+    q: &[f32],
+    n_tokens: usize,
+    pos0: usize,
+    k: &[f16],
+    v: &[f16],
+    out: &mut [f32],
+    scratch: &mut AttnScratch,
+) -> Result<(), OpsError> {
+    const OP: &str = "attention_batch";
+    p.check(OP)?;
+    check_len(OP, "q", n_tokens * p.q_dim(), q.len())?;
+    check_len(OP, "out", n_tokens * p.out_dim(), out.len())?;
+    if n_tokens == 0 {
+        return Ok(());
+    }
+    check_cache(OP, p, pos0 + n_tokens - 1, k, v)?;
+    scratch.ensure(p);
+    for t in 0..n_tokens {
+        attention_unchecked(
+            p,
+            &q[t * p.q_dim()..(t + 1) * p.q_dim()],
+            pos0 + t,
+            k,
+            v,
+            0..p.n_head,
+            &mut out[t * p.out_dim()..(t + 1) * p.out_dim()],
+            scratch,
+        );
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn attention_unchecked(
+    p: &AttnParams,
+    q: &[f32],
+    pos: usize,
+    k: &[f16],
+    v: &[f16],
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+    sc: &mut AttnScratch,
+) {
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let group = p.n_head / p.n_head_kv;
+    let (kd, vd) = (p.k_dim(), p.v_dim());
+    if heads.is_empty() {
+        return;
+    }
+    // Q rounded to f16, as ggml converts it to K's dot type.
+    let qr = heads.start * dk..heads.end * dk;
+    let _ = f32_to_f16(&q[qr.clone()], &mut sc.q16[qr.clone()]);
+    let _ = f16_to_f32(&sc.q16[qr.clone()], &mut sc.q[qr]);
+    let lo = match p.window {
+        Some(w) => (pos + 1).saturating_sub(w),
+        None => 0,
+    };
+    let g_first = heads.start / group;
+    let g_last = (heads.end - 1) / group;
+    for g in g_first..=g_last {
+        // query heads of this KV group that are in range
+        let h0 = heads.start.max(g * group);
+        let h1 = heads.end.min((g + 1) * group);
+        let n_h = h1 - h0;
+        sc.acc[..n_h * dv].iter_mut().for_each(|a| *a = 0.0);
+        sc.m[..n_h].iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
+        sc.s[..n_h].iter_mut().for_each(|s| *s = 0.0);
+        for j in lo..=pos {
+            let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
+            let _ = f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v);
+            for hh in 0..n_h {
+                let h = h0 + hh;
+                let s = dot_f32_unchecked(&sc.q[h * dk..(h + 1) * dk], &sc.k) * p.scale;
+                let m_old = sc.m[hh];
+                let mut ms = 1.0f32;
+                let mut vs = 1.0f32;
+                let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
+                if s > m_old {
+                    sc.m[hh] = s;
+                    ms = (m_old - s).exp();
+                    scale_round_f16(acc, ms);
+                } else {
+                    vs = (s - m_old).exp();
+                }
+                mad_round_f16(acc, &sc.v, vs);
+                sc.s[hh] = sc.s[hh] * ms + vs;
+            }
+        }
+        for hh in 0..n_h {
+            let o = (h0 + hh - heads.start) * dv;
+            let inv = if sc.s[hh] == 0.0 { 0.0 } else { 1.0 / sc.s[hh] };
+            for (o, &a) in out[o..o + dv]
+                .iter_mut()
+                .zip(&sc.acc[hh * dv..(hh + 1) * dv])
+            {
+                *o = a * inv;
+            }
+        }
+    }
+}

@@ -1,0 +1,1198 @@
+//! Activation-sparse FFN operators: compute only the neurons a predictor marked active.
+//!
+//! PowerInfer's FFN in sparse mode touches only the rows of the gate/up projections and of the
+//! transposed down projection (`ffn_down_t`, one row per neuron) that belong to active neurons.
+//! This module holds those operators for every weight type `powerinfer-quant` has kernels for:
+//!
+//! - [`sparse_matvec`]: row-gather matrix-vector product. `y[i] = dot(w[i], x)` for active `i`,
+//!   exactly `0.0` for every other row. The activations are quantized once, as in the dense
+//!   [`matvec`](crate::matvec), and each active output is the same `vec_dot` call the dense
+//!   product makes, so active outputs equal the dense ones bit for bit.
+//! - [`sparse_axpy`]: `out = sum_{i active} act[i] * down_t[i, :]`, dequantizing each active row
+//!   and accumulating it. The output columns are split across threads (never the neurons), and
+//!   every column sums its terms in ascending neuron order, so the result is bit-for-bit the same
+//!   with any number of threads, run after run (the reference PowerInfer merges per-thread
+//!   partial sums without synchronisation; this does not).
+//! - [`sparse_ffn`]: the fused per-neuron FFN (gate, activation, up only where the activation is
+//!   non-zero, then the axpy) in two passes: per-neuron coefficients in parallel over neurons,
+//!   then the axpy in parallel over output columns (deterministic, like [`sparse_axpy`]).
+//! - [`sparse_matmul`] and [`sparse_axpy_batch`]: the prompt (batched) path. The union of the
+//!   tokens' active sets is gathered once; every union row is read once per tile of tokens and
+//!   meets only the tokens for which it is active. A neuron active for token A but not for token
+//!   B is exactly zero for B. Every output equals the single-token operator's, bit for bit.
+//!
+//! [`reference`] holds plain scalar versions of each operator (f64 accumulation on dequantized
+//! weights), used by the tests.
+//!
+//! Active sets are slices of neuron ids in strictly increasing order; an unsorted, duplicated or
+//! out-of-range id is a [`SparseError`], as is every shape mismatch.
+
+use std::cell::Cell;
+
+use powerinfer_gguf::GgmlType;
+use powerinfer_quant::TypeKernels;
+
+use crate::pool::{SharedSlice, ThreadPool};
+use crate::{ActBuffer, CpuError, Matrix};
+
+/// Weight bytes of active rows per chunk handed to a thread in the row-gather products.
+const GATHER_CHUNK_BYTES: usize = 16 * 1024;
+
+/// Below this many bytes of active weight rows, an operator runs on the calling thread alone.
+const INLINE_BYTES: usize = 32 * 1024;
+
+/// Output floats per column segment of the batched axpy (a segment of every token in a token
+/// tile stays in L2 while the union rows stream past).
+const AXPY_BATCH_TILE_FLOATS: usize = 32 * 1024;
+
+/// Errors of the sparse operators.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SparseError {
+    /// A shape, type or buffer problem shared with the dense operators.
+    #[error("{op}: {source}")]
+    Cpu {
+        /// The operator that was called.
+        op: &'static str,
+        /// The underlying error.
+        source: CpuError,
+    },
+    /// An active neuron id is not a row of the matrix.
+    #[error(
+        "{op}: active neuron id {id} (position {pos} of the active set) is out of range: the matrix has {rows} rows"
+    )]
+    NeuronOutOfRange {
+        /// The operator that was called.
+        op: &'static str,
+        /// Index in the active set.
+        pos: usize,
+        /// The id found there.
+        id: u32,
+        /// Rows of the matrix.
+        rows: usize,
+    },
+    /// The active neuron ids are not strictly increasing.
+    #[error(
+        "{op}: active neuron ids must be strictly increasing, found {prev} then {id} at position {pos}"
+    )]
+    NotSorted {
+        /// The operator that was called.
+        op: &'static str,
+        /// Index in the active set of the offending id.
+        pos: usize,
+        /// The id before it.
+        prev: u32,
+        /// The offending id.
+        id: u32,
+    },
+    /// A length does not match what the other operands require.
+    #[error("{op}: {what} should be {expected}, got {actual}")]
+    ShapeMismatch {
+        /// The operator that was called.
+        op: &'static str,
+        /// Which quantity is wrong, and (in parentheses) what it must equal.
+        what: &'static str,
+        /// The required value.
+        expected: usize,
+        /// The value passed.
+        actual: usize,
+    },
+}
+
+/// The element-wise activation of a sparse FFN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Activation {
+    /// `max(x, 0)`.
+    Relu,
+    /// `x / (1 + exp(-x))` ([`crate::ops::silu`]).
+    Silu,
+    /// GELU as llama.cpp computes it ([`crate::ops::gelu`]).
+    Gelu,
+}
+
+impl Activation {
+    /// Applies the activation to one value.
+    #[inline]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Relu => x.max(0.0),
+            Activation::Silu => crate::ops::silu(x),
+            Activation::Gelu => crate::ops::gelu(x),
+        }
+    }
+}
+
+/// How a neuron's coefficient `h_i` (the down projection's input) is made from its gate and up
+/// pre-activations `g_i = gate_i . x` and `u_i = up_i . x`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FfnKind {
+    /// `h = act(g) * u` (LLaMA-style gated FFN; ReluLLaMA, ProSparse with [`Activation::Relu`]).
+    /// `u` is computed only where `act(g) != 0`.
+    Gated(Activation),
+    /// `h = relu(g) * relu(u)` (Bamboo / TurboSparse "dReLU"). `u` is computed only where
+    /// `g > 0`.
+    DRelu,
+    /// `h = act(u)`, no gate (Falcon, OPT without biases).
+    Plain(Activation),
+}
+
+/// The weights of one sparse FFN layer.
+#[derive(Debug, Clone, Copy)]
+pub struct SparseFfn<'a> {
+    /// Gate projection, `n_ff` rows of `n_embd`; required by [`FfnKind::Gated`] and
+    /// [`FfnKind::DRelu`], ignored by [`FfnKind::Plain`].
+    pub gate: Option<Matrix<'a>>,
+    /// Up projection, `n_ff` rows of `n_embd`.
+    pub up: Matrix<'a>,
+    /// Transposed down projection (`ffn_down_t`), `n_ff` rows of `n_embd`: row `i` is neuron
+    /// `i`'s output vector.
+    pub down_t: Matrix<'a>,
+    /// How gate and up combine.
+    pub kind: FfnKind,
+}
+
+/// Reusable buffers of the sparse operators (so that the decode path does not allocate once they
+/// have grown to the largest shape).
+#[derive(Debug, Default)]
+pub struct SparseScratch {
+    /// Activations quantized for the first (gate / only) matrix.
+    act: ActBuffer,
+    /// Activations quantized for the up matrix when its type differs from the gate's.
+    act2: ActBuffer,
+    /// Per-active-neuron values (compact, in active-set order).
+    vals: Vec<f32>,
+}
+
+impl SparseScratch {
+    /// Empty buffers.
+    pub fn new() -> Self {
+        Self::default()
+    }
+}
+
+thread_local! {
+    /// The scratch the plain (non-`_with`) operators reuse on each calling thread.
+    static SCRATCH: Cell<SparseScratch> = Cell::new(SparseScratch::new());
+}
+
+/// Runs `f` with this thread's scratch (taken out for the duration: a nested use gets a fresh
+/// one instead of panicking).
+fn with_scratch<R>(f: impl FnOnce(&mut SparseScratch) -> R) -> R {
+    let mut s = SCRATCH.with(Cell::take);
+    let r = f(&mut s);
+    SCRATCH.with(|c| c.set(s));
+    r
+}
+
+fn check_len(
+    op: &'static str,
+    what: &'static str,
+    expected: usize,
+    actual: usize,
+) -> Result<(), SparseError> {
+    if expected != actual {
+        return Err(SparseError::ShapeMismatch {
+            op,
+            what,
+            expected,
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// Checks the matrix invariants and returns its row bytes and kernels.
+fn check_matrix(
+    op: &'static str,
+    w: &Matrix,
+) -> Result<(usize, &'static TypeKernels), SparseError> {
+    let m = Matrix::new(w.ty, w.rows, w.cols, w.data)
+        .map_err(|source| SparseError::Cpu { op, source })?;
+    let k = powerinfer_quant::kernels(w.ty).ok_or(SparseError::Cpu {
+        op,
+        source: CpuError::UnsupportedType(w.ty),
+    })?;
+    Ok((m.row_bytes(), k))
+}
+
+/// Checks that `active` is strictly increasing and every id is below `rows`.
+pub fn check_active(op: &'static str, active: &[u32], rows: usize) -> Result<(), SparseError> {
+    let mut prev: Option<u32> = None;
+    for (pos, &id) in active.iter().enumerate() {
+        if let Some(p) = prev
+            && id <= p
+        {
+            return Err(SparseError::NotSorted {
+                op,
+                pos,
+                prev: p,
+                id,
+            });
+        }
+        if id as usize >= rows {
+            return Err(SparseError::NeuronOutOfRange { op, pos, id, rows });
+        }
+        prev = Some(id);
+    }
+    Ok(())
+}
+
+fn quantize(
+    op: &'static str,
+    buf: &mut ActBuffer,
+    ty: GgmlType,
+    x: &[f32],
+    cols: usize,
+    n_tokens: usize,
+) -> Result<(), SparseError> {
+    buf.quantize(ty, x, cols, n_tokens)
+        .map_err(|source| SparseError::Cpu { op, source })
+}
+
+/// Asks the CPU to start loading `bytes` (a weight row about to be read) into cache. Rows of
+/// active neurons are scattered, so the hardware prefetcher cannot see the next one coming.
+#[inline(always)]
+fn prefetch(bytes: &[u8]) {
+    #[cfg(target_arch = "x86_64")]
+    for line in bytes.chunks(64) {
+        // SAFETY: a prefetch is only a hint; it never faults and the pointer is in bounds.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                line.as_ptr().cast(),
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = bytes;
+}
+
+// ------------------------------------------------------------------------------------------
+// Row-gather matvec
+// ------------------------------------------------------------------------------------------
+
+/// `y[i] = dot(w[i], x)` for every `i` in `active`, `y[i] = 0.0` for every other row.
+///
+/// `x.len() == w.cols`, `y.len() == w.rows`; `active` holds strictly increasing row ids below
+/// `w.rows`. `x` is quantized once to the weight type's vec_dot type; the active rows are split
+/// across the pool's threads. Each active output is bit-identical to what [`crate::matvec`] gives.
+///
+/// ```
+/// use powerinfer_cpu::sparse::sparse_matvec;
+/// use powerinfer_cpu::{Matrix, ThreadPool};
+/// use powerinfer_gguf::GgmlType;
+///
+/// let w: Vec<u8> = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0]
+///     .iter()
+///     .flat_map(|v| v.to_le_bytes())
+///     .collect();
+/// let w = Matrix::new(GgmlType::F32, 3, 2, &w)?;
+/// let mut y = [f32::NAN; 3];
+/// sparse_matvec(&ThreadPool::new(1), &w, &[1.0, 1.0], &[0, 2], &mut y)?;
+/// assert_eq!(y, [3.0, 0.0, 11.0]);
+/// # Ok::<(), powerinfer_cpu::sparse::SparseError>(())
+/// ```
+pub fn sparse_matvec(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    active: &[u32],
+    y: &mut [f32],
+) -> Result<(), SparseError> {
+    with_scratch(|s| sparse_matvec_with(pool, w, x, active, y, s))
+}
+
+/// [`sparse_matvec`] with caller-owned scratch buffers.
+pub fn sparse_matvec_with(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    active: &[u32],
+    y: &mut [f32],
+    scratch: &mut SparseScratch,
+) -> Result<(), SparseError> {
+    const OP: &str = "sparse_matvec";
+    let (rb, k) = check_matrix(OP, w)?;
+    check_len(OP, "input length (matrix cols)", w.cols, x.len())?;
+    check_len(OP, "output length (matrix rows)", w.rows, y.len())?;
+    check_active(OP, active, w.rows)?;
+    y.fill(0.0);
+    if active.is_empty() {
+        return Ok(());
+    }
+    quantize(OP, &mut scratch.act, w.ty, x, w.cols, 1)?;
+    let act = scratch.act.token(0).unwrap_or(&[]);
+    let cols = w.cols;
+    let row = |i: u32| {
+        let i = i as usize;
+        &w.data[i * rb..(i + 1) * rb]
+    };
+    let dot = |i: u32| -> f32 { (k.vec_dot)(cols, row(i), act) };
+    if pool.n_threads() == 1 || active.len() * rb <= INLINE_BYTES || rb == 0 {
+        for &i in active {
+            y[i as usize] = dot(i);
+        }
+        return Ok(());
+    }
+    let chunk = (GATHER_CHUNK_BYTES / rb).max(1);
+    let out = SharedSlice::new(y);
+    pool.for_each_chunk(active.len(), chunk, |range| {
+        let end = range.end;
+        for p in range {
+            let i = active[p];
+            if let Some(&next) = active.get(p + 1).filter(|_| p + 1 < end) {
+                prefetch(row(next));
+            }
+            // SAFETY: active ids are strictly increasing (checked), so each output index
+            // belongs to exactly one position of `active`, and `for_each_chunk` hands each
+            // position to exactly one thread.
+            unsafe { out.write(i as usize, dot(i)) };
+        }
+    });
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Axpy over the transposed down projection
+// ------------------------------------------------------------------------------------------
+
+/// `out += a * b` element-wise.
+#[inline]
+fn axpy1(out: &mut [f32], a: f32, b: &[f32]) {
+    for (o, &v) in out.iter_mut().zip(b) {
+        *o += a * v;
+    }
+}
+
+/// `out = (((out + a0*b0) + a1*b1) + a2*b2) + a3*b3` element-wise: the same rounding as four
+/// [`axpy1`] calls in order, with one pass over `out` instead of four.
+#[inline]
+fn axpy4(out: &mut [f32], a: [f32; 4], b: [&[f32]; 4]) {
+    let n = out.len();
+    let (b0, b1, b2, b3) = (&b[0][..n], &b[1][..n], &b[2][..n], &b[3][..n]);
+    for j in 0..n {
+        let mut o = out[j];
+        o += a[0] * b0[j];
+        o += a[1] * b1[j];
+        o += a[2] * b2[j];
+        o += a[3] * b3[j];
+        out[j] = o;
+    }
+}
+
+// Fast row decoding for the 32-element block formats. The kernels' `dequantize` is a plain
+// scalar loop; the axpy is bound by it, so the formats most used for FFN weights get decoders
+// here that the compiler vectorizes (compiled a second time with AVX2 and picked at run time).
+// They produce exactly the values of ggml's `dequantize_row_*` (and of
+// `powerinfer_quant::dequantize_row`), so every path that uses them agrees bit for bit.
+
+/// A 32-element block format with an exact decoder.
+trait Block32 {
+    /// Bytes per block.
+    const TS: usize;
+    /// Decodes one block (`b.len() >= TS`).
+    fn decode(b: &[u8], w: &mut [f32; 32]);
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], off: usize) -> f32 {
+    half::f16::from_bits(u16::from_le_bytes([b[off], b[off + 1]])).to_f32()
+}
+
+struct BQ4_0;
+impl Block32 for BQ4_0 {
+    const TS: usize = 18;
+    #[inline(always)]
+    fn decode(b: &[u8], w: &mut [f32; 32]) {
+        let d = f16_at(b, 0);
+        let q: &[u8; 16] = b[2..18].try_into().unwrap_or(&[0; 16]);
+        for j in 0..16 {
+            w[j] = ((q[j] & 0xF) as i32 - 8) as f32 * d;
+            w[j + 16] = ((q[j] >> 4) as i32 - 8) as f32 * d;
+        }
+    }
+}
+
+struct BQ4_1;
+impl Block32 for BQ4_1 {
+    const TS: usize = 20;
+    #[inline(always)]
+    fn decode(b: &[u8], w: &mut [f32; 32]) {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let q: &[u8; 16] = b[4..20].try_into().unwrap_or(&[0; 16]);
+        for j in 0..16 {
+            w[j] = (q[j] & 0xF) as f32 * d + m;
+            w[j + 16] = (q[j] >> 4) as f32 * d + m;
+        }
+    }
+}
+
+struct BQ5_0;
+impl Block32 for BQ5_0 {
+    const TS: usize = 22;
+    #[inline(always)]
+    fn decode(b: &[u8], w: &mut [f32; 32]) {
+        let d = f16_at(b, 0);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let q: &[u8; 16] = b[6..22].try_into().unwrap_or(&[0; 16]);
+        for j in 0..16 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            w[j] = (((q[j] & 0xF) as u32 | h0) as i32 - 16) as f32 * d;
+            w[j + 16] = (((q[j] >> 4) as u32 | h1) as i32 - 16) as f32 * d;
+        }
+    }
+}
+
+struct BQ5_1;
+impl Block32 for BQ5_1 {
+    const TS: usize = 24;
+    #[inline(always)]
+    fn decode(b: &[u8], w: &mut [f32; 32]) {
+        let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+        let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        let q: &[u8; 16] = b[8..24].try_into().unwrap_or(&[0; 16]);
+        for j in 0..16 {
+            let h0 = ((qh >> j) << 4) & 0x10;
+            let h1 = (qh >> (j + 12)) & 0x10;
+            w[j] = ((q[j] & 0xF) as u32 | h0) as f32 * d + m;
+            w[j + 16] = ((q[j] >> 4) as u32 | h1) as f32 * d + m;
+        }
+    }
+}
+
+struct BQ8_0;
+impl Block32 for BQ8_0 {
+    const TS: usize = 34;
+    #[inline(always)]
+    fn decode(b: &[u8], w: &mut [f32; 32]) {
+        let d = f16_at(b, 0);
+        let q: &[u8; 32] = b[2..34].try_into().unwrap_or(&[0; 32]);
+        for j in 0..32 {
+            w[j] = (q[j] as i8) as f32 * d;
+        }
+    }
+}
+
+/// `out[j] = (((out[j] + a[0]*w0[j]) + a[1]*w1[j]) + ...)` over whole blocks: the rounding of
+/// `R` sequential axpys, one pass over `out`. `rows[r]` holds `out.len() / 32` blocks.
+#[inline(always)]
+fn acc_rows<B: Block32, const R: usize>(out: &mut [f32], a: &[f32; R], rows: &[&[u8]; R]) {
+    let mut w = [[0.0f32; 32]; R];
+    for (blk, o) in out.chunks_exact_mut(32).enumerate() {
+        for r in 0..R {
+            B::decode(&rows[r][blk * B::TS..(blk + 1) * B::TS], &mut w[r]);
+        }
+        let o: &mut [f32; 32] = o.try_into().unwrap_or_else(|_| unreachable!());
+        for j in 0..32 {
+            let mut v = o[j];
+            for r in 0..R {
+                v += a[r] * w[r][j];
+            }
+            o[j] = v;
+        }
+    }
+}
+
+/// Decodes whole blocks of `src` into `dst` (`dst.len() / 32` blocks).
+#[inline(always)]
+fn decode_rows<B: Block32>(src: &[u8], dst: &mut [f32]) {
+    let mut w = [0.0f32; 32];
+    for (blk, o) in dst.chunks_exact_mut(32).enumerate() {
+        B::decode(&src[blk * B::TS..(blk + 1) * B::TS], &mut w);
+        o.copy_from_slice(&w);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::{Block32, acc_rows, decode_rows};
+
+    /// [`acc_rows`] compiled for AVX2 (no FMA: the rounding stays that of separate mul and add).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn acc<B: Block32, const R: usize>(
+        out: &mut [f32],
+        a: &[f32; R],
+        rows: &[&[u8]; R],
+    ) {
+        acc_rows::<B, R>(out, a, rows)
+    }
+
+    /// [`decode_rows`] compiled for AVX2.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn decode<B: Block32>(src: &[u8], dst: &mut [f32]) {
+        decode_rows::<B>(src, dst)
+    }
+}
+
+#[inline]
+fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[inline]
+fn acc<B: Block32, const R: usize>(out: &mut [f32], a: &[f32; R], rows: &[&[u8]; R]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
+        // SAFETY: AVX2 support was just detected.
+        unsafe { avx2::acc::<B, R>(out, a, rows) };
+        return;
+    }
+    acc_rows::<B, R>(out, a, rows)
+}
+
+/// Accumulates the non-zero-coefficient rows of `ids` into `out` with a fast decoder: four rows
+/// per pass over `out`, then the remainder one by one (the same rounding as one row at a time).
+fn axpy_segment_fast<B: Block32>(
+    down_t: &Matrix,
+    ids: &[u32],
+    coef: &[f32],
+    b0: usize,
+    b1: usize,
+    out: &mut [f32],
+) {
+    let rb = down_t.row_bytes();
+    let row = |i: u32| {
+        let i = i as usize;
+        &down_t.data[i * rb + b0..i * rb + b1]
+    };
+    let mut pend_a = [0.0f32; 4];
+    let mut pend_r: [&[u8]; 4] = [&[]; 4];
+    let mut n = 0;
+    for (p, (&i, &a)) in ids.iter().zip(coef).enumerate() {
+        if let Some(&ahead) = ids.get(p + 4) {
+            prefetch(row(ahead));
+        }
+        if a == 0.0 {
+            continue;
+        }
+        pend_a[n] = a;
+        pend_r[n] = row(i);
+        n += 1;
+        if n == 4 {
+            acc::<B, 4>(out, &pend_a, &pend_r);
+            n = 0;
+        }
+    }
+    for p in 0..n {
+        acc::<B, 1>(out, &[pend_a[p]], &[pend_r[p]]);
+    }
+}
+
+/// Decodes whole blocks of one row segment with the fast decoders where there is one, else with
+/// the kernel set's `dequantize`.
+fn decode_segment(k: &TypeKernels, src: &[u8], dst: &mut [f32]) {
+    fn go<B: Block32>(src: &[u8], dst: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: AVX2 support was just detected.
+            unsafe { avx2::decode::<B>(src, dst) };
+            return;
+        }
+        decode_rows::<B>(src, dst)
+    }
+    match k.ty {
+        GgmlType::Q4_0 => go::<BQ4_0>(src, dst),
+        GgmlType::Q4_1 => go::<BQ4_1>(src, dst),
+        GgmlType::Q5_0 => go::<BQ5_0>(src, dst),
+        GgmlType::Q5_1 => go::<BQ5_1>(src, dst),
+        GgmlType::Q8_0 => go::<BQ8_0>(src, dst),
+        _ => (k.dequantize)(src, dst),
+    }
+}
+
+/// Accumulates `out += sum_k coef[k] * down_t[ids[k], c0..c0+out.len()]` in ascending `k`,
+/// skipping zero coefficients. `c0` and `out.len()` are whole blocks (or `out` reaches the end of
+/// the row). `buf` holds at least `4 * out.len()` floats (used by types without a fast decoder).
+fn axpy_segment(
+    k: &TypeKernels,
+    down_t: &Matrix,
+    ids: &[u32],
+    coef: &[f32],
+    c0: usize,
+    out: &mut [f32],
+    buf: &mut [f32],
+) {
+    let n = out.len();
+    let rb = down_t.row_bytes();
+    let bs = down_t.ty.block_size();
+    let ts = down_t.ty.type_size();
+    let b0 = c0 / bs * ts;
+    let b1 = b0 + n.div_ceil(bs) * ts;
+    match down_t.ty {
+        GgmlType::Q4_0 => return axpy_segment_fast::<BQ4_0>(down_t, ids, coef, b0, b1, out),
+        GgmlType::Q4_1 => return axpy_segment_fast::<BQ4_1>(down_t, ids, coef, b0, b1, out),
+        GgmlType::Q5_0 => return axpy_segment_fast::<BQ5_0>(down_t, ids, coef, b0, b1, out),
+        GgmlType::Q5_1 => return axpy_segment_fast::<BQ5_1>(down_t, ids, coef, b0, b1, out),
+        GgmlType::Q8_0 => return axpy_segment_fast::<BQ8_0>(down_t, ids, coef, b0, b1, out),
+        _ => {}
+    }
+    let (bufs, _) = buf.split_at_mut(4 * n);
+    let mut pending = 0usize;
+    let mut pend_coef = [0.0f32; 4];
+    for (&i, &a) in ids.iter().zip(coef) {
+        if a == 0.0 {
+            continue;
+        }
+        let i = i as usize;
+        let row = &down_t.data[i * rb..(i + 1) * rb];
+        (k.dequantize)(&row[b0..b1], &mut bufs[pending * n..(pending + 1) * n]);
+        pend_coef[pending] = a;
+        pending += 1;
+        if pending == 4 {
+            let (p0, rest) = bufs.split_at(n);
+            let (p1, rest) = rest.split_at(n);
+            let (p2, p3) = rest.split_at(n);
+            axpy4(out, pend_coef, [p0, p1, p2, p3]);
+            pending = 0;
+        }
+    }
+    for p in 0..pending {
+        axpy1(out, pend_coef[p], &bufs[p * n..(p + 1) * n]);
+    }
+}
+
+/// Column segments `[c0, c1)` of a row of `cols` elements of `ty` for `n_seg` workers: whole
+/// blocks each, as even as possible.
+fn segment(ty: GgmlType, cols: usize, seg: usize, n_seg: usize) -> (usize, usize) {
+    let bs = ty.block_size();
+    let n_blocks = cols / bs;
+    let per = n_blocks / n_seg;
+    let extra = n_blocks % n_seg;
+    let start = seg * per + seg.min(extra);
+    let len = per + usize::from(seg < extra);
+    (start * bs, (start + len) * bs)
+}
+
+/// The shared axpy: `out = sum_k coef[k] * down_t[ids[k], :]` (overwrites `out`), columns split
+/// across threads.
+fn axpy_compact(
+    pool: &ThreadPool,
+    k: &TypeKernels,
+    down_t: &Matrix,
+    rb: usize,
+    ids: &[u32],
+    coef: &[f32],
+    out: &mut [f32],
+) {
+    out.fill(0.0);
+    let cols = down_t.cols;
+    if ids.is_empty() || cols == 0 {
+        return;
+    }
+    let n_blocks = cols / down_t.ty.block_size();
+    let parallel = pool.n_threads() > 1 && ids.len() * rb > INLINE_BYTES && n_blocks > 1;
+    if !parallel {
+        let mut buf = vec![0.0f32; 4 * cols];
+        axpy_segment(k, down_t, ids, coef, 0, out, &mut buf);
+        return;
+    }
+    let shared = SharedSlice::new(out);
+    pool.run(|ti, nt| {
+        let n_seg = nt.min(n_blocks);
+        if ti >= n_seg {
+            return;
+        }
+        let (c0, c1) = segment(down_t.ty, cols, ti, n_seg);
+        // SAFETY: the segments of distinct thread indices are disjoint column ranges, and
+        // `run` calls each thread index once.
+        let part = unsafe { shared.slice_mut(c0..c1) };
+        let mut buf = vec![0.0f32; 4 * (c1 - c0)];
+        axpy_segment(k, down_t, ids, coef, c0, part, &mut buf);
+    });
+}
+
+/// `out = sum over i in active of act[i] * down_t[i, :]` (overwrites `out`).
+///
+/// `down_t` is the transposed down projection (`n_ff` rows of `n_embd`: row `i` is neuron `i`'s
+/// output vector), `act.len() == down_t.rows`, `out.len() == down_t.cols`. Entries of `act`
+/// outside `active` are never read; active neurons whose `act` is exactly zero are skipped.
+/// Each active row is dequantized with the type's kernel and accumulated in f32. The output
+/// columns are split across threads and each column sums in ascending neuron order, so the
+/// result does not depend on the number of threads.
+pub fn sparse_axpy(
+    pool: &ThreadPool,
+    down_t: &Matrix,
+    act: &[f32],
+    active: &[u32],
+    out: &mut [f32],
+) -> Result<(), SparseError> {
+    with_scratch(|s| sparse_axpy_with(pool, down_t, act, active, out, s))
+}
+
+/// [`sparse_axpy`] with caller-owned scratch buffers.
+pub fn sparse_axpy_with(
+    pool: &ThreadPool,
+    down_t: &Matrix,
+    act: &[f32],
+    active: &[u32],
+    out: &mut [f32],
+    scratch: &mut SparseScratch,
+) -> Result<(), SparseError> {
+    const OP: &str = "sparse_axpy";
+    let (rb, k) = check_matrix(OP, down_t)?;
+    check_len(
+        OP,
+        "activation length (down_t rows, n_ff)",
+        down_t.rows,
+        act.len(),
+    )?;
+    check_len(
+        OP,
+        "output length (down_t cols, n_embd)",
+        down_t.cols,
+        out.len(),
+    )?;
+    check_active(OP, active, down_t.rows)?;
+    scratch.vals.clear();
+    scratch.vals.extend(active.iter().map(|&i| act[i as usize]));
+    axpy_compact(pool, k, down_t, rb, active, &scratch.vals, out);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Fused FFN
+// ------------------------------------------------------------------------------------------
+
+/// The sparse FFN of one token: `out = sum over i in active of h_i * down_t[i, :]` with `h_i`
+/// from [`FfnKind`] (overwrites `out`).
+///
+/// Per active neuron: `g = dot(gate_i, x)`, `a = act(g)`, and only if `a != 0`
+/// `u = dot(up_i, x)`, `h = a * u`; then the axpy of [`sparse_axpy`] over the non-zero `h`.
+/// The first pass is split across threads by neuron (each `h_i` is independent), the second by
+/// output column, so the result does not depend on the number of threads. Every `h_i` equals
+/// what [`sparse_matvec`] on gate and up gives for that neuron, so the result is bit-identical to
+/// the unfused sequence (gate and up `sparse_matvec`, activation, [`sparse_axpy`]); the fused
+/// form saves the up rows of neurons whose activation is zero and one pass over the outputs.
+pub fn sparse_ffn(
+    pool: &ThreadPool,
+    ffn: &SparseFfn,
+    x: &[f32],
+    active: &[u32],
+    out: &mut [f32],
+) -> Result<(), SparseError> {
+    with_scratch(|s| sparse_ffn_with(pool, ffn, x, active, out, s))
+}
+
+/// [`sparse_ffn`] with caller-owned scratch buffers.
+pub fn sparse_ffn_with(
+    pool: &ThreadPool,
+    ffn: &SparseFfn,
+    x: &[f32],
+    active: &[u32],
+    out: &mut [f32],
+    scratch: &mut SparseScratch,
+) -> Result<(), SparseError> {
+    const OP: &str = "sparse_ffn";
+    let (up_rb, up_k) = check_matrix(OP, &ffn.up)?;
+    let (down_rb, down_k) = check_matrix(OP, &ffn.down_t)?;
+    let n_embd = ffn.up.cols;
+    let n_ff = ffn.up.rows;
+    check_len(OP, "down_t rows (up rows, n_ff)", n_ff, ffn.down_t.rows)?;
+    check_len(OP, "down_t cols (up cols, n_embd)", n_embd, ffn.down_t.cols)?;
+    let gate = match ffn.kind {
+        FfnKind::Plain(_) => None,
+        FfnKind::Gated(_) | FfnKind::DRelu => {
+            let g = ffn.gate.as_ref().ok_or(SparseError::ShapeMismatch {
+                op: OP,
+                what: "gate matrices (1 for a gated FFN kind)",
+                expected: 1,
+                actual: 0,
+            })?;
+            let (rb, k) = check_matrix(OP, g)?;
+            check_len(OP, "gate rows (up rows, n_ff)", n_ff, g.rows)?;
+            check_len(OP, "gate cols (up cols, n_embd)", n_embd, g.cols)?;
+            Some((g, rb, k))
+        }
+    };
+    check_len(OP, "input length (n_embd)", n_embd, x.len())?;
+    check_len(OP, "output length (n_embd)", n_embd, out.len())?;
+    check_active(OP, active, n_ff)?;
+
+    quantize(OP, &mut scratch.act, ffn.up.ty, x, n_embd, 1)?;
+    let gate_in_act2 = matches!(gate, Some((g, _, _)) if g.ty != ffn.up.ty);
+    if let Some((g, _, _)) = gate
+        && gate_in_act2
+    {
+        quantize(OP, &mut scratch.act2, g.ty, x, n_embd, 1)?;
+    }
+    let up_act = scratch.act.token(0).unwrap_or(&[]);
+    let gate_act = if gate_in_act2 {
+        scratch.act2.token(0).unwrap_or(&[])
+    } else {
+        up_act
+    };
+
+    let up = &ffn.up;
+    let kind = ffn.kind;
+    let coef_of = |i: u32| -> f32 {
+        let i = i as usize;
+        let up_dot = || (up_k.vec_dot)(n_embd, &up.data[i * up_rb..(i + 1) * up_rb], up_act);
+        match (kind, gate) {
+            (FfnKind::Plain(f), _) => f.apply(up_dot()),
+            (FfnKind::Gated(f), Some((g, rb, k))) => {
+                let a = f.apply((k.vec_dot)(n_embd, &g.data[i * rb..(i + 1) * rb], gate_act));
+                if a == 0.0 { 0.0 } else { a * up_dot() }
+            }
+            (FfnKind::DRelu, Some((g, rb, k))) => {
+                let a = (k.vec_dot)(n_embd, &g.data[i * rb..(i + 1) * rb], gate_act).max(0.0);
+                if a == 0.0 { 0.0 } else { a * up_dot().max(0.0) }
+            }
+            // A gated kind without a gate was rejected above.
+            (FfnKind::Gated(_) | FfnKind::DRelu, None) => 0.0,
+        }
+    };
+
+    scratch.vals.clear();
+    scratch.vals.resize(active.len(), 0.0);
+    let row_bytes = up_rb + gate.map_or(0, |(_, rb, _)| rb);
+    if pool.n_threads() == 1 || active.len() * row_bytes <= INLINE_BYTES || row_bytes == 0 {
+        for (v, &i) in scratch.vals.iter_mut().zip(active) {
+            *v = coef_of(i);
+        }
+    } else {
+        let chunk = (GATHER_CHUNK_BYTES / row_bytes).max(1);
+        let vals = SharedSlice::new(&mut scratch.vals);
+        pool.for_each_chunk(active.len(), chunk, |range| {
+            let end = range.end;
+            for p in range {
+                if p + 1 < end {
+                    let next = active[p + 1] as usize;
+                    if let Some((g, rb, _)) = gate {
+                        prefetch(&g.data[next * rb..(next + 1) * rb]);
+                    }
+                    prefetch(&up.data[next * up_rb..(next + 1) * up_rb]);
+                }
+                // SAFETY: `for_each_chunk` hands each position to exactly one thread.
+                unsafe { vals.write(p, coef_of(active[p])) };
+            }
+        });
+    }
+    axpy_compact(
+        pool,
+        down_k,
+        &ffn.down_t,
+        down_rb,
+        active,
+        &scratch.vals,
+        out,
+    );
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Batched (prompt) path
+// ------------------------------------------------------------------------------------------
+
+/// The active sets of a chunk of tokens: their union (ascending) and a per-token bitset.
+struct TokenSets {
+    union: Vec<u32>,
+    words: usize,
+    bits: Vec<u64>,
+}
+
+impl TokenSets {
+    fn new<A: AsRef<[u32]>>(
+        op: &'static str,
+        active: &[A],
+        rows: usize,
+    ) -> Result<Self, SparseError> {
+        let words = rows.div_ceil(64);
+        let mut bits = vec![0u64; words * active.len()];
+        let mut any = vec![0u64; words];
+        for (t, a) in active.iter().enumerate() {
+            let a = a.as_ref();
+            check_active(op, a, rows)?;
+            let tb = &mut bits[t * words..(t + 1) * words];
+            for &i in a {
+                let (w, b) = (i as usize / 64, i % 64);
+                tb[w] |= 1 << b;
+                any[w] |= 1 << b;
+            }
+        }
+        let mut union = Vec::new();
+        for (w, &word) in any.iter().enumerate() {
+            let mut m = word;
+            while m != 0 {
+                let b = m.trailing_zeros();
+                union.push((w * 64) as u32 + b);
+                m &= m - 1;
+            }
+        }
+        Ok(TokenSets { union, words, bits })
+    }
+
+    #[inline]
+    fn is_active(&self, t: usize, i: u32) -> bool {
+        let i = i as usize;
+        self.bits[t * self.words + i / 64] >> (i % 64) & 1 == 1
+    }
+}
+
+/// Row-gather matrix product for a chunk of tokens: `y[t][i] = dot(w[i], x[t])` for every `i` in
+/// `active[t]`, exactly `0.0` otherwise.
+///
+/// `x` holds `n_tokens` rows of `w.cols` floats, `y` receives `n_tokens` rows of `w.rows` floats
+/// (row-major), `active.len() == n_tokens`, each set strictly increasing. The union of the
+/// active sets is gathered once and each union row is read once per tile of tokens; a row is
+/// dotted only with the tokens it is active for. Every output equals [`sparse_matvec`]'s for that
+/// token, bit for bit.
+pub fn sparse_matmul<A: AsRef<[u32]> + Sync>(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    n_tokens: usize,
+    active: &[A],
+    y: &mut [f32],
+) -> Result<(), SparseError> {
+    with_scratch(|s| sparse_matmul_with(pool, w, x, n_tokens, active, y, s))
+}
+
+/// [`sparse_matmul`] with caller-owned scratch buffers.
+pub fn sparse_matmul_with<A: AsRef<[u32]> + Sync>(
+    pool: &ThreadPool,
+    w: &Matrix,
+    x: &[f32],
+    n_tokens: usize,
+    active: &[A],
+    y: &mut [f32],
+    scratch: &mut SparseScratch,
+) -> Result<(), SparseError> {
+    const OP: &str = "sparse_matmul";
+    let (rb, k) = check_matrix(OP, w)?;
+    let n_in = w.cols.checked_mul(n_tokens).ok_or(SparseError::Cpu {
+        op: OP,
+        source: CpuError::Overflow,
+    })?;
+    let n_out = w.rows.checked_mul(n_tokens).ok_or(SparseError::Cpu {
+        op: OP,
+        source: CpuError::Overflow,
+    })?;
+    check_len(OP, "input length (n_tokens * cols)", n_in, x.len())?;
+    check_len(OP, "output length (n_tokens * rows)", n_out, y.len())?;
+    check_len(OP, "active sets (n_tokens)", n_tokens, active.len())?;
+    let sets = TokenSets::new(OP, active, w.rows)?;
+    y.fill(0.0);
+    if sets.union.is_empty() || n_tokens == 0 {
+        return Ok(());
+    }
+    quantize(OP, &mut scratch.act, w.ty, x, w.cols, n_tokens)?;
+    let acts = &scratch.act;
+    let rows = w.rows;
+    let cols = w.cols;
+    let union = &sets.union;
+    // Tiles of union rows x all tokens: a row is loaded once and meets every token in turn
+    // (the quantized activations of a prompt chunk are small enough to stay in L2).
+    let tile_rows = (GATHER_CHUNK_BYTES / rb.max(1)).max(1);
+    let out = SharedSlice::new(y);
+    let work = |range: std::ops::Range<usize>| {
+        for &i in &union[range] {
+            let iu = i as usize;
+            let row = &w.data[iu * rb..(iu + 1) * rb];
+            for t in 0..n_tokens {
+                if sets.is_active(t, i) {
+                    let act = acts.token(t).unwrap_or(&[]);
+                    let v = (k.vec_dot)(cols, row, act);
+                    // SAFETY: element (t, i) is written only by the task that owns union
+                    // position of `i`, and `for_each_chunk` hands each position to one thread.
+                    unsafe { out.write(t * rows + iu, v) };
+                }
+            }
+        }
+    };
+    if pool.n_threads() == 1 || union.len() * rb <= INLINE_BYTES {
+        work(0..union.len());
+    } else {
+        pool.for_each_chunk(union.len(), tile_rows, work);
+    }
+    Ok(())
+}
+
+/// Batched [`sparse_axpy`]: `out[t] = sum over i in active[t] of act[t][i] * down_t[i, :]`
+/// (overwrites `out`).
+///
+/// `act` holds `n_tokens` rows of `down_t.rows` floats, `out` receives `n_tokens` rows of
+/// `down_t.cols` floats. Each union row segment is dequantized once per tile of tokens and added
+/// to the tokens it is active for. Every output row equals [`sparse_axpy`]'s for that token, bit
+/// for bit, with any number of threads.
+pub fn sparse_axpy_batch<A: AsRef<[u32]> + Sync>(
+    pool: &ThreadPool,
+    down_t: &Matrix,
+    act: &[f32],
+    n_tokens: usize,
+    active: &[A],
+    out: &mut [f32],
+) -> Result<(), SparseError> {
+    const OP: &str = "sparse_axpy_batch";
+    let (rb, k) = check_matrix(OP, down_t)?;
+    let rows = down_t.rows;
+    let cols = down_t.cols;
+    let n_in = rows.checked_mul(n_tokens).ok_or(SparseError::Cpu {
+        op: OP,
+        source: CpuError::Overflow,
+    })?;
+    let n_out = cols.checked_mul(n_tokens).ok_or(SparseError::Cpu {
+        op: OP,
+        source: CpuError::Overflow,
+    })?;
+    check_len(OP, "activation length (n_tokens * n_ff)", n_in, act.len())?;
+    check_len(OP, "output length (n_tokens * n_embd)", n_out, out.len())?;
+    check_len(OP, "active sets (n_tokens)", n_tokens, active.len())?;
+    let sets = TokenSets::new(OP, active, rows)?;
+    out.fill(0.0);
+    if sets.union.is_empty() || n_tokens == 0 || cols == 0 {
+        return Ok(());
+    }
+    let n_blocks = cols / down_t.ty.block_size();
+    // Column segments: at least one per thread, narrow enough that a segment of every token of
+    // a token tile stays in L2.
+    let n_threads = pool.n_threads();
+    let n_seg = n_threads.max(1).min(n_blocks);
+    let seg_cols = cols.div_ceil(n_seg);
+    let tile_tokens = (AXPY_BATCH_TILE_FLOATS / seg_cols.max(1)).clamp(1, n_tokens);
+    let n_token_tiles = n_tokens.div_ceil(tile_tokens);
+    let n_units = n_seg * n_token_tiles;
+    let union = &sets.union;
+    let shared = SharedSlice::new(out);
+    let unit = |u: usize| {
+        let (s, tt) = (u / n_token_tiles, u % n_token_tiles);
+        let (c0, c1) = segment(down_t.ty, cols, s, n_seg);
+        let (t0, t1) = (tt * tile_tokens, ((tt + 1) * tile_tokens).min(n_tokens));
+        let n = c1 - c0;
+        if n == 0 {
+            return;
+        }
+        let bs = down_t.ty.block_size();
+        let ts = down_t.ty.type_size();
+        let (b0, b1) = (c0 / bs * ts, c1 / bs * ts);
+        let mut buf = vec![0.0f32; n];
+        for &i in union {
+            let iu = i as usize;
+            let mut loaded = false;
+            for t in t0..t1 {
+                if !sets.is_active(t, i) {
+                    continue;
+                }
+                let a = act[t * rows + iu];
+                if a == 0.0 {
+                    continue;
+                }
+                if !loaded {
+                    let row = &down_t.data[iu * rb..(iu + 1) * rb];
+                    decode_segment(k, &row[b0..b1], &mut buf);
+                    loaded = true;
+                }
+                // SAFETY: columns c0..c1 of token t belong to exactly one work unit (segment s,
+                // token tile tt), and each unit index is handed to one thread.
+                let o = unsafe { shared.slice_mut(t * cols + c0..t * cols + c1) };
+                axpy1(o, a, &buf);
+            }
+        }
+    };
+    if n_threads == 1 || union.len() * rb * n_tokens.min(4) <= INLINE_BYTES {
+        (0..n_units).for_each(unit);
+    } else {
+        pool.for_each_chunk(n_units, 1, |r| r.for_each(unit));
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// Scalar references
+// ------------------------------------------------------------------------------------------
+
+/// Plain scalar references of the sparse operators, for tests: weights dequantized with
+/// `powerinfer_quant::dequantize_row`, activations unquantized, f64 accumulation. They check
+/// nothing but panic-free shapes and are not meant for production use.
+pub mod reference {
+    use super::{FfnKind, SparseError, check_active};
+    use crate::Matrix;
+
+    fn row_f32(w: &Matrix, i: usize) -> Vec<f32> {
+        let mut v = vec![0.0f32; w.cols];
+        let rb = w.row_bytes();
+        powerinfer_quant::dequantize_row(w.ty, &w.data[i * rb..(i + 1) * rb], &mut v)
+            .expect("reference: matrix type has a dequantizer");
+        v
+    }
+
+    fn dot(w: &Matrix, i: usize, x: &[f32]) -> f64 {
+        row_f32(w, i)
+            .iter()
+            .zip(x)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum()
+    }
+
+    /// Reference [`super::sparse_matvec`]: `y[i] = w[i] . x` for active `i`, else 0.
+    pub fn sparse_matvec(
+        w: &Matrix,
+        x: &[f32],
+        active: &[u32],
+        y: &mut [f32],
+    ) -> Result<(), SparseError> {
+        check_active("reference::sparse_matvec", active, w.rows)?;
+        y.fill(0.0);
+        for &i in active {
+            y[i as usize] = dot(w, i as usize, x) as f32;
+        }
+        Ok(())
+    }
+
+    /// Reference [`super::sparse_axpy`]: `out = sum_{i active} act[i] * down_t[i, :]`.
+    pub fn sparse_axpy(
+        down_t: &Matrix,
+        act: &[f32],
+        active: &[u32],
+        out: &mut [f32],
+    ) -> Result<(), SparseError> {
+        check_active("reference::sparse_axpy", active, down_t.rows)?;
+        let mut acc = vec![0.0f64; down_t.cols];
+        for &i in active {
+            let a = f64::from(act[i as usize]);
+            for (o, v) in acc.iter_mut().zip(row_f32(down_t, i as usize)) {
+                *o += a * f64::from(v);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = a as f32;
+        }
+        Ok(())
+    }
+
+    /// Reference per-neuron coefficients of [`super::sparse_ffn`] (`h`, `n_ff` long, zero
+    /// outside `active`).
+    pub fn ffn_coefficients(
+        gate: Option<&Matrix>,
+        up: &Matrix,
+        kind: FfnKind,
+        x: &[f32],
+        active: &[u32],
+    ) -> Result<Vec<f32>, SparseError> {
+        check_active("reference::ffn_coefficients", active, up.rows)?;
+        let mut h = vec![0.0f32; up.rows];
+        for &i in active {
+            let iu = i as usize;
+            let u = dot(up, iu, x) as f32;
+            h[iu] = match (kind, gate) {
+                (FfnKind::Plain(f), _) => f.apply(u),
+                (FfnKind::Gated(f), Some(g)) => f.apply(dot(g, iu, x) as f32) * u,
+                (FfnKind::DRelu, Some(g)) => (dot(g, iu, x) as f32).max(0.0) * u.max(0.0),
+                (_, None) => 0.0,
+            };
+        }
+        Ok(h)
+    }
+}

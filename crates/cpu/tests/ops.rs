@@ -1,0 +1,349 @@
+//! Operators against plain references (mostly `f64`) on seeded random inputs of awkward sizes.
+
+use half::f16;
+use powerinfer_cpu::ops::*;
+
+/// SplitMix64: a small seeded generator for test inputs.
+struct Rng(u64);
+impl Rng {
+    fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1).
+    fn f(&mut self) -> f32 {
+        ((self.next_u64() >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    }
+    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n).map(|_| self.f() * scale).collect()
+    }
+}
+
+fn assert_close(a: &[f32], b: &[f64], tol: f64, what: &str) {
+    assert_eq!(a.len(), b.len(), "{what}: lengths");
+    for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
+        let err = (f64::from(x) - y).abs();
+        assert!(err <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y} (err {err})");
+    }
+}
+
+const SIZES: [usize; 8] = [1, 3, 7, 16, 31, 64, 257, 1000];
+
+#[test]
+fn rms_norm_matches_reference() {
+    let mut r = Rng(1);
+    for &n in &SIZES {
+        let x = r.vec(n, 3.0);
+        let w = r.vec(n, 2.0);
+        let eps = 1e-6f32;
+        let ms: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n as f64;
+        let s = 1.0 / (ms + f64::from(eps)).sqrt();
+        let want: Vec<f64> = x.iter().zip(&w).map(|(&a, &b)| f64::from(a) * s * f64::from(b)).collect();
+        let mut out = vec![0.0; n];
+        rms_norm(&x, &w, eps, &mut out).unwrap();
+        assert_close(&out, &want, 1e-5, "rms_norm");
+        let mut y = x.clone();
+        rms_norm_inplace(&mut y, &w, eps).unwrap();
+        assert_eq!(y, out);
+    }
+    let mut out = vec![0.0; 3];
+    assert!(matches!(
+        rms_norm(&[1.0; 3], &[1.0; 2], 1e-5, &mut out),
+        Err(OpsError::Length { what: "weight", .. })
+    ));
+}
+
+#[test]
+fn rms_norm_rows_is_per_row() {
+    let mut r = Rng(2);
+    let (rows, n) = (5, 19);
+    let x = r.vec(rows * n, 1.0);
+    let w = r.vec(n, 1.0);
+    let mut y = x.clone();
+    rms_norm_rows_inplace(&mut y, &w, 1e-6).unwrap();
+    for i in 0..rows {
+        let mut o = vec![0.0; n];
+        rms_norm(&x[i * n..(i + 1) * n], &w, 1e-6, &mut o).unwrap();
+        assert_eq!(&y[i * n..(i + 1) * n], &o[..]);
+    }
+    assert!(rms_norm_rows_inplace(&mut [0.0; 10], &w, 1e-6).is_err());
+}
+
+#[test]
+fn layer_norm_matches_reference() {
+    let mut r = Rng(3);
+    for &n in &SIZES[1..] {
+        let x: Vec<f32> = r.vec(n, 2.0).iter().map(|v| v + 0.7).collect();
+        let w = r.vec(n, 1.0);
+        let b = r.vec(n, 1.0);
+        let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let var = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
+        let want: Vec<f64> = (0..n)
+            .map(|i| (f64::from(x[i]) - mean) / (var + 1e-5).sqrt() * f64::from(w[i]) + f64::from(b[i]))
+            .collect();
+        let mut out = vec![0.0; n];
+        layer_norm(&x, &w, Some(&b), 1e-5, &mut out).unwrap();
+        assert_close(&out, &want, 1e-4, "layer_norm");
+    }
+}
+
+#[test]
+fn softmax_matches_reference() {
+    let mut r = Rng(4);
+    for &n in &SIZES {
+        let x = r.vec(n, 20.0);
+        let max = x.iter().copied().fold(f64::NEG_INFINITY, |a, b| a.max(f64::from(b)));
+        let e: Vec<f64> = x.iter().map(|&v| (f64::from(v) - max).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        let want: Vec<f64> = e.iter().map(|v| v / sum).collect();
+        let mut y = x.clone();
+        softmax_inplace(&mut y);
+        assert_close(&y, &want, 1e-5, "softmax");
+    }
+    let mut y = vec![f32::NEG_INFINITY; 4];
+    softmax_inplace(&mut y);
+    assert_eq!(y, vec![0.0; 4]);
+}
+
+fn gelu_tanh_f64(x: f64) -> f64 {
+    0.5 * x * (1.0 + ((2.0 / std::f64::consts::PI).sqrt() * x * (1.0 + 0.044715 * x * x)).tanh())
+}
+
+#[test]
+fn activations_match_reference() {
+    let mut r = Rng(5);
+    let x = r.vec(1001, 12.0);
+    let silu_want: Vec<f64> = x.iter().map(|&v| f64::from(v) / (1.0 + (-f64::from(v)).exp())).collect();
+    let mut y = x.clone();
+    silu_inplace(&mut y);
+    assert_close(&y, &silu_want, 1e-6, "silu");
+
+    let mut y = x.clone();
+    relu_inplace(&mut y);
+    for (a, b) in y.iter().zip(&x) {
+        assert_eq!(*a, b.max(0.0));
+    }
+
+    // GELU through the f16 table: exactly f16(gelu(f16(x))) in (-10, 10), 0 below, x above.
+    let mut y = x.clone();
+    gelu_inplace(&mut y);
+    for (&g, &v) in y.iter().zip(&x) {
+        let want = if v <= -10.0 {
+            0.0
+        } else if v >= 10.0 {
+            v
+        } else {
+            let xh = f16::from_f32(v).to_f32();
+            f16::from_f64(gelu_tanh_f64(f64::from(xh))).to_f32()
+        };
+        // the table entry is rounded from an f32 evaluation: allow one f16 ulp
+        let ulp = f16::from_f32(want).to_f32().abs() * 2f32.powi(-10) + 1e-7;
+        assert!((g - want).abs() <= ulp, "gelu({v}) = {g}, want {want}");
+        assert!((gelu(v) - g).abs() == 0.0);
+    }
+    assert!((gelu_tanh(1.0) as f64 - gelu_tanh_f64(1.0)).abs() < 1e-6);
+    // the table is coarser than the formula but close
+    assert!((gelu(0.3) - gelu_tanh(0.3)).abs() < 1e-3);
+}
+
+#[test]
+fn gated_helpers() {
+    let mut r = Rng(6);
+    for &n in &SIZES {
+        let g = r.vec(n, 6.0);
+        let u = r.vec(n, 2.0);
+        let mut o = vec![0.0; n];
+        swiglu(&g, &u, &mut o).unwrap();
+        let mut gi = g.clone();
+        swiglu_inplace(&mut gi, &u).unwrap();
+        assert_eq!(gi, o);
+        for i in 0..n {
+            assert_eq!(o[i], silu(g[i]) * u[i]);
+        }
+        geglu(&g, &u, &mut o).unwrap();
+        let mut gi = g.clone();
+        geglu_inplace(&mut gi, &u).unwrap();
+        assert_eq!(gi, o);
+        for i in 0..n {
+            assert_eq!(o[i], gelu(g[i]) * u[i]);
+        }
+    }
+    assert!(swiglu(&[1.0; 3], &[1.0; 4], &mut [0.0; 3]).is_err());
+    assert!(geglu_inplace(&mut [1.0; 3], &[1.0; 4]).is_err());
+}
+
+fn rope_ref(x: &[f32], head_dim: usize, n_dims: usize, pos: usize, base: f64, neox: bool) -> Vec<f64> {
+    let mut out: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
+    let half = n_dims / 2;
+    for h in 0..x.len() / head_dim {
+        let o = h * head_dim;
+        for i in 0..half {
+            let theta = pos as f64 * base.powf(-2.0 * i as f64 / n_dims as f64);
+            let (a, b) = if neox { (o + i, o + i + half) } else { (o + 2 * i, o + 2 * i + 1) };
+            let (x0, x1) = (f64::from(x[a]), f64::from(x[b]));
+            out[a] = x0 * theta.cos() - x1 * theta.sin();
+            out[b] = x0 * theta.sin() + x1 * theta.cos();
+        }
+    }
+    out
+}
+
+#[test]
+fn rope_matches_reference() {
+    let mut r = Rng(7);
+    for &(head_dim, n_dims, n_head) in &[(16usize, 16usize, 3usize), (64, 64, 2), (24, 10, 5), (256, 256, 1)] {
+        for &pos in &[0usize, 1, 17, 511] {
+            for &neox in &[false, true] {
+                let x = r.vec(head_dim * n_head, 1.0);
+                let mut cache = vec![0.0; n_dims];
+                rope_cache(pos as f32, 10000.0, 1.0, &mut cache).unwrap();
+                let mut y = x.clone();
+                let kind = if neox { RopeKind::Neox } else { RopeKind::Normal };
+                rope_apply(&mut y, head_dim, &cache, kind).unwrap();
+                let want = rope_ref(&x, head_dim, n_dims, pos, 10000.0, neox);
+                // f32 angles at position 511 carry ~1e-4 absolute error, as in ggml
+                assert_close(&y, &want, 2e-4, "rope");
+            }
+        }
+    }
+    assert!(rope_cache(1.0, 1e4, 1.0, &mut [0.0; 3]).is_err());
+    assert!(rope_apply(&mut [0.0; 10], 4, &[0.0; 4], RopeKind::Neox).is_err());
+}
+
+#[test]
+fn f16_conversions_round_to_nearest() {
+    let mut r = Rng(8);
+    for &n in &SIZES {
+        let x = r.vec(n, 100.0);
+        let mut h = vec![f16::ZERO; n];
+        f32_to_f16(&x, &mut h).unwrap();
+        let mut back = vec![0.0; n];
+        f16_to_f32(&h, &mut back).unwrap();
+        for i in 0..n {
+            assert_eq!(h[i], f16::from_f32(x[i]));
+            assert_eq!(back[i], h[i].to_f32());
+        }
+        let y = r.vec(n, 1.0);
+        let d = dot_f32(&x, &y).unwrap();
+        let want: f64 = x.iter().zip(&y).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+        assert!((f64::from(d) - want).abs() < 1e-3 * (1.0 + want.abs()), "{d} vs {want}");
+    }
+}
+
+/// Plain two-pass softmax attention in f64 over the f16-rounded q, k, v.
+fn attention_ref(p: &AttnParams, q: &[f32], pos: usize, k: &[f16], v: &[f16]) -> Vec<f64> {
+    let group = p.n_head / p.n_head_kv;
+    let mut out = vec![0.0f64; p.out_dim()];
+    let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+    for h in 0..p.n_head {
+        let g = h / group;
+        let qh: Vec<f64> = q[h * p.head_dim_k..(h + 1) * p.head_dim_k]
+            .iter()
+            .map(|&x| f64::from(f16::from_f32(x).to_f32()))
+            .collect();
+        let scores: Vec<f64> = (lo..=pos)
+            .map(|j| {
+                let kr = &k[j * p.k_dim() + g * p.head_dim_k..][..p.head_dim_k];
+                qh.iter().zip(kr).map(|(a, b)| a * f64::from(b.to_f32())).sum::<f64>() * f64::from(p.scale)
+            })
+            .collect();
+        let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+        let sum: f64 = e.iter().sum();
+        for (jj, j) in (lo..=pos).enumerate() {
+            let vr = &v[j * p.v_dim() + g * p.head_dim_v..][..p.head_dim_v];
+            for d in 0..p.head_dim_v {
+                out[h * p.head_dim_v + d] += e[jj] / sum * f64::from(vr[d].to_f32());
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn attention_matches_reference() {
+    let mut r = Rng(9);
+    let cases = [
+        // n_head, n_head_kv, dk, dv, window, n_ctx
+        (4usize, 4usize, 16usize, 16usize, None, 9usize),
+        (9, 3, 64, 64, None, 37),
+        (4, 1, 256, 256, Some(5), 23),
+        (6, 2, 12, 20, Some(1), 7),
+        (3, 1, 7, 5, None, 70),
+    ];
+    for &(n_head, n_head_kv, dk, dv, window, n_ctx) in &cases {
+        let p = AttnParams {
+            n_head,
+            n_head_kv,
+            head_dim_k: dk,
+            head_dim_v: dv,
+            scale: 1.0 / (dk as f32).sqrt(),
+            window,
+        };
+        let kf = r.vec(n_ctx * p.k_dim(), 2.0);
+        let vf = r.vec(n_ctx * p.v_dim(), 1.0);
+        let k: Vec<f16> = kf.iter().map(|&x| f16::from_f32(x)).collect();
+        let v: Vec<f16> = vf.iter().map(|&x| f16::from_f32(x)).collect();
+        let mut sc = AttnScratch::new(&p);
+        let qs = r.vec(n_ctx * p.q_dim(), 2.0);
+        let mut batch_out = vec![0.0; n_ctx * p.out_dim()];
+        attention_batch(&p, &qs, n_ctx, 0, &k, &v, &mut batch_out, &mut sc).unwrap();
+        for pos in 0..n_ctx {
+            let q = &qs[pos * p.q_dim()..(pos + 1) * p.q_dim()];
+            let mut out = vec![0.0; p.out_dim()];
+            attention(&p, q, pos, &k, &v, &mut out, &mut sc).unwrap();
+            let want = attention_ref(&p, q, pos, &k, &v);
+            // the weighted V sum is kept in f16 like ggml: about 1e-3 relative
+            assert_close(&out, &want, 4e-3, "attention");
+            assert_eq!(&batch_out[pos * p.out_dim()..(pos + 1) * p.out_dim()], &out[..]);
+        }
+        // keys after `pos` are ignored (causal)
+        let mut k2 = k.clone();
+        for x in &mut k2[p.k_dim()..] {
+            *x = f16::from_f32(100.0);
+        }
+        let mut a = vec![0.0; p.out_dim()];
+        let mut b = vec![0.0; p.out_dim()];
+        attention(&p, &qs[..p.q_dim()], 0, &k, &v, &mut a, &mut sc).unwrap();
+        attention(&p, &qs[..p.q_dim()], 0, &k2, &v, &mut b, &mut sc).unwrap();
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn attention_rejects_bad_shapes() {
+    let p = AttnParams { n_head: 4, n_head_kv: 3, head_dim_k: 8, head_dim_v: 8, scale: 1.0, window: None };
+    let mut sc = AttnScratch::default();
+    let mut out = vec![0.0; 32];
+    let err = attention(&p, &[0.0; 32], 0, &[f16::ZERO; 24], &[f16::ZERO; 24], &mut out, &mut sc);
+    assert!(matches!(err, Err(OpsError::Param { .. })));
+    let p = AttnParams { n_head_kv: 2, ..p };
+    // cache too short for position 3
+    let err = attention(&p, &[0.0; 32], 3, &[f16::ZERO; 48], &[f16::ZERO; 64], &mut out, &mut sc);
+    assert!(matches!(err, Err(OpsError::Length { what: "k cache", .. })));
+    let err = attention(&p, &[0.0; 31], 0, &[f16::ZERO; 16], &[f16::ZERO; 16], &mut out, &mut sc);
+    assert!(matches!(err, Err(OpsError::Length { what: "q", .. })));
+}
+
+#[test]
+fn attention_head_ranges_match_whole_row() {
+    let mut r = Rng(10);
+    let p = AttnParams { n_head: 9, n_head_kv: 3, head_dim_k: 24, head_dim_v: 24, scale: 0.2, window: Some(6) };
+    let n_ctx = 13;
+    let k: Vec<f16> = r.vec(n_ctx * p.k_dim(), 1.0).iter().map(|&x| f16::from_f32(x)).collect();
+    let v: Vec<f16> = r.vec(n_ctx * p.v_dim(), 1.0).iter().map(|&x| f16::from_f32(x)).collect();
+    let q = r.vec(p.q_dim(), 1.0);
+    let mut sc = AttnScratch::new(&p);
+    let mut whole = vec![0.0; p.out_dim()];
+    attention(&p, &q, 12, &k, &v, &mut whole, &mut sc).unwrap();
+    for (a, b) in [(0usize, 1usize), (1, 5), (4, 9), (8, 9), (2, 2)] {
+        let mut part = vec![0.0; (b - a) * p.head_dim_v];
+        attention_heads(&p, &q, 12, &k, &v, a..b, &mut part, &mut sc).unwrap();
+        assert_eq!(&part[..], &whole[a * p.head_dim_v..b * p.head_dim_v]);
+    }
+    let mut part = vec![0.0; 24];
+    assert!(attention_heads(&p, &q, 12, &k, &v, 9..10, &mut part, &mut sc).is_err());
+}

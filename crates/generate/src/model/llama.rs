@@ -1,0 +1,96 @@
+//! `llama`: LLaMA-family decoders (LLaMA 1/2, SmolLM2, and Mistral/Qwen2-style files stored as
+//! `llama`): RMS norm, RoPE with adjacent pairs, SwiGLU FFN; optional q/k/v/o biases; output head
+//! tied to the embedding when `output.weight` is absent.
+
+use powerinfer_cpu::ops::RopeKind;
+use powerinfer_gguf::GgufFile;
+
+use super::{Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate};
+use crate::error::ModelError;
+
+pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
+    let l = Loader { file };
+    if l.has("rope_freqs.weight") {
+        return Err(ModelError::InvalidConfig(
+            "per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1 style) are not supported".into(),
+        ));
+    }
+    let n_embd = l.arch_usize("embedding_length")?;
+    let n_head = l.arch_usize("attention.head_count")?;
+    let n_head_kv = l.arch_usize_or("attention.head_count_kv", n_head)?;
+    let head_dim = n_embd.checked_div(n_head).unwrap_or(0);
+    let head_dim_k = l.arch_usize_or("attention.key_length", head_dim)?;
+    let head_dim_v = l.arch_usize_or("attention.value_length", head_dim)?;
+    let config = ModelConfig {
+        arch: super::Arch::Llama,
+        n_vocab: l.n_vocab(n_embd)?,
+        n_embd,
+        n_layer: l.arch_usize("block_count")?,
+        n_ff: l.arch_usize("feed_forward_length")?,
+        n_head,
+        n_head_kv,
+        head_dim_k,
+        head_dim_v,
+        n_ctx_train: l.arch_usize_or("context_length", 2048)?,
+        rms_eps: l.arch_f32_or("attention.layer_norm_rms_epsilon", 1e-5)?,
+        rope_dims: l.arch_usize_or("rope.dimension_count", head_dim_k)?,
+        rope_base: l.arch_f32_or("rope.freq_base", 10000.0)?,
+        rope_freq_scale: l.rope_freq_scale()?,
+        sliding_window: None,
+    };
+    validate(&config)?;
+    let c = &config;
+    let kq_scale = match l.arch_f32_or("attention.scale", 0.0)? {
+        s if s > 0.0 => s,
+        _ => 1.0 / (c.head_dim_k as f32).sqrt(),
+    };
+    let (q_dim, k_dim, v_dim) = (c.n_head * c.head_dim_k, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v);
+    let mut layers = Vec::with_capacity(c.n_layer);
+    for i in 0..c.n_layer {
+        let p = |s: &str| format!("blk.{i}.{s}");
+        let attn = Attention {
+            wq: l.matrix(&p("attn_q.weight"), c.n_embd, q_dim)?,
+            wk: l.matrix(&p("attn_k.weight"), c.n_embd, k_dim)?,
+            wv: l.matrix(&p("attn_v.weight"), c.n_embd, v_dim)?,
+            wo: l.matrix(&p("attn_output.weight"), c.n_head * c.head_dim_v, c.n_embd)?,
+            bq: l.opt_vector(&p("attn_q.bias"), q_dim)?,
+            bk: l.opt_vector(&p("attn_k.bias"), k_dim)?,
+            bv: l.opt_vector(&p("attn_v.bias"), v_dim)?,
+            bo: l.opt_vector(&p("attn_output.bias"), c.n_embd)?,
+            q_norm: None,
+            k_norm: None,
+            rope: RopeSpec { kind: RopeKind::Normal, n_dims: c.rope_dims, base: c.rope_base, freq_scale: c.rope_freq_scale },
+            q_scale: 1.0,
+            kq_scale,
+            window: None,
+        };
+        let ffn = Ffn::Dense(DenseFfn {
+            gate: l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?,
+            up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+            down: l.matrix(&p("ffn_down.weight"), c.n_ff, c.n_embd)?,
+            act: Activation::Silu,
+        });
+        layers.push(Layer {
+            attn_norm: l.vector(&p("attn_norm.weight"), c.n_embd)?,
+            attn,
+            post_attn_norm: None,
+            ffn_norm: l.vector(&p("ffn_norm.weight"), c.n_embd)?,
+            ffn,
+            post_ffn_norm: None,
+        });
+    }
+    let tok_embd = l.raw_matrix("token_embd.weight", c.n_embd, c.n_vocab)?;
+    let output = if l.has("output.weight") {
+        l.matrix("output.weight", c.n_embd, c.n_vocab)?
+    } else {
+        l.matrix("token_embd.weight", c.n_embd, c.n_vocab)?
+    };
+    Ok(Parts {
+        output_norm: l.vector("output_norm.weight", c.n_embd)?,
+        config,
+        tok_embd,
+        embd_scale: None,
+        layers,
+        output,
+    })
+}

@@ -1,0 +1,827 @@
+//! Transformer models read from GGUF files: hyper-parameters, memory-mapped weights and the
+//! dense forward pass (batched prompt processing and single-token decode).
+//!
+//! One file per architecture ([`llama`], [`gemma3`]) reads that architecture's metadata and
+//! tensors into the shared description here: a stack of [`Layer`]s, each a pre-norm attention
+//! block ([`Attention`]) and a feed-forward block ([`Ffn`]) with optional post-norms. The FFN and
+//! the attention are separate types so a later change can route them elsewhere (sparse
+//! operators, a GPU) without touching the forward loop.
+//!
+//! Weights are never copied: each matrix is a byte range of the memory-mapped file, resolved to
+//! a [`Matrix`] when it is used. Only the small f32 vectors (norm weights, biases) are copied.
+
+pub mod gemma3;
+pub mod llama;
+
+use std::ops::Range;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use half::f16;
+use powerinfer_cpu::ops::{self, AttnParams, AttnScratch, RopeKind};
+use powerinfer_cpu::{ActBuffer, CpuError, Matrix, SharedSlice, ThreadPool, matmul_quantized, matvec_quantized};
+use powerinfer_gguf::{GgmlType, GgufFile};
+
+use crate::error::ModelError;
+use crate::kv_cache::KvCache;
+
+/// The architectures this crate runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Arch {
+    /// `llama` (LLaMA, SmolLM2, Mistral- and Qwen2-style variants stored as `llama`).
+    Llama,
+    /// `gemma3` (Gemma 3 text models).
+    Gemma3,
+}
+
+impl Arch {
+    /// The `general.architecture` string.
+    pub fn name(self) -> &'static str {
+        match self {
+            Arch::Llama => "llama",
+            Arch::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Hyper-parameters read from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    /// Architecture.
+    pub arch: Arch,
+    /// Vocabulary size (rows of the embedding).
+    pub n_vocab: usize,
+    /// Hidden size.
+    pub n_embd: usize,
+    /// Number of transformer blocks.
+    pub n_layer: usize,
+    /// FFN inner size.
+    pub n_ff: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_head_kv: usize,
+    /// Dimension of a query/key head.
+    pub head_dim_k: usize,
+    /// Dimension of a value head.
+    pub head_dim_v: usize,
+    /// Context length the model was trained for.
+    pub n_ctx_train: usize,
+    /// RMS-norm epsilon.
+    pub rms_eps: f32,
+    /// Rotated dimensions per head.
+    pub rope_dims: usize,
+    /// RoPE base of the (global) attention layers.
+    pub rope_base: f32,
+    /// RoPE frequency scale of the (global) attention layers (1 / linear scaling factor).
+    pub rope_freq_scale: f32,
+    /// Sliding window of the local attention layers, if the model has any.
+    pub sliding_window: Option<usize>,
+}
+
+/// A weight matrix: a byte range of the model file with its type and shape.
+#[derive(Debug, Clone)]
+pub struct Weight {
+    /// Tensor name.
+    pub name: String,
+    /// Element type.
+    pub ty: GgmlType,
+    /// Output dimension (ggml `ne[1]`).
+    pub rows: usize,
+    /// Input dimension (ggml `ne[0]`, the row length).
+    pub cols: usize,
+    range: Range<usize>,
+}
+
+impl Weight {
+    /// The matrix over `file_bytes` (the whole file).
+    pub fn matrix<'a>(&self, file_bytes: &'a [u8]) -> Result<Matrix<'a>, CpuError> {
+        Matrix::new(self.ty, self.rows, self.cols, &file_bytes[self.range.clone()])
+    }
+
+    /// Bytes of the weight in the file.
+    pub fn n_bytes(&self) -> usize {
+        self.range.len()
+    }
+}
+
+/// Activation of the FFN gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    /// SiLU (SwiGLU when gated).
+    Silu,
+    /// GELU, tanh approximation through ggml's f16 table (GeGLU when gated).
+    Gelu,
+    /// ReLU.
+    Relu,
+}
+
+/// A dense gated FFN: `down(act(gate x) * up x)`.
+#[derive(Debug, Clone)]
+pub struct DenseFfn {
+    /// `ffn_gate`: n_embd -> n_ff.
+    pub gate: Weight,
+    /// `ffn_up`: n_embd -> n_ff.
+    pub up: Weight,
+    /// `ffn_down`: n_ff -> n_embd.
+    pub down: Weight,
+    /// The gate activation.
+    pub act: Activation,
+}
+
+/// The feed-forward block of a layer. Only the dense form exists so far; sparse (predictor
+/// driven) and offloaded forms are meant to become further variants.
+#[derive(Debug, Clone)]
+pub enum Ffn {
+    /// Every neuron computed.
+    Dense(DenseFfn),
+}
+
+/// RoPE settings of one attention layer.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RopeSpec {
+    /// Pairing of rotated dimensions.
+    pub kind: RopeKind,
+    /// Rotated dimensions per head.
+    pub n_dims: usize,
+    /// Frequency base.
+    pub base: f32,
+    /// Frequency scale (positions are multiplied by it).
+    pub freq_scale: f32,
+}
+
+/// The attention block of a layer.
+#[derive(Debug, Clone)]
+pub struct Attention {
+    /// Query projection.
+    pub wq: Weight,
+    /// Key projection.
+    pub wk: Weight,
+    /// Value projection.
+    pub wv: Weight,
+    /// Output projection.
+    pub wo: Weight,
+    /// Optional biases of q, k, v, o.
+    pub bq: Option<Vec<f32>>,
+    /// Key bias.
+    pub bk: Option<Vec<f32>>,
+    /// Value bias.
+    pub bv: Option<Vec<f32>>,
+    /// Output bias.
+    pub bo: Option<Vec<f32>>,
+    /// Per-head RMS norm of the queries (Gemma 3).
+    pub q_norm: Option<Vec<f32>>,
+    /// Per-head RMS norm of the keys (Gemma 3).
+    pub k_norm: Option<Vec<f32>>,
+    /// Rotary embedding.
+    pub rope: RopeSpec,
+    /// Multiplies the queries after RoPE (before they are rounded to f16), 1 for none.
+    pub q_scale: f32,
+    /// Multiplies each `q . k` score.
+    pub kq_scale: f32,
+    /// Sliding window (local attention), `None` for global.
+    pub window: Option<usize>,
+}
+
+/// One transformer block.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Norm before attention.
+    pub attn_norm: Vec<f32>,
+    /// Attention.
+    pub attn: Attention,
+    /// Norm of the attention output before the residual add (Gemma).
+    pub post_attn_norm: Option<Vec<f32>>,
+    /// Norm before the FFN.
+    pub ffn_norm: Vec<f32>,
+    /// FFN.
+    pub ffn: Ffn,
+    /// Norm of the FFN output before the residual add (Gemma).
+    pub post_ffn_norm: Option<Vec<f32>>,
+}
+
+/// Which logits a forward call returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Logits {
+    /// None (fill the KV cache only).
+    None,
+    /// The last token's (`n_vocab` values).
+    Last,
+    /// Every token's (`n_tokens x n_vocab`, row-major).
+    All,
+}
+
+/// A loaded model: hyper-parameters and weights mapped from the file.
+pub struct Model {
+    file: Arc<GgufFile>,
+    config: ModelConfig,
+    tok_embd: Weight,
+    embd_scale: Option<f32>,
+    layers: Vec<Layer>,
+    output_norm: Vec<f32>,
+    output: Weight,
+    bos: Option<u32>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Model").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+impl Model {
+    /// Memory-maps and loads a GGUF model.
+    pub fn load(path: impl AsRef<Path>) -> Result<Self, ModelError> {
+        Self::from_gguf(Arc::new(GgufFile::open(path)?))
+    }
+
+    /// Loads a model from an opened file.
+    pub fn from_gguf(file: Arc<GgufFile>) -> Result<Self, ModelError> {
+        let arch = file.architecture().ok_or(ModelError::NoArchitecture)?.to_owned();
+        let parts = match arch.as_str() {
+            "llama" => llama::load(&file)?,
+            "gemma3" => gemma3::load(&file)?,
+            other => return Err(ModelError::UnknownArchitecture(other.to_owned())),
+        };
+        let bos = file.get_u32("tokenizer.ggml.bos_token_id").ok();
+        Ok(Self {
+            file,
+            config: parts.config,
+            tok_embd: parts.tok_embd,
+            embd_scale: parts.embd_scale,
+            layers: parts.layers,
+            output_norm: parts.output_norm,
+            output: parts.output,
+            bos,
+        })
+    }
+
+    /// Hyper-parameters.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The layers.
+    pub fn layers(&self) -> &[Layer] {
+        &self.layers
+    }
+
+    /// The underlying file.
+    pub fn file(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    /// `tokenizer.ggml.bos_token_id`, if the file has one.
+    pub fn bos_token(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// A fresh state (KV cache and buffers) for up to `n_ctx` positions, processing prompts in
+    /// micro-batches of at most `n_ubatch` tokens.
+    pub fn new_state(&self, n_ctx: usize, n_ubatch: usize) -> Result<ModelState, ModelError> {
+        if n_ctx == 0 {
+            return Err(ModelError::InvalidConfig("context size 0".into()));
+        }
+        let c = &self.config;
+        let kv = KvCache::new(c.n_layer, n_ctx, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v)?;
+        Ok(ModelState { kv, n_ubatch: n_ubatch.clamp(1, n_ctx), scratch: Scratch::default(), logits: Vec::new() })
+    }
+
+    /// Runs `tokens` at the next positions of `state` and returns the requested logits (borrowed
+    /// from `state`). Prompts longer than the state's micro-batch are processed in pieces.
+    pub fn forward<'s>(
+        &self,
+        pool: &ThreadPool,
+        state: &'s mut ModelState,
+        tokens: &[u32],
+        logits: Logits,
+    ) -> Result<&'s [f32], ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::EmptyInput);
+        }
+        let n_vocab = self.config.n_vocab;
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(ModelError::TokenOutOfRange { token: t, n_vocab });
+        }
+        let pos = state.kv.len();
+        let n_ctx = state.kv.n_ctx();
+        if pos + tokens.len() > n_ctx {
+            return Err(ModelError::ContextOverflow { pos, n_tokens: tokens.len(), n_ctx });
+        }
+        let n_rows = match logits {
+            Logits::None => 0,
+            Logits::Last => 1,
+            Logits::All => tokens.len(),
+        };
+        state.logits.resize(n_rows * n_vocab, 0.0);
+        let ub = state.n_ubatch;
+        let mut done = 0;
+        while done < tokens.len() {
+            let n = ub.min(tokens.len() - done);
+            let chunk = &tokens[done..done + n];
+            let last_chunk = done + n == tokens.len();
+            let rows = match logits {
+                Logits::None => OutRows::None,
+                Logits::Last if last_chunk => OutRows::Last,
+                Logits::Last => OutRows::None,
+                Logits::All => OutRows::All(done),
+            };
+            self.ubatch(pool, state, chunk, rows)?;
+            done += n;
+        }
+        Ok(&state.logits)
+    }
+
+    fn ubatch(&self, pool: &ThreadPool, st: &mut ModelState, tokens: &[u32], rows: OutRows) -> Result<(), ModelError> {
+        let c = &self.config;
+        let bytes = self.file.as_bytes();
+        let n = tokens.len();
+        let pos0 = st.kv.len();
+        let d = c.n_embd;
+        let sc = &mut st.scratch;
+        sc.ensure(c, n, pool.n_threads());
+
+        // embeddings
+        let emb = &self.tok_embd;
+        let rb = emb.range.len() / emb.rows;
+        for (t, &tok) in tokens.iter().enumerate() {
+            let start = emb.range.start + tok as usize * rb;
+            let row = &bytes[start..start + rb];
+            let dst = &mut sc.x[t * d..(t + 1) * d];
+            powerinfer_quant::dequantize_row(emb.ty, row, dst)
+                .map_err(|e| ModelError::Dequantize { name: emb.name.clone(), msg: e.to_string() })?;
+            if let Some(s) = self.embd_scale {
+                dst.iter_mut().for_each(|v| *v *= s);
+            }
+        }
+
+        // RoPE tables for every distinct spec, one row of n_dims per token
+        sc.rope_tables.clear();
+        for layer in &self.layers {
+            let r = layer.attn.rope;
+            if !sc.rope_tables.iter().any(|(spec, _)| *spec == r) {
+                let mut tab = vec![0.0f32; n * r.n_dims];
+                for t in 0..n {
+                    ops::rope_cache((pos0 + t) as f32, r.base, r.freq_scale, &mut tab[t * r.n_dims..(t + 1) * r.n_dims])?;
+                }
+                sc.rope_tables.push((r, tab));
+            }
+        }
+
+        for (il, layer) in self.layers.iter().enumerate() {
+            self.attention_block(pool, il, layer, &mut st.kv, sc, n, pos0)?;
+            self.ffn_block(pool, layer, sc, n)?;
+        }
+        st.kv.set_len(pos0 + n);
+
+        // output head
+        let (first_row, n_out, dst_row) = match rows {
+            OutRows::None => return Ok(()),
+            OutRows::Last => (n - 1, 1, 0),
+            OutRows::All(offset) => (0, n, offset),
+        };
+        for t in 0..n_out {
+            let src = &sc.x[(first_row + t) * d..(first_row + t + 1) * d];
+            ops::rms_norm(src, &self.output_norm, c.rms_eps, &mut sc.xn[t * d..(t + 1) * d])?;
+        }
+        let w = self.output.matrix(bytes)?;
+        sc.acts_a.quantize(w.ty, &sc.xn[..n_out * d], d, n_out)?;
+        let nv = c.n_vocab;
+        let out = &mut st.logits[dst_row * nv..(dst_row + n_out) * nv];
+        mm(pool, &w, &sc.acts_a, n_out, out)?;
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_block(
+        &self,
+        pool: &ThreadPool,
+        il: usize,
+        layer: &Layer,
+        kv: &mut KvCache,
+        sc: &mut Scratch,
+        n: usize,
+        pos0: usize,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let bytes = self.file.as_bytes();
+        let d = c.n_embd;
+        let a = &layer.attn;
+        let (q_dim, k_dim, v_dim) = (c.n_head * c.head_dim_k, kv.k_dim(), kv.v_dim());
+        let out_dim = c.n_head * c.head_dim_v;
+        for t in 0..n {
+            ops::rms_norm(&sc.x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps, &mut sc.xn[t * d..(t + 1) * d])?;
+        }
+        // projections; activations quantized once per distinct weight type
+        let wq = a.wq.matrix(bytes)?;
+        let wk = a.wk.matrix(bytes)?;
+        let wv = a.wv.matrix(bytes)?;
+        let xn = &sc.xn[..n * d];
+        sc.acts_a.quantize(wq.ty, xn, d, n)?;
+        mm(pool, &wq, &sc.acts_a, n, &mut sc.q[..n * q_dim])?;
+        let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wk.ty, xn, d, n)?;
+        mm(pool, &wk, acts, n, &mut sc.k[..n * k_dim])?;
+        let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wv.ty, xn, d, n)?;
+        mm(pool, &wv, acts, n, &mut sc.v[..n * v_dim])?;
+        add_bias(&mut sc.q[..n * q_dim], a.bq.as_deref());
+        add_bias(&mut sc.k[..n * k_dim], a.bk.as_deref());
+        add_bias(&mut sc.v[..n * v_dim], a.bv.as_deref());
+        if let Some(w) = &a.q_norm {
+            ops::rms_norm_rows_inplace(&mut sc.q[..n * q_dim], w, c.rms_eps)?;
+        }
+        if let Some(w) = &a.k_norm {
+            ops::rms_norm_rows_inplace(&mut sc.k[..n * k_dim], w, c.rms_eps)?;
+        }
+        let tab = &sc.rope_tables.iter().find(|(s, _)| *s == a.rope).expect("rope table built for every layer").1;
+        let nd = a.rope.n_dims;
+        for t in 0..n {
+            let cache = &tab[t * nd..(t + 1) * nd];
+            ops::rope_apply(&mut sc.q[t * q_dim..(t + 1) * q_dim], c.head_dim_k, cache, a.rope.kind)?;
+            ops::rope_apply(&mut sc.k[t * k_dim..(t + 1) * k_dim], c.head_dim_k, cache, a.rope.kind)?;
+        }
+        if a.q_scale != 1.0 {
+            sc.q[..n * q_dim].iter_mut().for_each(|v| *v *= a.q_scale);
+        }
+        // store K, V
+        {
+            let (kc, vc) = kv.layer_mut(il);
+            ops::f32_to_f16(&sc.k[..n * k_dim], &mut kc[pos0 * k_dim..(pos0 + n) * k_dim])?;
+            ops::f32_to_f16(&sc.v[..n * v_dim], &mut vc[pos0 * v_dim..(pos0 + n) * v_dim])?;
+        }
+        let p = AttnParams {
+            n_head: c.n_head,
+            n_head_kv: c.n_head_kv,
+            head_dim_k: c.head_dim_k,
+            head_dim_v: c.head_dim_v,
+            scale: a.kq_scale,
+            window: a.window,
+        };
+        let kc: &[f16] = &kv.keys(il)[..(pos0 + n) * k_dim];
+        let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
+        // work items: (token, group of heads); whole KV groups for prompts, single heads for decode
+        let heads_per_item = if n > 1 { c.n_head / c.n_head_kv } else { 1 };
+        let items_per_token = c.n_head / heads_per_item;
+        let n_items = n * items_per_token;
+        let next = AtomicUsize::new(0);
+        let first_err: Mutex<Option<ops::OpsError>> = Mutex::new(None);
+        {
+            let q = &sc.q[..n * q_dim];
+            let out = SharedSlice::new(&mut sc.att[..n * out_dim]);
+            let scr = SharedSlice::new(&mut sc.attn[..]);
+            let dv = c.head_dim_v;
+            pool.run(|tid, _| {
+                // SAFETY: every thread of a job has a distinct `tid`, and `sc.attn` holds at least
+                // `pool.n_threads()` entries (`Scratch::ensure`), so each scratch is used by one thread.
+                let s = unsafe { scr.slice_mut(tid..tid + 1) };
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= n_items {
+                        break;
+                    }
+                    let t = i / items_per_token;
+                    let h0 = (i % items_per_token) * heads_per_item;
+                    let range = t * out_dim + h0 * dv..t * out_dim + (h0 + heads_per_item) * dv;
+                    // SAFETY: items are handed out once each by the atomic counter and their output
+                    // ranges (token t, heads h0..h0+heads_per_item) are disjoint.
+                    let o = unsafe { out.slice_mut(range) };
+                    let r = ops::attention_heads(
+                        &p,
+                        &q[t * q_dim..(t + 1) * q_dim],
+                        pos0 + t,
+                        kc,
+                        vc,
+                        h0..h0 + heads_per_item,
+                        o,
+                        &mut s[0],
+                    );
+                    if let Err(e) = r {
+                        first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                    }
+                }
+            });
+        }
+        if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e.into());
+        }
+        let wo = a.wo.matrix(bytes)?;
+        sc.acts_a.quantize(wo.ty, &sc.att[..n * out_dim], out_dim, n)?;
+        mm(pool, &wo, &sc.acts_a, n, &mut sc.o[..n * d])?;
+        add_bias(&mut sc.o[..n * d], a.bo.as_deref());
+        if let Some(w) = &layer.post_attn_norm {
+            ops::rms_norm_rows_inplace(&mut sc.o[..n * d], w, c.rms_eps)?;
+        }
+        for (x, o) in sc.x[..n * d].iter_mut().zip(&sc.o[..n * d]) {
+            *x += o;
+        }
+        Ok(())
+    }
+
+    fn ffn_block(&self, pool: &ThreadPool, layer: &Layer, sc: &mut Scratch, n: usize) -> Result<(), ModelError> {
+        let c = &self.config;
+        let bytes = self.file.as_bytes();
+        let d = c.n_embd;
+        for t in 0..n {
+            ops::rms_norm(&sc.x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut sc.xn[t * d..(t + 1) * d])?;
+        }
+        match &layer.ffn {
+            Ffn::Dense(f) => {
+                let ff = f.gate.rows;
+                let wg = f.gate.matrix(bytes)?;
+                let wu = f.up.matrix(bytes)?;
+                let wd = f.down.matrix(bytes)?;
+                let xn = &sc.xn[..n * d];
+                sc.acts_a.quantize(wg.ty, xn, d, n)?;
+                mm(pool, &wg, &sc.acts_a, n, &mut sc.gate[..n * ff])?;
+                let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wu.ty, xn, d, n)?;
+                mm(pool, &wu, acts, n, &mut sc.up[..n * ff])?;
+                let (g, u) = (&mut sc.gate[..n * ff], &sc.up[..n * ff]);
+                match f.act {
+                    Activation::Silu => ops::swiglu_inplace(g, u)?,
+                    Activation::Gelu => ops::geglu_inplace(g, u)?,
+                    Activation::Relu => {
+                        ops::relu_inplace(g);
+                        g.iter_mut().zip(u).for_each(|(a, b)| *a *= b);
+                    }
+                }
+                sc.acts_a.quantize(wd.ty, &sc.gate[..n * ff], ff, n)?;
+                mm(pool, &wd, &sc.acts_a, n, &mut sc.o[..n * d])?;
+            }
+        }
+        if let Some(w) = &layer.post_ffn_norm {
+            ops::rms_norm_rows_inplace(&mut sc.o[..n * d], w, c.rms_eps)?;
+        }
+        for (x, o) in sc.x[..n * d].iter_mut().zip(&sc.o[..n * d]) {
+            *x += o;
+        }
+        Ok(())
+    }
+}
+
+/// Quantize `x` for `ty` unless `a` already holds it for that type; returns the buffer to use.
+fn requant<'b>(
+    a: &'b mut ActBuffer,
+    b: &'b mut ActBuffer,
+    ty: GgmlType,
+    x: &[f32],
+    cols: usize,
+    n: usize,
+) -> Result<&'b ActBuffer, CpuError> {
+    if a.weight_type() == Some(ty) {
+        Ok(a)
+    } else {
+        b.quantize(ty, x, cols, n)?;
+        Ok(b)
+    }
+}
+
+fn mm(pool: &ThreadPool, w: &Matrix, acts: &ActBuffer, n: usize, y: &mut [f32]) -> Result<(), CpuError> {
+    if n == 1 { matvec_quantized(pool, w, acts, y) } else { matmul_quantized(pool, w, acts, y) }
+}
+
+fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
+    if let Some(b) = bias {
+        for row in x.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, bb)| *v += bb);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum OutRows {
+    None,
+    Last,
+    /// All rows of the micro-batch, written from this row of the output on.
+    All(usize),
+}
+
+/// The mutable side of running a model: the KV cache, scratch buffers and the last logits.
+#[derive(Debug)]
+pub struct ModelState {
+    kv: KvCache,
+    n_ubatch: usize,
+    scratch: Scratch,
+    logits: Vec<f32>,
+}
+
+impl ModelState {
+    /// The KV cache.
+    pub fn kv_cache(&self) -> &KvCache {
+        &self.kv
+    }
+
+    /// Position of the next token (tokens processed so far).
+    pub fn pos(&self) -> usize {
+        self.kv.len()
+    }
+
+    /// Context size.
+    pub fn n_ctx(&self) -> usize {
+        self.kv.n_ctx()
+    }
+
+    /// Forget all positions from `pos` on (e.g. to start over, or to rewind to a prompt prefix).
+    pub fn rewind(&mut self, pos: usize) {
+        self.kv.truncate(pos);
+    }
+
+    /// Forget everything.
+    pub fn clear(&mut self) {
+        self.kv.clear();
+    }
+
+    /// The logits of the last forward call.
+    pub fn logits(&self) -> &[f32] {
+        &self.logits
+    }
+}
+
+/// Per-call buffers, grown to the largest micro-batch seen, then reused (no allocation per
+/// decoded token).
+#[derive(Debug, Default)]
+struct Scratch {
+    n_cap: usize,
+    x: Vec<f32>,
+    xn: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    o: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    rope_tables: Vec<(RopeSpec, Vec<f32>)>,
+    acts_a: ActBuffer,
+    acts_b: ActBuffer,
+    attn: Vec<AttnScratch>,
+}
+
+impl Scratch {
+    fn ensure(&mut self, c: &ModelConfig, n: usize, n_threads: usize) {
+        if n > self.n_cap {
+            let d = c.n_embd;
+            self.x = vec![0.0; n * d];
+            self.xn = vec![0.0; n * d];
+            self.q = vec![0.0; n * c.n_head * c.head_dim_k];
+            self.k = vec![0.0; n * c.n_head_kv * c.head_dim_k];
+            self.v = vec![0.0; n * c.n_head_kv * c.head_dim_v];
+            self.att = vec![0.0; n * c.n_head * c.head_dim_v];
+            self.o = vec![0.0; n * d];
+            self.gate = vec![0.0; n * c.n_ff];
+            self.up = vec![0.0; n * c.n_ff];
+            self.n_cap = n;
+        }
+        if self.attn.len() < n_threads.max(1) {
+            let p = AttnParams {
+                n_head: c.n_head,
+                n_head_kv: c.n_head_kv,
+                head_dim_k: c.head_dim_k,
+                head_dim_v: c.head_dim_v,
+                scale: 1.0,
+                window: None,
+            };
+            self.attn.resize_with(n_threads.max(1), || AttnScratch::new(&p));
+        }
+    }
+}
+
+/// What an architecture loader produces.
+pub(crate) struct Parts {
+    pub config: ModelConfig,
+    pub tok_embd: Weight,
+    pub embd_scale: Option<f32>,
+    pub layers: Vec<Layer>,
+    pub output_norm: Vec<f32>,
+    pub output: Weight,
+}
+
+/// Tensor look-ups with shape and type checks, shared by the architecture loaders.
+pub(crate) struct Loader<'a> {
+    pub file: &'a GgufFile,
+}
+
+impl Loader<'_> {
+    pub fn has(&self, name: &str) -> bool {
+        self.file.tensor(name).is_some()
+    }
+
+    fn check_shape(name: &str, expected: &[u64], found: &[u64]) -> Result<(), ModelError> {
+        if expected != found {
+            return Err(ModelError::TensorShape { name: name.into(), expected: expected.to_vec(), found: found.to_vec() });
+        }
+        Ok(())
+    }
+
+    /// A matrix of `rows` rows of `cols` elements (ggml shape `[cols, rows]`) usable in products.
+    pub fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Weight, ModelError> {
+        let w = self.raw_matrix(name, cols, rows)?;
+        if powerinfer_quant::kernels(w.ty).is_none() {
+            return Err(ModelError::UnsupportedTensorType { name: name.into(), ty: w.ty, why: "no dot-product kernels" });
+        }
+        Ok(w)
+    }
+
+    /// Like [`matrix`](Self::matrix) but only needs row dequantization (embedding tables).
+    pub fn raw_matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Weight, ModelError> {
+        let t = self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        Self::check_shape(name, &[cols as u64, rows as u64], &t.shape)?;
+        let start = usize::try_from(t.offset).map_err(|_| ModelError::InvalidConfig(format!("{name}: offset")))?;
+        let len = usize::try_from(t.size).map_err(|_| ModelError::InvalidConfig(format!("{name}: size")))?;
+        let row = powerinfer_quant::row_bytes(t.ty, cols).ok_or(ModelError::UnsupportedTensorType {
+            name: name.into(),
+            ty: t.ty,
+            why: "not a block type with whole blocks per row",
+        })?;
+        if row * rows != len {
+            return Err(ModelError::InvalidConfig(format!("{name}: {len} bytes for {rows} rows of {row}")));
+        }
+        Ok(Weight { name: name.into(), ty: t.ty, rows, cols, range: start..start + len })
+    }
+
+    /// A 1-D f32 vector of `n` elements (F32, F16 or BF16 in the file), copied.
+    pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
+        let t = self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        Self::check_shape(name, &[n as u64], &t.shape)?;
+        if !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Err(ModelError::UnsupportedTensorType { name: name.into(), ty: t.ty, why: "norm/bias vectors must be F32, F16 or BF16" });
+        }
+        let mut out = vec![0.0; n];
+        powerinfer_quant::dequantize_row(t.ty, self.file.tensor_data(t), &mut out)
+            .map_err(|e| ModelError::Dequantize { name: name.into(), msg: e.to_string() })?;
+        Ok(out)
+    }
+
+    pub fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
+        if self.has(name) { self.vector(name, n).map(Some) } else { Ok(None) }
+    }
+
+    /// `{arch}.{suffix}` as usize.
+    pub fn arch_usize(&self, suffix: &str) -> Result<usize, ModelError> {
+        Ok(self.file.get_arch_u32(suffix)? as usize)
+    }
+
+    /// `{arch}.{suffix}` as usize, or `default` when absent.
+    pub fn arch_usize_or(&self, suffix: &str, default: usize) -> Result<usize, ModelError> {
+        if self.file.get(&self.file.arch_key(suffix)).is_none() {
+            return Ok(default);
+        }
+        self.arch_usize(suffix)
+    }
+
+    /// `{arch}.{suffix}` as f32, or `default` when absent.
+    pub fn arch_f32_or(&self, suffix: &str, default: f32) -> Result<f32, ModelError> {
+        if self.file.get(&self.file.arch_key(suffix)).is_none() {
+            return Ok(default);
+        }
+        Ok(self.file.get_arch_f32(suffix)?)
+    }
+
+    /// Vocabulary size: rows of `token_embd.weight`.
+    pub fn n_vocab(&self, n_embd: usize) -> Result<usize, ModelError> {
+        let t = self.file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        match t.shape.as_slice() {
+            [c, r] if *c == n_embd as u64 => Ok(*r as usize),
+            other => Err(ModelError::TensorShape {
+                name: "token_embd.weight".into(),
+                expected: vec![n_embd as u64, 0],
+                found: other.to_vec(),
+            }),
+        }
+    }
+
+    /// RoPE linear scaling: `1/factor` when `{arch}.rope.scaling.type` is `linear` (or absent with
+    /// a factor given), else 1.
+    pub fn rope_freq_scale(&self) -> Result<f32, ModelError> {
+        let ty = self.file.get_arch_str("rope.scaling.type").ok();
+        let factor = self.arch_f32_or("rope.scaling.factor", 0.0)?;
+        match ty {
+            None | Some("linear") if factor > 0.0 => Ok(1.0 / factor),
+            None | Some("none") | Some("linear") => Ok(1.0),
+            Some(other) => Err(ModelError::InvalidConfig(format!("RoPE scaling type {other:?} is not supported"))),
+        }
+    }
+}
+
+/// Checks shared by the loaders.
+pub(crate) fn validate(c: &ModelConfig) -> Result<(), ModelError> {
+    let bad = |m: String| Err(ModelError::InvalidConfig(m));
+    if c.n_layer == 0 || c.n_embd == 0 || c.n_ff == 0 || c.n_vocab == 0 {
+        return bad(format!("zero size: {c:?}"));
+    }
+    if c.n_head == 0 || c.n_head_kv == 0 || !c.n_head.is_multiple_of(c.n_head_kv) {
+        return bad(format!("head counts {} / {} (kv)", c.n_head, c.n_head_kv));
+    }
+    if c.head_dim_k == 0 || c.head_dim_v == 0 || c.rope_dims > c.head_dim_k || !c.rope_dims.is_multiple_of(2) || c.rope_dims == 0 {
+        return bad(format!("head dims {} / {}, rope dims {}", c.head_dim_k, c.head_dim_v, c.rope_dims));
+    }
+    let eps_ok = c.rms_eps.is_finite() && c.rms_eps >= 0.0;
+    let base_ok = c.rope_base.is_finite() && c.rope_base > 0.0;
+    if !eps_ok || !base_ok {
+        return bad(format!("rms eps {} / rope base {}", c.rms_eps, c.rope_base));
+    }
+    if c.sliding_window == Some(0) {
+        return bad("sliding window of 0".into());
+    }
+    Ok(())
+}

@@ -1,0 +1,786 @@
+//! x86-64 kernels: AVX2 + FMA + F16C, and AVX-512 VNNI (256-bit `vpdpbusd`) for the
+//! Q8_0-activation dots. Installed only after run-time feature detection.
+
+use crate::GgmlType;
+use crate::dispatch::TypeKernels;
+use std::arch::x86_64::*;
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+fn has_vnni() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+fn set(t: &mut [TypeKernels], ty: GgmlType, name: &'static str, f: impl FnOnce(&mut TypeKernels)) {
+    if let Some(k) = t.iter_mut().find(|k| k.ty == ty) {
+        f(k);
+        k.name = name;
+    }
+}
+
+fn patch_avx2(t: &mut [TypeKernels]) {
+    use GgmlType as T;
+    let n = "avx2";
+    set(t, T::F32, n, |k| k.vec_dot = dot_f32);
+    set(t, T::F16, n, |k| {
+        k.vec_dot = dot_f16;
+        k.quantize_act = quant_f16;
+    });
+    set(t, T::BF16, n, |k| k.vec_dot = dot_bf16);
+    set(t, T::Q4_0, n, |k| {
+        k.vec_dot = dot_q4_0;
+        k.quantize_act = quant_q8_0;
+    });
+    set(t, T::Q4_1, n, |k| {
+        k.vec_dot = dot_q4_1;
+        k.quantize_act = quant_q8_1;
+    });
+    set(t, T::Q5_0, n, |k| {
+        k.vec_dot = dot_q5_0;
+        k.quantize_act = quant_q8_0;
+    });
+    set(t, T::Q5_1, n, |k| {
+        k.vec_dot = dot_q5_1;
+        k.quantize_act = quant_q8_1;
+    });
+    set(t, T::Q8_0, n, |k| {
+        k.vec_dot = dot_q8_0;
+        k.quantize_act = quant_q8_0;
+    });
+    set(t, T::Q4_K, n, |k| {
+        k.vec_dot = dot_q4_k;
+        k.quantize_act = quant_q8_k;
+    });
+    set(t, T::Q5_K, n, |k| {
+        k.vec_dot = dot_q5_k;
+        k.quantize_act = quant_q8_k;
+    });
+    set(t, T::Q6_K, n, |k| {
+        k.vec_dot = dot_q6_k;
+        k.quantize_act = quant_q8_k;
+    });
+}
+
+fn patch_vnni(t: &mut [TypeKernels]) {
+    let n = "avx512vnni";
+    set(t, GgmlType::Q4_0, n, |k| k.vec_dot = dot_q4_0_vnni);
+    set(t, GgmlType::Q8_0, n, |k| k.vec_dot = dot_q8_0_vnni);
+}
+
+/// Patches `table` with the best kernels of this CPU, `forced` capping the level.
+pub(crate) fn install(table: &mut [TypeKernels], forced: Option<&str>) -> &'static str {
+    if !has_avx2() {
+        return "scalar";
+    }
+    patch_avx2(table);
+    if forced != Some("avx2") && has_vnni() {
+        patch_vnni(table);
+        return "avx512vnni";
+    }
+    "avx2"
+}
+
+/// Every x86 kernel set usable here, built on top of `base` (the scalar table).
+pub(crate) fn variants(base: &[TypeKernels], out: &mut Vec<Vec<TypeKernels>>) {
+    if has_avx2() {
+        let mut t = base.to_vec();
+        patch_avx2(&mut t);
+        out.push(t.clone());
+        if has_vnni() {
+            patch_vnni(&mut t);
+            out.push(t);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_ps(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Loads 32 bytes. Caller guarantees `b.len() >= off + 32`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load32(b: &[u8], off: usize) -> __m256i {
+    let s = &b[off..off + 32];
+    // SAFETY: `s` is exactly 32 readable bytes; unaligned load.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+/// 16 packed nibble bytes -> 32 bytes: low nibbles (elements 0..16), then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles32(b: &[u8], off: usize) -> __m256i {
+    let s = &b[off..off + 16];
+    // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
+    let t = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
+    let v = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bits -> 32 bytes, 0xFF where the bit is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits32(b: &[u8], off: usize) -> __m256i {
+    let x = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// Signed bytes x signed bytes, pairwise summed into 8 i32 as floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_i8_f32(x: __m256i, y: __m256i) -> __m256 {
+    let ax = _mm256_sign_epi8(x, x);
+    let sy = _mm256_sign_epi8(y, x);
+    mul_u8_f32(ax, sy)
+}
+
+/// Unsigned bytes x signed bytes -> 8 i32 sums as floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_u8_f32(ax: __m256i, sy: __m256i) -> __m256 {
+    let dot = _mm256_maddubs_epi16(ax, sy);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+}
+
+/// The two f16 at `b[off..off + 4]` as f32 lanes 0 and 1 (`d` and `m`/`s` of a block).
+///
+/// A full 32-bit `vmovd` load: converting a lone u16 let LLVM merge the load into whatever
+/// register held the loop accumulator (`vpinsrw`), a false dependency that serialised the
+/// loop on the FMA latency (5x slower).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2x2(b: &[u8], off: usize) -> __m128 {
+    let v = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+    _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32))
+}
+
+/// `f16 d_x * f16 d_y` for up to 8 consecutive block pairs (`w`, `a` hold the blocks, of
+/// `wsz` and `asz` bytes, scale first), converted 8 at a time with one `vcvtph2ps`.
+///
+/// Converting one scale per block with a scalar `vcvtph2ps` let LLVM merge the 16-bit load into
+/// the loop accumulator's register (`vpinsrw`), a false dependency that serialised the loop.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dd8(w: &[u8], wsz: usize, a: &[u8], asz: usize) -> [f32; 8] {
+    let mut hx = [0u16; 8];
+    let mut hy = [0u16; 8];
+    for (i, (x, y)) in w
+        .chunks_exact(wsz)
+        .zip(a.chunks_exact(asz))
+        .take(8)
+        .enumerate()
+    {
+        hx[i] = u16::from_le_bytes([x[0], x[1]]);
+        hy[i] = u16::from_le_bytes([y[0], y[1]]);
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `hx`/`hy` are 16 readable bytes each, `out` 32 writable bytes; unaligned ops.
+    unsafe {
+        let vx = _mm256_cvtph_ps(_mm_loadu_si128(hx.as_ptr().cast()));
+        let vy = _mm256_cvtph_ps(_mm_loadu_si128(hy.as_ptr().cast()));
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(vx, vy));
+    }
+    out
+}
+
+/// Loops over the block pairs of a 32-element format in groups of 8 with their `dx * dy`.
+macro_rules! blocks8 {
+    ($n:expr, $w:expr, $wsz:expr, $act:expr, $asz:expr, |$x:ident, $y:ident, $d:ident| $body:block) => {{
+        let nb = $n / 32;
+        let (w, a) = (&$w[..nb * $wsz], &$act[..nb * $asz]);
+        for (wc, ac) in w.chunks(8 * $wsz).zip(a.chunks(8 * $asz)) {
+            let dd = dd8(wc, $wsz, ac, $asz);
+            for (($x, $y), dv) in wc.chunks_exact($wsz).zip(ac.chunks_exact($asz)).zip(dd) {
+                let $d = _mm256_set1_ps(dv);
+                $body
+            }
+        }
+    }};
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f2h(v: f32) -> [u8; 2] {
+    let h = _mm_cvtsi128_si32(_mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v)));
+    (h as u16).to_le_bytes()
+}
+
+macro_rules! safe_wrapper {
+    ($name:ident, $inner:ident) => {
+        fn $name(n: usize, w: &[u8], act: &[u8]) -> f32 {
+            // SAFETY: installed only after `has_avx2()` (or stronger) succeeded at run time.
+            unsafe { $inner(n, w, act) }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
+// float dots
+
+safe_wrapper!(dot_f32, dot_f32_avx2);
+safe_wrapper!(dot_f16, dot_f16_avx2);
+safe_wrapper!(dot_bf16, dot_bf16_avx2);
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_f32_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let (w, a) = (&w[..4 * n], &act[..4 * n]);
+    let mut s = [_mm256_setzero_ps(); 4];
+    let np = n & !31;
+    let mut i = 0;
+    while i < np {
+        for (k, sk) in s.iter_mut().enumerate() {
+            let o = 4 * (i + 8 * k);
+            let x = _mm256_castsi256_ps(load32(w, o));
+            let y = _mm256_castsi256_ps(load32(a, o));
+            *sk = _mm256_fmadd_ps(x, y, *sk);
+        }
+        i += 32;
+    }
+    let t = _mm256_add_ps(_mm256_add_ps(s[0], s[2]), _mm256_add_ps(s[1], s[3]));
+    let mut sum = hsum_ps(t) as f64;
+    for j in np..n {
+        let o = 4 * j;
+        let x = f32::from_le_bytes([w[o], w[o + 1], w[o + 2], w[o + 3]]);
+        let y = f32::from_le_bytes([a[o], a[o + 1], a[o + 2], a[o + 3]]);
+        sum += (x * y) as f64;
+    }
+    sum as f32
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_f16x8(b: &[u8], off: usize) -> __m256 {
+    let s = &b[off..off + 16];
+    // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load_bf16x8(b: &[u8], off: usize) -> __m256 {
+    let s = &b[off..off + 16];
+    // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
+    let h = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16))
+}
+
+macro_rules! half_dot {
+    ($fname:ident, $load:ident, $conv:expr) => {
+        #[target_feature(enable = "avx2,fma,f16c")]
+        fn $fname(n: usize, w: &[u8], act: &[u8]) -> f32 {
+            let (w, a) = (&w[..2 * n], &act[..2 * n]);
+            let mut s = [_mm256_setzero_ps(); 4];
+            let np = n & !31;
+            let mut i = 0;
+            while i < np {
+                for (k, sk) in s.iter_mut().enumerate() {
+                    let o = 2 * (i + 8 * k);
+                    *sk = _mm256_fmadd_ps($load(w, o), $load(a, o), *sk);
+                }
+                i += 32;
+            }
+            let t = _mm256_add_ps(_mm256_add_ps(s[0], s[2]), _mm256_add_ps(s[1], s[3]));
+            let mut sum = hsum_ps(t) as f64;
+            let conv: fn(u16) -> f32 = $conv;
+            for j in np..n {
+                let x = conv(u16::from_le_bytes([w[2 * j], w[2 * j + 1]]));
+                let y = conv(u16::from_le_bytes([a[2 * j], a[2 * j + 1]]));
+                sum += (x * y) as f64;
+            }
+            sum as f32
+        }
+    };
+}
+
+half_dot!(dot_f16_avx2, load_f16x8, crate::scalar::f16_bits_to_f32);
+half_dot!(dot_bf16_avx2, load_bf16x8, crate::scalar::bf16_bits_to_f32);
+
+fn quant_f16(src: &[f32], dst: &mut [u8]) {
+    // SAFETY: installed only after `has_avx2()` (includes F16C) succeeded at run time.
+    unsafe { quant_f16_avx2(src, dst) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quant_f16_avx2(src: &[f32], dst: &mut [u8]) {
+    let n = src.len().min(dst.len() / 2);
+    let np = n & !7;
+    let mut i = 0;
+    while i < np {
+        let s = &src[i..i + 8];
+        let d = &mut dst[2 * i..2 * i + 16];
+        // SAFETY: `s` holds 8 f32 and `d` 16 bytes; unaligned load and store.
+        unsafe {
+            let v = _mm256_loadu_ps(s.as_ptr());
+            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+            _mm_storeu_si128(d.as_mut_ptr().cast(), h);
+        }
+        i += 8;
+    }
+    crate::scalar::quantize_f16(&src[np..n], &mut dst[2 * np..2 * n]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-element block dots
+
+safe_wrapper!(dot_q4_0, dot_q4_0_avx2);
+safe_wrapper!(dot_q4_1, dot_q4_1_avx2);
+safe_wrapper!(dot_q5_0, dot_q5_0_avx2);
+safe_wrapper!(dot_q5_1, dot_q5_1_avx2);
+safe_wrapper!(dot_q8_0, dot_q8_0_avx2);
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_0_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    blocks8!(n, w, 18, act, 34, |x, y, d| {
+        let qx = _mm256_sub_epi8(nibbles32(x, 2), _mm256_set1_epi8(8));
+        let q = mul_i8_f32(qx, load32(y, 2));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    });
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_1_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = _mm_setzero_ps();
+    for (x, y) in w.chunks_exact(20).zip(act.chunks_exact(36)).take(n / 32) {
+        // [dx * dy, mx * sy]
+        let p = _mm_mul_ps(h2x2(x, 0), h2x2(y, 0));
+        summs = _mm_add_ps(summs, p);
+        let d = _mm256_broadcastss_ps(p);
+        let q = mul_u8_f32(nibbles32(x, 4), load32(y, 4));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    }
+    hsum_ps(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_0_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    blocks8!(n, w, 22, act, 34, |x, y, d| {
+        let hi = _mm256_andnot_si256(bits32(x, 2), _mm256_set1_epi8(0xF0u8 as i8));
+        let qx = _mm256_or_si256(nibbles32(x, 6), hi);
+        let q = mul_i8_f32(qx, load32(y, 2));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    });
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_1_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut summs = _mm_setzero_ps();
+    for (x, y) in w.chunks_exact(24).zip(act.chunks_exact(36)).take(n / 32) {
+        // [dx * dy, mx * sy]
+        let p = _mm_mul_ps(h2x2(x, 0), h2x2(y, 0));
+        summs = _mm_add_ps(summs, p);
+        let d = _mm256_broadcastss_ps(p);
+        let hi = _mm256_and_si256(bits32(x, 4), _mm256_set1_epi8(0x10));
+        let qx = _mm256_or_si256(nibbles32(x, 8), hi);
+        let q = mul_u8_f32(qx, load32(y, 4));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    }
+    hsum_ps(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q8_0_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    blocks8!(n, w, 34, act, 34, |x, y, d| {
+        let q = mul_i8_f32(load32(x, 2), load32(y, 2));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    });
+    hsum_ps(acc)
+}
+
+// ---------------------------------------------------------------------------------------------
+// AVX-512 VNNI (256-bit) dots
+
+fn dot_q4_0_vnni(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe { dot_q4_0_vnni_impl(n, w, act) }
+}
+
+fn dot_q8_0_vnni(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe { dot_q8_0_vnni_impl(n, w, act) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot_q4_0_vnni_impl(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let eight = _mm256_set1_epi8(8);
+    blocks8!(n, w, 18, act, 34, |x, y, d| {
+        let qy = load32(y, 2);
+        // sum((q - 8) * y) = sum(q * y) - sum(8 * y), both as u8 x i8 products.
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(x, 2), qy);
+        let m = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, qy);
+        let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, m));
+        acc = _mm256_fmadd_ps(d, q, acc);
+    });
+    hsum_ps(acc)
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot_q8_0_vnni_impl(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    blocks8!(n, w, 34, act, 34, |x, y, d| {
+        let qx = load32(x, 2);
+        let ax = _mm256_sign_epi8(qx, qx);
+        let sy = _mm256_sign_epi8(load32(y, 2), qx);
+        let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy);
+        acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(p), acc);
+    });
+    hsum_ps(acc)
+}
+
+// ---------------------------------------------------------------------------------------------
+// K-quant dots
+
+safe_wrapper!(dot_q4_k, dot_q4_k_avx2);
+safe_wrapper!(dot_q5_k, dot_q5_k_avx2);
+safe_wrapper!(dot_q6_k, dot_q6_k_avx2);
+
+#[inline]
+fn rd_f32(b: &[u8], off: usize) -> f32 {
+    f32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+/// Q4_K / Q5_K: the 8 six-bit scales (low 128 bits) and 8 mins (high 128 bits) as i16,
+/// unpacked with 32-bit masks (the same bytes `get_scale_min_k4` yields).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k4_scales_mins(sc: &[u8]) -> __m256i {
+    let r = |i: usize| u32::from_le_bytes([sc[i], sc[i + 1], sc[i + 2], sc[i + 3]]);
+    let (u0, u1, u2) = (r(0), r(4), r(8));
+    let scales_lo = u0 & 0x3f3f_3f3f;
+    let scales_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+    let mins_lo = u1 & 0x3f3f_3f3f;
+    let mins_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+    let v = _mm_set_epi32(
+        mins_hi as i32,
+        mins_lo as i32,
+        scales_hi as i32,
+        scales_lo as i32,
+    );
+    _mm256_cvtepu8_epi16(v)
+}
+
+/// 16 x i16 lanes all equal to 16-bit lane `j` of each 128-bit half of `v`.
+macro_rules! bcast16 {
+    ($v:expr, $j:expr) => {
+        _mm256_shuffle_epi8($v, _mm256_set1_epi16(((2 * $j + 1) << 8 | 2 * $j) as i16))
+    };
+}
+
+/// `sum_j mins[j] * (bsum[2j] + bsum[2j+1])` as 4 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k4_mins_dot(sm: __m256i, y: &[u8]) -> __m128i {
+    let bsums = load32(y, 260);
+    let pairs = _mm_hadd_epi16(
+        _mm256_castsi256_si128(bsums),
+        _mm256_extracti128_si256(bsums, 1),
+    );
+    _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pairs)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q4_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm_setzero_ps();
+    let m4 = _mm256_set1_epi8(0x0F);
+    for (x, y) in w.chunks_exact(144).zip(act.chunks_exact(292)).take(n / 256) {
+        let yd = rd_f32(y, 0);
+        let dm = h2x2(x, 0);
+        let d = _mm_cvtss_f32(dm) * yd;
+        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm)) * yd;
+        let sm = k4_scales_mins(&x[4..16]);
+        let mins = _mm_cvtepi32_ps(k4_mins_dot(sm, y));
+        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), mins, accm);
+        let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        let mut sumi = _mm256_setzero_si256();
+        macro_rules! chunk {
+            ($c:expr) => {{
+                let q4 = load32(x, 16 + 32 * $c);
+                let lo = _mm256_and_si256(q4, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                let pl = _mm256_maddubs_epi16(lo, load32(y, 4 + 64 * $c));
+                let ph = _mm256_maddubs_epi16(hi, load32(y, 4 + 64 * $c + 32));
+                let pl = _mm256_madd_epi16(bcast16!(sc, 2 * $c), pl);
+                let ph = _mm256_madd_epi16(bcast16!(sc, 2 * $c + 1), ph);
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }};
+        }
+        chunk!(0);
+        chunk!(1);
+        chunk!(2);
+        chunk!(3);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    hsum_ps(acc) - _mm_cvtss_f32(m)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q5_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let mut accm = _mm_setzero_ps();
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    for (x, y) in w.chunks_exact(176).zip(act.chunks_exact(292)).take(n / 256) {
+        let yd = rd_f32(y, 0);
+        let dm = h2x2(x, 0);
+        let d = _mm_cvtss_f32(dm) * yd;
+        let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm)) * yd;
+        let sm = k4_scales_mins(&x[4..16]);
+        let mins = _mm_cvtepi32_ps(k4_mins_dot(sm, y));
+        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), mins, accm);
+        let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        let mut hb = load32(x, 16);
+        let mut sumi = _mm256_setzero_si256();
+        macro_rules! chunk {
+            ($c:expr) => {{
+                let q4 = load32(x, 48 + 32 * $c);
+                let h0 = _mm256_slli_epi16(_mm256_and_si256(hb, one), 4);
+                let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4);
+                hb = _mm256_srli_epi16(hb, 2);
+                let lo = _mm256_or_si256(_mm256_and_si256(q4, m4), h0);
+                let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), h1);
+                let pl = _mm256_maddubs_epi16(lo, load32(y, 4 + 64 * $c));
+                let ph = _mm256_maddubs_epi16(hi, load32(y, 4 + 64 * $c + 32));
+                let pl = _mm256_madd_epi16(bcast16!(sc, 2 * $c), pl);
+                let ph = _mm256_madd_epi16(bcast16!(sc, 2 * $c + 1), ph);
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }};
+        }
+        chunk!(0);
+        chunk!(1);
+        chunk!(2);
+        chunk!(3);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
+    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+    hsum_ps(acc) - _mm_cvtss_f32(m)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q6_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut acc = _mm256_setzero_ps();
+    let m4 = _mm256_set1_epi8(0x0F);
+    let m2 = _mm256_set1_epi8(3);
+    for (x, y) in w.chunks_exact(210).zip(act.chunks_exact(292)).take(n / 256) {
+        // d is the block's last two bytes: load 206..210, take lane 1.
+        let d = _mm_cvtss_f32(_mm_movehdup_ps(h2x2(x, 206))) * rd_f32(y, 0);
+        let sc = &x[192..208];
+        // SAFETY: `sc` is exactly 16 readable bytes; unaligned load.
+        let sc16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr().cast()) });
+        let mut sumi = _mm256_setzero_si256();
+        for h in 0..2 {
+            let qa = load32(x, 64 * h);
+            let qb = load32(x, 64 * h + 32);
+            let qh = load32(x, 128 + 32 * h);
+            let hpart = |s: i32| -> __m256i {
+                let v = match s {
+                    0 => qh,
+                    2 => _mm256_srli_epi16(qh, 2),
+                    4 => _mm256_srli_epi16(qh, 4),
+                    _ => _mm256_srli_epi16(qh, 6),
+                };
+                _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+            };
+            let v = [
+                _mm256_or_si256(_mm256_and_si256(qa, m4), hpart(0)),
+                _mm256_or_si256(_mm256_and_si256(qb, m4), hpart(2)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hpart(4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hpart(6)),
+            ];
+            // Scales 8h..8h+8 in both halves; pair k takes 2k (low half) and 2k+1 (high).
+            let s8 = if h == 0 {
+                _mm256_permute2x128_si256(sc16, sc16, 0x00)
+            } else {
+                _mm256_permute2x128_si256(sc16, sc16, 0x11)
+            };
+            for (k, vk) in v.iter().enumerate() {
+                let p = _mm256_maddubs_epi16(*vk, load32(y, 4 + 128 * h + 32 * k));
+                let lo = ((4 * k + 1) << 8 | 4 * k) as i16;
+                let hi = ((4 * k + 3) << 8 | (4 * k + 2)) as i16;
+                let mask = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+                let scv = _mm256_shuffle_epi8(s8, mask);
+                sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));
+            }
+        }
+        // Remove the +32 offset: 32 * sum_j scale_j * bsum_j.
+        let bs = &y[260..292];
+        let bsum = load32(bs, 0);
+        let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsum), 5);
+        sumi = _mm256_sub_epi32(sumi, off);
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+// ---------------------------------------------------------------------------------------------
+// activation quantizers
+
+fn quant_q8_0(src: &[f32], dst: &mut [u8]) {
+    // SAFETY: installed only after `has_avx2()` succeeded at run time.
+    unsafe { quant_q8_x86::<false>(src, dst) }
+}
+
+fn quant_q8_1(src: &[f32], dst: &mut [u8]) {
+    // SAFETY: installed only after `has_avx2()` succeeded at run time.
+    unsafe { quant_q8_x86::<true>(src, dst) }
+}
+
+fn quant_q8_k(src: &[f32], dst: &mut [u8]) {
+    // SAFETY: installed only after `has_avx2()` succeeded at run time.
+    unsafe { quant_q8_k_avx2(src, dst) }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load8f(x: &[f32], off: usize) -> __m256 {
+    let s = &x[off..off + 8];
+    // SAFETY: `s` holds 8 f32; unaligned load.
+    unsafe { _mm256_loadu_ps(s.as_ptr()) }
+}
+
+/// Four vectors of 8 i32 (elements 0..32 in order) -> 32 i8 in order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pack32(i: [__m256i; 4]) -> __m256i {
+    let a = _mm256_packs_epi32(i[0], i[1]);
+    let b = _mm256_packs_epi32(i[2], i[3]);
+    let c = _mm256_packs_epi16(a, b);
+    _mm256_permutevar8x32_epi32(c, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn store32(b: &mut [u8], off: usize, v: __m256i) {
+    let s = &mut b[off..off + 32];
+    // SAFETY: `s` is exactly 32 writable bytes; unaligned store.
+    unsafe { _mm256_storeu_si256(s.as_mut_ptr().cast(), v) }
+}
+
+/// ggml's x86 `quantize_row_q8_0` / `quantize_row_q8_1`: `id = 127/amax`, round half to even.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quant_q8_x86<const Q81: bool>(src: &[f32], dst: &mut [u8]) {
+    let bsz = if Q81 { 36 } else { 34 };
+    let qoff = if Q81 { 4 } else { 2 };
+    let sign = _mm256_set1_ps(-0.0);
+    for (x, b) in src.chunks_exact(32).zip(dst.chunks_exact_mut(bsz)) {
+        let mut v = [load8f(x, 0), load8f(x, 8), load8f(x, 16), load8f(x, 24)];
+        let mut m = _mm256_andnot_ps(sign, v[0]);
+        for vk in &v[1..] {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, *vk));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        let d = amax / 127.0;
+        b[0..2].copy_from_slice(&f2h(d));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mul = _mm256_set1_ps(id);
+        let mut q = [_mm256_setzero_si256(); 4];
+        for k in 0..4 {
+            v[k] = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
+                _mm256_mul_ps(v[k], mul),
+            );
+            q[k] = _mm256_cvtps_epi32(v[k]);
+        }
+        if Q81 {
+            let s = _mm256_add_epi32(_mm256_add_epi32(q[0], q[1]), _mm256_add_epi32(q[2], q[3]));
+            b[2..4].copy_from_slice(&f2h(d * hsum_epi32(s) as f32));
+        }
+        store32(b, qoff, pack32(q));
+    }
+}
+
+/// `quantize_row_q8_K_ref`, vectorised, bit-exact.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn quant_q8_k_avx2(src: &[f32], dst: &mut [u8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    for (x, b) in src.chunks_exact(256).zip(dst.chunks_exact_mut(292)) {
+        let mut m = _mm256_setzero_ps();
+        for k in 0..32 {
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, load8f(x, 8 * k)));
+        }
+        let m4 = _mm_max_ps(_mm256_extractf128_ps(m, 1), _mm256_castps256_ps128(m));
+        let m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        let m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        let amax = _mm_cvtss_f32(m4);
+        if amax == 0.0 || amax.is_nan() {
+            // NaN input: leave it to the reference, which defines the behaviour.
+            crate::scalar::quantize_q8_k(x, b);
+            continue;
+        }
+        // The first element of largest magnitude, with its sign.
+        let am = _mm256_set1_ps(amax);
+        let mut max = amax;
+        for k in 0..32 {
+            let a = _mm256_andnot_ps(sign, load8f(x, 8 * k));
+            let mask = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(a, am));
+            if mask != 0 {
+                max = x[8 * k + mask.trailing_zeros() as usize];
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let mul = _mm256_set1_ps(iscale);
+        let lim = _mm256_set1_epi32(127);
+        for g in 0..8 {
+            let mut q = [_mm256_setzero_si256(); 4];
+            for (k, qk) in q.iter_mut().enumerate() {
+                let v = _mm256_mul_ps(load8f(x, 32 * g + 8 * k), mul);
+                let v = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                *qk = _mm256_min_epi32(_mm256_cvtps_epi32(v), lim);
+            }
+            let s0 = hsum_epi32(_mm256_add_epi32(q[0], q[1])) as i16;
+            let s1 = hsum_epi32(_mm256_add_epi32(q[2], q[3])) as i16;
+            b[260 + 4 * g..262 + 4 * g].copy_from_slice(&s0.to_le_bytes());
+            b[262 + 4 * g..264 + 4 * g].copy_from_slice(&s1.to_le_bytes());
+            store32(b, 4 + 32 * g, pack32(q));
+        }
+        b[0..4].copy_from_slice(&(1.0 / iscale).to_le_bytes());
+    }
+}

@@ -1,0 +1,169 @@
+//! Comparisons against the real ggml C library (`tests/data/ggml_reference.json`, produced by
+//! `tests/data/ggml_oracle.c` linked against the llama.cpp build of `benches/llamacpp`):
+//! reference quantizers bit-exact for every type including the K-quants, the native x86
+//! activation quantizers bit-exact, and dot products within float-reordering tolerance.
+
+use powerinfer_quant::{
+    GgmlType, all_kernels, dequantize_row, quantize_row, row_bytes, scalar, scalar_kernels,
+};
+use serde_json::Value;
+
+fn unhex(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+struct Fx {
+    v: Value,
+    rows: Vec<Vec<f32>>,
+}
+
+fn fixture() -> Fx {
+    let v: Value = serde_json::from_str(include_str!("data/ggml_reference.json")).unwrap();
+    let rows = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| f32s(&unhex(h.as_str().unwrap())))
+        .collect();
+    Fx { v, rows }
+}
+
+fn ty(v: &Value) -> GgmlType {
+    GgmlType::from_name(v.as_str().unwrap()).unwrap()
+}
+
+fn find<'a>(fx: &'a Fx, section: &str, t: GgmlType, row: usize) -> &'a Value {
+    fx.v[section]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| ty(&e["type"]) == t && e["row"].as_u64() == Some(row as u64))
+        .unwrap_or_else(|| panic!("{section} {t} row {row} missing"))
+}
+
+#[test]
+fn reference_quantizers_bit_exact_with_ggml() {
+    let fx = fixture();
+    let mut count = 0;
+    for e in fx.v["ref"].as_array().unwrap() {
+        let t = ty(&e["type"]);
+        let x = &fx.rows[e["row"].as_u64().unwrap() as usize];
+        let want = unhex(e["hex"].as_str().unwrap());
+        let mut got = vec![0u8; row_bytes(t, x.len()).unwrap()];
+        quantize_row(t, x, &mut got).unwrap();
+        if got != want {
+            let bs = t.type_size();
+            let b = got
+                .chunks(bs)
+                .zip(want.chunks(bs))
+                .position(|(a, b)| a != b)
+                .unwrap();
+            panic!(
+                "{t} row {}: block {b} differs\n ours {:?}\n ggml {:?}",
+                e["row"],
+                &got[b * bs..(b + 1) * bs],
+                &want[b * bs..(b + 1) * bs]
+            );
+        }
+        count += 1;
+    }
+    // Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q8_1 Q4_K Q5_K Q6_K Q8_K, 5 rows each.
+    assert_eq!(count, 50);
+}
+
+#[test]
+fn activation_quantizers_match_ggml_cpu() {
+    let fx = fixture();
+    for e in fx.v["act"].as_array().unwrap() {
+        let t = ty(&e["type"]);
+        let x = &fx.rows[e["row"].as_u64().unwrap() as usize];
+        let want = unhex(e["hex"].as_str().unwrap());
+        let mut got = vec![0u8; want.len()];
+        match t {
+            // ggml-cpu's x86 quantize_row_q8_0/1 (127/amax, ties to even).
+            GgmlType::Q8_0 | GgmlType::Q8_1 if cfg!(target_arch = "x86_64") => {
+                scalar::quantize_q8_ggml_x86(x, &mut got, t == GgmlType::Q8_1);
+                assert_eq!(got, want, "{t} row {}: scalar model", e["row"]);
+            }
+            GgmlType::Q8_0 | GgmlType::Q8_1 => continue,
+            _ => {
+                quantize_row(t, x, &mut got).unwrap();
+                assert_eq!(got, want, "{t} row {}: reference", e["row"]);
+            }
+        }
+        // Every kernel set whose activation type this is: its quantize_act.
+        for wt in [
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q4_K,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
+            for k in all_kernels(wt) {
+                if k.act_ty != t
+                    || (k.name == "scalar" && matches!(t, GgmlType::Q8_0 | GgmlType::Q8_1))
+                {
+                    continue;
+                }
+                let mut fast = vec![0u8; want.len()];
+                (k.quantize_act)(x, &mut fast);
+                assert_eq!(
+                    fast, want,
+                    "{wt}/{} quantize_act to {t}, row {}",
+                    k.name, e["row"]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn dots_match_ggml_cpu() {
+    let fx = fixture();
+    let n = fx.v["n"].as_u64().unwrap() as usize;
+    let mut count = 0;
+    for e in fx.v["dot"].as_array().unwrap() {
+        let t = ty(&e["type"]);
+        let at = ty(&e["act_type"]);
+        let (wr, ar) = (
+            e["w_row"].as_u64().unwrap() as usize,
+            e["a_row"].as_u64().unwrap() as usize,
+        );
+        let want = f32::from_bits(e["value_bits"].as_u64().unwrap() as u32);
+        let w = match t {
+            GgmlType::F16 | GgmlType::BF16 => {
+                unhex(find(&fx, "act", t, wr)["hex"].as_str().unwrap())
+            }
+            _ => unhex(find(&fx, "ref", t, wr)["hex"].as_str().unwrap()),
+        };
+        let a = unhex(find(&fx, "act", at, ar)["hex"].as_str().unwrap());
+        assert_eq!(scalar_kernels(t).unwrap().act_ty, at, "{t}");
+        let mut wd = vec![0f32; n];
+        let mut ad = vec![0f32; n];
+        dequantize_row(t, &w, &mut wd).unwrap();
+        dequantize_row(at, &a, &mut ad).unwrap();
+        let mag: f64 = wd.iter().zip(&ad).map(|(p, q)| (p * q).abs() as f64).sum();
+        // Q8_1's f16-rounded sum term is computed identically on both sides; the rest is float
+        // accumulation order.
+        let tol = 3e-6 * mag + 1e-30;
+        for k in all_kernels(t) {
+            let got = (k.vec_dot)(n, &w, &a);
+            assert!(
+                ((got - want) as f64).abs() <= tol,
+                "{t}/{} w_row {wr}: ours {got}, ggml {want} (tol {tol})",
+                k.name
+            );
+            count += 1;
+        }
+    }
+    assert!(count >= 50, "{count}");
+}
