@@ -127,3 +127,30 @@ fn damaged_files_get_one_clear_error_line() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("does-not-exist.gguf"));
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn bit_flipped_files_never_panic() {
+    let src = std::fs::read(fixtures().join("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf")).unwrap();
+    let dir = std::env::temp_dir().join(format!("powerinfer-flip-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("flipped.gguf");
+    // The header (metadata and tensor directory) is the first ~24 KB: flip a bit every 97 bytes
+    // there, and a few in the data.
+    let positions = (0..24_000usize).step_by(97).chain((24_000..src.len()).step_by(50_021));
+    let mut refused = 0;
+    for (i, pos) in positions.enumerate() {
+        let mut bytes = src.clone();
+        bytes[pos] ^= 1 << (i % 8);
+        std::fs::write(&path, &bytes).unwrap();
+        let out = inspect(&["--json", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "flip at {pos}: {err}");
+        if !out.status.success() {
+            refused += 1;
+            assert!(err.starts_with("error: "), "flip at {pos}: {err}");
+        }
+    }
+    // Many flips land in values (names, numbers) that stay valid; a good share must not.
+    assert!(refused > 20, "only {refused} damaged copies refused");
+    std::fs::remove_dir_all(&dir).ok();
+}

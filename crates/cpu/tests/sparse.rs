@@ -434,3 +434,35 @@ fn bad_inputs_are_typed_errors() {
         Err(SparseError::NotSorted { .. })
     ));
 }
+
+/// The axpy decodes weights itself for its fastest paths; on arbitrary bytes (any scale,
+/// infinities, NaNs, subnormals, every f16 bit pattern) it must produce exactly the reference
+/// dequantization.
+#[test]
+fn axpy_decoding_is_exact_on_arbitrary_bytes() {
+    let mut rng = Rng(7);
+    let pool = ThreadPool::new(1);
+    for ty in weight_types() {
+        let cols = awkward_cols(ty, 8).max(if ty == GgmlType::F16 { 65536 } else { 0 });
+        let rb = powerinfer_quant::row_bytes(ty, cols).unwrap();
+        let mut data: Vec<u8> = (0..2 * rb).map(|_| rng.next_u64() as u8).collect();
+        if ty == GgmlType::F16 {
+            for (i, c) in data[..rb].chunks_exact_mut(2).enumerate() {
+                c.copy_from_slice(&(i as u16).to_le_bytes());
+            }
+        }
+        let w = Matrix::new(ty, 2, cols, &data).unwrap();
+        let want = dequant_row(&w, 0);
+        let mut out = vec![0.0; cols];
+        sparse_axpy(&pool, &w, &[1.0, 0.0], &[0, 1], &mut out).unwrap();
+        for j in 0..cols {
+            let expect = 0.0f32 + want[j];
+            assert!(
+                out[j].to_bits() == expect.to_bits() || (out[j].is_nan() && expect.is_nan()),
+                "{ty} element {j}: {} vs {}",
+                out[j],
+                expect
+            );
+        }
+    }
+}

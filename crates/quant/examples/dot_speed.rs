@@ -64,4 +64,29 @@ fn main() {
             );
         }
     }
+    println!("\nquantize_act of 4096 f32");
+    for ty in [T::F16, T::Q4_0, T::Q4_1, T::Q4_K] {
+        let mut base = 0.0;
+        for k in all_kernels(ty) {
+            let mut a = vec![0u8; row_bytes(k.act_ty, N).unwrap()];
+            let mut best = f64::MAX;
+            for _ in 0..100 {
+                let t = Instant::now();
+                for _ in 0..10 {
+                    (k.quantize_act)(black_box(&af), black_box(&mut a));
+                }
+                best = best.min(t.elapsed().as_secs_f64() / 10.0);
+            }
+            if k.name == "scalar" {
+                base = best;
+            }
+            println!(
+                "{:<6} {:<11} {:>9.0} ns {:>7.1}x",
+                k.act_ty.name(),
+                k.name,
+                best * 1e9,
+                base / best
+            );
+        }
+    }
 }

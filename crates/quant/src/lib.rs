@@ -12,6 +12,23 @@
 //!   scalar). Set `POWERINFER_SIMD=scalar` to force the scalar reference kernels (read once,
 //!   at the first call of [`kernels`]).
 //!
+//! ```
+//! use powerinfer_quant::{GgmlType, kernels, quantize_row, row_bytes};
+//!
+//! let n = 4096;
+//! let weights_f32 = vec![0.01f32; n];
+//! let x = vec![1.0f32; n];
+//! let mut w = vec![0u8; row_bytes(GgmlType::Q4_0, n).unwrap()];
+//! quantize_row(GgmlType::Q4_0, &weights_f32, &mut w)?; // once, at load/convert time
+//!
+//! let k = kernels(GgmlType::Q4_0).unwrap(); // once
+//! let mut act = vec![0u8; row_bytes(k.act_ty, n).unwrap()];
+//! (k.quantize_act)(&x, &mut act); // once per matmul
+//! let y = (k.vec_dot)(n, &w, &act); // per row
+//! assert!((y - 40.96).abs() < 0.1);
+//! # Ok::<(), powerinfer_quant::QuantError>(())
+//! ```
+//!
 //! Numerics of the fast activation quantizers: on x86 the SIMD Q8_0 / Q8_1 quantizers reproduce
 //! ggml's x86 `quantize_row_q8_0` / `quantize_row_q8_1` (which llama.cpp runs on such CPUs):
 //! `id = 127 / amax` and round-half-to-even. The scalar reference (`*_ref`) uses

@@ -504,7 +504,10 @@ fn k4_scales_mins(sc: &[u8]) -> __m256i {
 /// 16 x i16 lanes all equal to 16-bit lane `j` of each 128-bit half of `v`.
 macro_rules! bcast16 {
     ($v:expr, $j:expr) => {
-        _mm256_shuffle_epi8($v, _mm256_set1_epi16(((2 * $j + 1) << 8 | 2 * $j) as i16))
+        _mm256_shuffle_epi8(
+            $v,
+            _mm256_set1_epi16((((2 * $j + 1) << 8) | (2 * $j)) as i16),
+        )
     };
 }
 
@@ -640,8 +643,8 @@ fn dot_q6_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
             };
             for (k, vk) in v.iter().enumerate() {
                 let p = _mm256_maddubs_epi16(*vk, load32(y, 4 + 128 * h + 32 * k));
-                let lo = ((4 * k + 1) << 8 | 4 * k) as i16;
-                let hi = ((4 * k + 3) << 8 | (4 * k + 2)) as i16;
+                let lo = (((4 * k + 1) << 8) | (4 * k)) as i16;
+                let hi = (((4 * k + 3) << 8) | (4 * k + 2)) as i16;
                 let mask = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
                 let scv = _mm256_shuffle_epi8(s8, mask);
                 sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, scv));

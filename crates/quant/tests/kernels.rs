@@ -457,3 +457,74 @@ fn f16_conversion_exhaustive() {
         }
     }
 }
+
+#[test]
+fn q8_0_reference_rounding_is_roundf() {
+    // Values whose scaled magnitude lands exactly on .5, just below and just above.
+    let mut x = vec![0f32; 32];
+    x[0] = 127.0; // d = 1, id = 1
+    let probes = [
+        0.5f32,
+        -0.5,
+        1.5,
+        -1.5,
+        2.5,
+        -2.5,
+        0.49999997,
+        -0.49999997,
+        0.50000006,
+        126.5,
+        -126.5,
+        3.4999998,
+        7.0,
+        -0.0,
+    ];
+    x[1..1 + probes.len()].copy_from_slice(&probes);
+    let b = quant(GgmlType::Q8_0, &x);
+    for (i, p) in probes.iter().enumerate() {
+        assert_eq!(b[3 + i] as i8, p.round() as i8, "{p}");
+    }
+}
+
+#[test]
+fn garbage_input_never_panics() {
+    // Random bytes everywhere (NaN/inf scales included) and random f32 bit patterns.
+    let mut rng = Rng(0xBAD);
+    let all = [
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q8_1,
+        GgmlType::Q4_K,
+        GgmlType::Q5_K,
+        GgmlType::Q6_K,
+        GgmlType::Q8_K,
+    ];
+    for _ in 0..20 {
+        for ty in all {
+            let n = 512;
+            let bytes: Vec<u8> = (0..row_bytes(ty, n).unwrap())
+                .map(|_| rng.next() as u8)
+                .collect();
+            let mut out = vec![0f32; n];
+            dequantize_row(ty, &bytes, &mut out).unwrap();
+            let x: Vec<f32> = (0..n).map(|_| f32::from_bits(rng.next() as u32)).collect();
+            let mut q = vec![0u8; row_bytes(ty, n).unwrap()];
+            quantize_row(ty, &x, &mut q).unwrap();
+            for k in all_kernels(ty) {
+                let act: Vec<u8> = (0..row_bytes(k.act_ty, n).unwrap())
+                    .map(|_| rng.next() as u8)
+                    .collect();
+                let _ = (k.vec_dot)(n, &bytes, &act);
+                let mut a2 = vec![0u8; act.len()];
+                (k.quantize_act)(&x, &mut a2);
+                (k.dequantize)(&bytes, &mut out);
+            }
+        }
+    }
+}

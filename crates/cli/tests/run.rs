@@ -1,0 +1,130 @@
+//! `powerinfer run --json` against llama.cpp's greedy runs (prompt ids, generated ids, text),
+//! and clear errors for bad input.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn models() -> PathBuf {
+    std::env::var_os("POWERINFER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"))
+}
+
+fn powerinfer(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_powerinfer"))
+        .args(args)
+        .output()
+        .expect("spawn powerinfer")
+}
+
+fn cases() -> Vec<serde_json::Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../generate/tests/data/llamacpp-token-ids.json");
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    v["cases"].as_array().unwrap().clone()
+}
+
+/// The first case of each model through the CLI (the library test covers all ten).
+#[test]
+fn run_json_equals_llamacpp() {
+    let mut seen = std::collections::HashSet::new();
+    for case in cases() {
+        let file = case["model"].as_str().unwrap().to_string();
+        if !seen.insert(file.clone()) {
+            continue;
+        }
+        let path = models().join(&file);
+        if !path.exists() {
+            eprintln!("skipping {file}: not fetched (scripts/fetch-models.sh)");
+            continue;
+        }
+        let expected_ids: Vec<u64> = case["generated_ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let n = expected_ids.len().to_string();
+        let out = powerinfer(&[
+            "run",
+            "-m",
+            path.to_str().unwrap(),
+            "-p",
+            case["prompt"].as_str().unwrap(),
+            "-n",
+            &n,
+            "--temp",
+            "0",
+            "-t",
+            "2",
+            "--json",
+        ]);
+        assert!(
+            out.status.success(),
+            "{file}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(got["prompt_tokens"], case["prompt_ids"], "{file}: prompt ids");
+        assert_eq!(got["tokens"], case["generated_ids"], "{file}: generated ids");
+        assert_eq!(got["text"], case["text"], "{file}: text");
+    }
+}
+
+#[test]
+fn plain_run_prints_prompt_then_text() {
+    let path = models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        eprintln!("skipping: SmolLM2 not fetched");
+        return;
+    }
+    let out = powerinfer(&[
+        "run", "-m", path.to_str().unwrap(), "-p", "The capital of France is", "-n", "4",
+        "--temp", "0",
+    ]);
+    assert!(out.status.success());
+    let s = String::from_utf8(out.stdout).unwrap();
+    assert!(s.starts_with("The capital of France is Paris."), "{s:?}");
+    let log = String::from_utf8(out.stderr).unwrap();
+    assert!(log.contains("tok/s"), "{log}");
+}
+
+#[test]
+fn bad_input_gets_one_clear_error() {
+    let smol = models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    let have_model = smol.exists();
+    let smol = smol.to_str().unwrap().to_string();
+    let long_prompt = "word ".repeat(300);
+    let mut cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["run", "-m", "/nonexistent/model.gguf", "-p", "hi"], "/nonexistent/model.gguf"),
+        (vec!["inspect", "/nonexistent.gguf"], "/nonexistent.gguf"),
+    ];
+    if have_model {
+        cases.push((
+            vec!["run", "-m", &smol, "-c", "64", "-p", &long_prompt],
+            "context",
+        ));
+        cases.push((vec!["run", "-m", &smol], "no prompt"));
+        cases.push((
+            vec!["run", "-m", &smol, "-p", "hi", "--top-p", "2"],
+            "top_p",
+        ));
+        cases.push((
+            vec!["run", "-m", &smol, "-p", "hi", "-c", "100000000000"],
+            "memory",
+        ));
+    }
+    for (args, needle) in cases {
+        let out = powerinfer(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} succeeded");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        let last = err.trim().lines().last().unwrap_or("");
+        assert!(last.starts_with("error: "), "{args:?}: {err}");
+        assert!(last.contains(needle), "{args:?}: expected {needle:?} in {last:?}");
+    }
+    // A flag clap does not know: clap's own usage error, exit code 2.
+    let out = powerinfer(&["run", "--no-such-flag"]);
+    assert_eq!(out.status.code(), Some(2));
+}
