@@ -73,6 +73,7 @@ type Result<T> = std::result::Result<T, Error>;
 
 const USAGE: &str = "\
 llamacpp-bench bench      -m FILE [-p 512] [-n 128] [-t 2] [-r 3] [-b 2048] [-ub 512] [-fa auto|on|off] [--json]
+                           [--min-cpu-share 0.0] [--max-retries 5]
 llamacpp-bench generate   -m FILE -p PROMPT [-n 32] [-t 2] [-fa auto|on|off]
 llamacpp-bench golden     [-n 32] [-t 2] [-fa auto|on|off] -o OUT.json MODEL GOLDEN.json [MODEL GOLDEN.json ...]
 llamacpp-bench perplexity -m FILE -f TEXT [-c 512] [-b 2048] [-t 2] [--chunks N] [-fa auto|on|off]
@@ -514,20 +515,67 @@ impl Phase {
     }
 }
 
-/// Times `f`, adding wall, CPU and wait time to `acc` when `record`.
-fn timed<T>(acc: &mut Phase, record: bool, f: impl FnOnce() -> Result<T>) -> Result<(T, f64)> {
+/// Times `f`: its wall time and the CPU and run-queue-wait time the process spent meanwhile.
+fn timed(f: impl FnOnce() -> Result<()>) -> Result<Phase> {
     let s0 = sched_times();
     let t0 = Instant::now();
-    let r = f()?;
-    let dt = t0.elapsed().as_secs_f64();
-    if record {
-        acc.wall += dt;
-        if let (Some((c0, w0)), Some((c1, w1))) = (s0, sched_times()) {
-            acc.cpu += c1 - c0;
-            acc.wait += w1 - w0;
+    f()?;
+    let wall = t0.elapsed().as_secs_f64();
+    let (cpu, wait) = match (s0, sched_times()) {
+        (Some((c0, w0)), Some((c1, w1))) => (c1 - c0, w1 - w0),
+        _ => (f64::NAN, f64::NAN),
+    };
+    Ok(Phase { wall, cpu, wait })
+}
+
+/// Timed repetitions of one benchmark phase, with contended runs optionally thrown away.
+struct Reps {
+    threads: i32,
+    /// Runs whose `cpu_share` is below this are redone (up to `max_retries` times in all).
+    min_share: f64,
+    max_retries: usize,
+    retried: usize,
+    total: Phase,
+    rates: Vec<f64>,
+}
+
+impl Reps {
+    fn new(threads: i32, min_share: f64, max_retries: usize) -> Reps {
+        Reps {
+            threads,
+            min_share,
+            max_retries,
+            retried: 0,
+            total: Phase::default(),
+            rates: Vec::new(),
         }
     }
-    Ok((r, dt))
+
+    /// Runs `f` (which processes `n` tokens) until it gets a run with enough CPU share or runs
+    /// out of retries, and records that run.
+    fn run(&mut self, n: usize, mut f: impl FnMut() -> Result<()>) -> Result<()> {
+        loop {
+            let ph = timed(&mut f)?;
+            let share = ph.cpu / (ph.wall * self.threads as f64);
+            if share < self.min_share && self.retried < self.max_retries {
+                self.retried += 1;
+                continue;
+            }
+            self.total.wall += ph.wall;
+            self.total.cpu += ph.cpu;
+            self.total.wait += ph.wait;
+            self.rates.push(n as f64 / ph.wall);
+            return Ok(());
+        }
+    }
+
+    fn share(&self) -> f64 {
+        if self.total.wall > 0.0 {
+            self.total.cpu / (self.total.wall * self.threads as f64)
+        } else {
+            1.0
+        }
+    }
 }
 
 fn loadavg() -> Option<String> {
@@ -562,6 +610,8 @@ fn cmd_bench(a: &Args) -> Result<()> {
         "-fa",
         "--flash-attn",
         "--json",
+        "--min-cpu-share",
+        "--max-retries",
     ])?;
     let path = PathBuf::from(a.required(&["-m"])?);
     let n_prompt: usize = a.num(&["-p"], 512)?;
@@ -571,6 +621,8 @@ fn cmd_bench(a: &Args) -> Result<()> {
     let n_batch: u32 = a.num(&["-b"], 2048)?;
     let n_ubatch: u32 = a.num(&["-ub"], 512)?;
     let fa = a.flash_attn()?;
+    let min_share: f64 = a.num(&["--min-cpu-share"], 0.0)?;
+    let max_retries: usize = a.num(&["--max-retries"], 5)?;
     if reps == 0 || n_batch == 0 || n_ubatch == 0 {
         return Err(Error::Usage("-r, -b and -ub must be at least 1".into()));
     }
@@ -592,8 +644,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
     };
 
     let load_before = loadavg();
-    let (mut pp_phase, mut tg_phase) = (Phase::default(), Phase::default());
-    let mut pp = Vec::new();
+    let mut pp = Reps::new(threads, min_share, max_retries);
     if n_prompt > 0 {
         let opts = CtxOpts {
             n_ctx: n_prompt as u32,
@@ -606,19 +657,21 @@ fn cmd_bench(a: &Args) -> Result<()> {
         // Warm-up run (untimed), then reps.
         for rep in 0..=reps {
             let mut toks = make_prompt(&mut rng);
-            ctx.clear();
-            let ((), dt) = timed(&mut pp_phase, rep > 0, || {
+            let mut run = || {
+                ctx.clear();
                 ctx.decode(&mut toks, n_batch as usize)?;
                 ctx.sync();
                 Ok(())
-            })?;
-            if rep > 0 {
-                pp.push(n_prompt as f64 / dt);
+            };
+            if rep == 0 {
+                run()?;
+            } else {
+                pp.run(n_prompt, run)?;
             }
         }
     }
 
-    let mut tg = Vec::new();
+    let mut tg = Reps::new(threads, min_share, max_retries);
     if n_gen > 0 {
         let opts = CtxOpts {
             n_ctx: n_gen as u32 + 1,
@@ -628,25 +681,24 @@ fn cmd_bench(a: &Args) -> Result<()> {
             flash_attn: fa,
         };
         let ctx = Ctx::new(&model, opts)?;
+        let bos = model.add_bos().then(|| model.bos());
         for rep in 0..=reps {
-            ctx.clear();
-            let mut tok = if model.add_bos() {
-                model.bos()
-            } else {
-                rng.token(n_vocab)
-            };
             // The warm-up is a single token, as in llama-bench.
             let n = if rep == 0 { 1 } else { n_gen };
-            let ((), dt) = timed(&mut tg_phase, rep > 0, || {
+            let mut run = || {
+                ctx.clear();
+                let mut tok = bos.unwrap_or_else(|| rng.token(n_vocab));
                 for _ in 0..n {
                     ctx.decode(std::slice::from_mut(&mut tok), 1)?;
                     ctx.sync();
                     tok = rng.token(n_vocab);
                 }
                 Ok(())
-            })?;
-            if rep > 0 {
-                tg.push(n_gen as f64 / dt);
+            };
+            if rep == 0 {
+                run()?;
+            } else {
+                tg.run(n_gen, run)?;
             }
         }
     }
@@ -664,29 +716,26 @@ fn cmd_bench(a: &Args) -> Result<()> {
         "n_batch": n_batch,
         "n_ubatch": n_ubatch,
         "flash_attn": fa_name(fa),
-        "pp_tok_s": if pp.is_empty() { Value::Null } else { json!(round(median(&pp))) },
-        "tg_tok_s": if tg.is_empty() { Value::Null } else { json!(round(median(&tg))) },
-        "pp_samples": pp.iter().map(|&v| round(v)).collect::<Vec<_>>(),
-        "tg_samples": tg.iter().map(|&v| round(v)).collect::<Vec<_>>(),
-        "pp_timing": pp_phase.json(threads),
-        "tg_timing": tg_phase.json(threads),
+        "pp_tok_s": if pp.rates.is_empty() { Value::Null } else { json!(round(median(&pp.rates))) },
+        "tg_tok_s": if tg.rates.is_empty() { Value::Null } else { json!(round(median(&tg.rates))) },
+        "pp_samples": pp.rates.iter().map(|&v| round(v)).collect::<Vec<_>>(),
+        "tg_samples": tg.rates.iter().map(|&v| round(v)).collect::<Vec<_>>(),
+        "pp_timing": pp.total.json(threads),
+        "tg_timing": tg.total.json(threads),
+        "min_cpu_share": min_share,
+        "pp_retried": pp.retried,
+        "tg_retried": tg.retried,
         "loadavg_before": load_before,
         "loadavg_after": loadavg(),
         "system_info": system_info(),
     });
-    let share = |p: &Phase| {
-        if p.wall > 0.0 {
-            p.cpu / (p.wall * threads as f64)
-        } else {
-            1.0
-        }
-    };
-    if share(&pp_phase) < 0.8 || share(&tg_phase) < 0.8 {
+    let (pp_share, tg_share) = (pp.share(), tg.share());
+    if pp_share < 0.8 || tg_share < 0.8 {
         eprintln!(
             "llamacpp-bench: WARNING: the threads got only {:.0}% (pp) / {:.0}% (tg) of their CPUs \
              (other processes compete for them; load average {}): these figures are not representative",
-            100.0 * share(&pp_phase),
-            100.0 * share(&tg_phase),
+            100.0 * pp_share,
+            100.0 * tg_share,
             load_before.as_deref().unwrap_or("?")
         );
     }

@@ -115,8 +115,17 @@ fn sparse_ops(c: &mut Criterion) {
             let l = &layers[i];
             matvec_with(&pool, &m(&l.gate, N_FF, N_EMBD), &x, &mut y_ff, &mut acts).unwrap();
             matvec_with(&pool, &m(&l.up, N_FF, N_EMBD), &x, &mut u, &mut acts).unwrap();
-            y_ff.iter_mut().zip(&u).for_each(|(g, u)| *g = g.max(0.0) * u);
-            matvec_with(&pool, &m(&l.down, N_EMBD, N_FF), &y_ff, &mut y_embd, &mut acts).unwrap();
+            y_ff.iter_mut()
+                .zip(&u)
+                .for_each(|(g, u)| *g = g.max(0.0) * u);
+            matvec_with(
+                &pool,
+                &m(&l.down, N_EMBD, N_FF),
+                &y_ff,
+                &mut y_embd,
+                &mut acts,
+            )
+            .unwrap();
             black_box(&y_embd);
         })
     });
@@ -128,7 +137,9 @@ fn sparse_ops(c: &mut Criterion) {
         .iter()
         .map(|l| {
             matvec_with(&pool, &m(&l.gate, N_FF, N_EMBD), &x, &mut y_ff, &mut acts).unwrap();
-            (0..N_FF as u32).filter(|&j| y_ff[j as usize] > 0.0).collect()
+            (0..N_FF as u32)
+                .filter(|&j| y_ff[j as usize] > 0.0)
+                .collect()
         })
         .collect();
     for pct in [10u32, 30, 50] {
@@ -202,7 +213,11 @@ fn sparse_ops(c: &mut Criterion) {
             (0..N_FF as u32)
                 .filter(|j| {
                     let r = rng.unit();
-                    if p.binary_search(j).is_ok() { r < keep } else { r < drop }
+                    if p.binary_search(j).is_ok() {
+                        r < keep
+                    } else {
+                        r < drop
+                    }
                 })
                 .collect()
         })

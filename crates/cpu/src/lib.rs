@@ -6,6 +6,7 @@
 //! - [`pool`](mod@pool): the persistent [`ThreadPool`] those products run on (and [`SharedSlice`] for
 //!   writing disjoint parts of one output from several threads).
 //! - [`ops`]: norms, RoPE, softmax, activations and attention.
+//! - [`sparse`]: activation-sparse FFN operators (row-gather matvec, axpy over active neurons).
 //!
 //! ```
 //! use powerinfer_cpu::{Matrix, ThreadPool, matvec};

@@ -2,10 +2,10 @@
 //!
 //! The weights are a ggml matrix ([`Matrix`]): `rows` rows of `cols` elements each, every row a
 //! whole number of blocks of the weight type. As in llama.cpp, the activations are quantized once
-//! per product to the weight type's "vec_dot type" (Q8_0 for the 32-element formats, Q8_K for the
-//! K-quants, the float type itself for F32/F16/BF16) and every output element is one call of the
-//! type's `vec_dot` kernel from `powerinfer-quant`. That is what makes outputs agree with
-//! llama.cpp, and it makes them independent of the number of threads and of the tiling: each
+//! per product to the weight type's "vec_dot type" (Q8_0 or Q8_1 for the 32-element formats,
+//! Q8_K for the K-quants, the float type itself for F32/F16/BF16) and every output element is one
+//! call of the type's `vec_dot` kernel from `powerinfer-quant`. That is what makes outputs agree
+//! with llama.cpp, and it makes them independent of the number of threads and of the tiling: each
 //! output element is computed by exactly one call, the same call whichever thread makes it. The
 //! batched [`matmul`] therefore gives bit-for-bit the same numbers as [`matvec`] per token.
 //!

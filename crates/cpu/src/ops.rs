@@ -428,7 +428,6 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
 /// `acc = f16(acc * scale)` element-wise: the accumulator holds f16-representable values.
 #[inline]
 fn scale_round_f16(acc: &mut [f32], scale: f32) {
-    if std::env::var("NOROUND").is_ok() { for a in acc.iter_mut() { *a *= scale; } return; }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma_f16c() {
         // SAFETY: CPU features checked.
@@ -443,7 +442,6 @@ fn scale_round_f16(acc: &mut [f32], scale: f32) {
 /// `acc = f16(fma(v, s, acc))` element-wise (ggml's `vec_mad_f16`).
 #[inline]
 fn mad_round_f16(acc: &mut [f32], v: &[f32], s: f32) {
-    if std::env::var("NOROUND").is_ok() { for (a, &x) in acc.iter_mut().zip(v) { *a += x * s; } return; }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma_f16c() {
         // SAFETY: CPU features checked; the kernel processes min(acc.len(), v.len()) elements.
@@ -612,6 +610,20 @@ pub struct AttnParams {
     /// Sliding window: a query at position `p` sees keys at `p - window < k <= p`; `None` sees
     /// every key up to `p` (causal).
     pub window: Option<usize>,
+    /// Rounding of the intermediate values.
+    pub precision: AttnPrecision,
+}
+
+/// Which of ggml's CPU flash-attention kernels to reproduce numerically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum AttnPrecision {
+    /// ggml's one-row kernel (used for decode and for micro-batches of fewer than 64 queries):
+    /// the query rounded to f16 and the weighted V sum kept in f16.
+    #[default]
+    F16Accumulate,
+    /// ggml's tiled kernel (micro-batches of 64 queries or more): query, scores and the V sum
+    /// in f32.
+    F32,
 }
 
 impl AttnParams {
@@ -822,10 +834,15 @@ fn attention_unchecked(
     if heads.is_empty() {
         return;
     }
-    // Q rounded to f16, as ggml converts it to K's dot type.
     let qr = heads.start * dk..heads.end * dk;
-    let _ = f32_to_f16(&q[qr.clone()], &mut sc.q16[qr.clone()]);
-    let _ = f16_to_f32(&sc.q16[qr.clone()], &mut sc.q[qr]);
+    let f16_acc = p.precision == AttnPrecision::F16Accumulate;
+    if f16_acc {
+        // Q rounded to f16, as ggml's one-row kernel converts it to K's dot type.
+        let _ = f32_to_f16(&q[qr.clone()], &mut sc.q16[qr.clone()]);
+        let _ = f16_to_f32(&sc.q16[qr.clone()], &mut sc.q[qr]);
+    } else {
+        sc.q[qr.clone()].copy_from_slice(&q[qr]);
+    }
     let lo = match p.window {
         Some(w) => (pos + 1).saturating_sub(w),
         None => 0,
@@ -853,11 +870,19 @@ fn attention_unchecked(
                 if s > m_old {
                     sc.m[hh] = s;
                     ms = (m_old - s).exp();
-                    scale_round_f16(acc, ms);
+                    if f16_acc {
+                        scale_round_f16(acc, ms);
+                    } else {
+                        acc.iter_mut().for_each(|a| *a *= ms);
+                    }
                 } else {
                     vs = (s - m_old).exp();
                 }
-                mad_round_f16(acc, &sc.v, vs);
+                if f16_acc {
+                    mad_round_f16(acc, &sc.v, vs);
+                } else {
+                    acc.iter_mut().zip(&sc.v).for_each(|(a, &x)| *a += x * vs);
+                }
                 sc.s[hh] = sc.s[hh] * ms + vs;
             }
         }

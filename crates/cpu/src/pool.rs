@@ -4,7 +4,11 @@
 //! kilobytes each, so the cost of handing work to other threads matters as much as the work.
 //! [`ThreadPool`] keeps its workers alive between calls: after a job they spin for a short while
 //! waiting for the next one (a hand-off then costs one atomic store and a cache-line transfer)
-//! and only then park on a condition variable. The calling thread always takes part in the job
+//! and only then park on a condition variable. While spinning they yield their time slice now
+//! and then, and the caller, waiting for a worker, does the same and then sleeps: on a machine
+//! with more runnable threads than cores, a thread that spins without yielding uses up the time
+//! its partner needs to finish, which made two threads several times slower than one in our
+//! measurements (see `docs/PERFORMANCE.md`). The calling thread always takes part in the job
 //! as thread 0, and a pool of one thread runs everything inline with no synchronisation at all.
 //!
 //! Work is shared either with [`ThreadPool::run`] (every thread calls the closure once with its
@@ -26,8 +30,11 @@ use std::thread::JoinHandle;
 /// one `spin_loop` hint: a few hundred microseconds in all).
 const SPIN_POLLS: u32 = 1 << 13;
 
-/// How many times the caller polls for a running worker to finish before it starts yielding its
-/// time slice (only matters when the worker was descheduled).
+/// An idle worker yields its time slice once every this many polls.
+const YIELD_EVERY: u32 = 128;
+
+/// How many times the caller polls for a running worker to finish before it goes to sleep until
+/// the worker wakes it (only matters when the worker was descheduled).
 const WAIT_POLLS: u32 = 1 << 12;
 
 /// Worker slot states.
@@ -62,6 +69,10 @@ struct Shared {
     lock: Mutex<()>,
     /// Parked workers wait here.
     wake: Condvar,
+    /// Set while the caller sleeps on `done` waiting for a slow worker.
+    caller_waiting: AtomicBool,
+    /// The caller waits here for a slow worker.
+    done: Condvar,
 }
 
 // SAFETY: every field but `job` is Sync by itself. `job` is written only by the single thread
@@ -133,6 +144,8 @@ impl ThreadPool {
             panicked: AtomicBool::new(false),
             lock: Mutex::new(()),
             wake: Condvar::new(),
+            caller_waiting: AtomicBool::new(false),
+            done: Condvar::new(),
         });
         let mut workers = Vec::with_capacity(wanted.saturating_sub(1));
         // Workers learn the final thread count when they run a job, which is only after `new`
@@ -228,10 +241,23 @@ impl ThreadPool {
             while slot.0.load(Ordering::Acquire) != IDLE {
                 if polls < WAIT_POLLS {
                     polls += 1;
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
+                    if polls.is_multiple_of(YIELD_EVERY) {
+                        std::thread::yield_now();
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                    continue;
                 }
+                // The worker is slow (most likely descheduled on a busy machine): sleep until it
+                // finishes rather than burn the time slice it may need.
+                let guard = shared.lock.lock().unwrap_or_else(PoisonError::into_inner);
+                shared.caller_waiting.store(true, Ordering::SeqCst);
+                let guard = shared
+                    .done
+                    .wait_while(guard, |_| slot.0.load(Ordering::SeqCst) != IDLE)
+                    .unwrap_or_else(PoisonError::into_inner);
+                shared.caller_waiting.store(false, Ordering::SeqCst);
+                drop(guard);
             }
         }
         // SAFETY: every slot is IDLE: no worker uses the job; clear the dangling pointer.
@@ -308,7 +334,13 @@ fn worker_loop(shared: &Shared, idx: usize, n_final: &AtomicUsize) {
         while !ready(slot.load(Ordering::Acquire)) {
             if polls < SPIN_POLLS {
                 polls += 1;
-                std::hint::spin_loop();
+                if polls.is_multiple_of(YIELD_EVERY) {
+                    // Let other runnable threads in now and then, so that on a busy machine a
+                    // spinning worker does not use up the time it will need for real work.
+                    std::thread::yield_now();
+                } else {
+                    std::hint::spin_loop();
+                }
                 continue;
             }
             let guard = shared.lock.lock().unwrap_or_else(PoisonError::into_inner);
@@ -341,7 +373,13 @@ fn worker_loop(shared: &Shared, idx: usize, n_final: &AtomicUsize) {
                 shared.panicked.store(true, Ordering::Relaxed);
             }
         }
-        slot.store(IDLE, Ordering::Release);
+        // SeqCst pairs with the caller's SeqCst `caller_waiting` store: either the caller sees
+        // IDLE before sleeping, or we see it sleeping and wake it.
+        slot.store(IDLE, Ordering::SeqCst);
+        if shared.caller_waiting.load(Ordering::SeqCst) {
+            let _guard = shared.lock.lock().unwrap_or_else(PoisonError::into_inner);
+            shared.done.notify_all();
+        }
     }
 }
 
@@ -491,6 +529,23 @@ mod tests {
             }
         }
         assert_eq!(total.into_inner(), expected);
+    }
+
+    #[test]
+    fn caller_waits_for_a_slow_worker() {
+        // The caller's share ends at once; it must sleep until the worker wakes it, and see the
+        // worker's effects afterwards.
+        let pool = ThreadPool::new(2);
+        for _ in 0..3 {
+            let done = AtomicBool::new(false);
+            pool.run(|i, _| {
+                if i == 1 {
+                    std::thread::sleep(std::time::Duration::from_millis(15));
+                    done.store(true, Ordering::Relaxed);
+                }
+            });
+            assert!(done.into_inner());
+        }
     }
 
     #[test]

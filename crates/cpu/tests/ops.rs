@@ -26,7 +26,10 @@ fn assert_close(a: &[f32], b: &[f64], tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: lengths");
     for (i, (&x, &y)) in a.iter().zip(b).enumerate() {
         let err = (f64::from(x) - y).abs();
-        assert!(err <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y} (err {err})");
+        assert!(
+            err <= tol * (1.0 + y.abs()),
+            "{what}[{i}]: {x} vs {y} (err {err})"
+        );
     }
 }
 
@@ -41,7 +44,11 @@ fn rms_norm_matches_reference() {
         let eps = 1e-6f32;
         let ms: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n as f64;
         let s = 1.0 / (ms + f64::from(eps)).sqrt();
-        let want: Vec<f64> = x.iter().zip(&w).map(|(&a, &b)| f64::from(a) * s * f64::from(b)).collect();
+        let want: Vec<f64> = x
+            .iter()
+            .zip(&w)
+            .map(|(&a, &b)| f64::from(a) * s * f64::from(b))
+            .collect();
         let mut out = vec![0.0; n];
         rms_norm(&x, &w, eps, &mut out).unwrap();
         assert_close(&out, &want, 1e-5, "rms_norm");
@@ -80,9 +87,15 @@ fn layer_norm_matches_reference() {
         let w = r.vec(n, 1.0);
         let b = r.vec(n, 1.0);
         let mean = x.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
-        let var = x.iter().map(|&v| (f64::from(v) - mean).powi(2)).sum::<f64>() / n as f64;
+        let var = x
+            .iter()
+            .map(|&v| (f64::from(v) - mean).powi(2))
+            .sum::<f64>()
+            / n as f64;
         let want: Vec<f64> = (0..n)
-            .map(|i| (f64::from(x[i]) - mean) / (var + 1e-5).sqrt() * f64::from(w[i]) + f64::from(b[i]))
+            .map(|i| {
+                (f64::from(x[i]) - mean) / (var + 1e-5).sqrt() * f64::from(w[i]) + f64::from(b[i])
+            })
             .collect();
         let mut out = vec![0.0; n];
         layer_norm(&x, &w, Some(&b), 1e-5, &mut out).unwrap();
@@ -95,7 +108,10 @@ fn softmax_matches_reference() {
     let mut r = Rng(4);
     for &n in &SIZES {
         let x = r.vec(n, 20.0);
-        let max = x.iter().copied().fold(f64::NEG_INFINITY, |a, b| a.max(f64::from(b)));
+        let max = x
+            .iter()
+            .copied()
+            .fold(f64::NEG_INFINITY, |a, b| a.max(f64::from(b)));
         let e: Vec<f64> = x.iter().map(|&v| (f64::from(v) - max).exp()).collect();
         let sum: f64 = e.iter().sum();
         let want: Vec<f64> = e.iter().map(|v| v / sum).collect();
@@ -116,7 +132,10 @@ fn gelu_tanh_f64(x: f64) -> f64 {
 fn activations_match_reference() {
     let mut r = Rng(5);
     let x = r.vec(1001, 12.0);
-    let silu_want: Vec<f64> = x.iter().map(|&v| f64::from(v) / (1.0 + (-f64::from(v)).exp())).collect();
+    let silu_want: Vec<f64> = x
+        .iter()
+        .map(|&v| f64::from(v) / (1.0 + (-f64::from(v)).exp()))
+        .collect();
     let mut y = x.clone();
     silu_inplace(&mut y);
     assert_close(&y, &silu_want, 1e-6, "silu");
@@ -175,14 +194,25 @@ fn gated_helpers() {
     assert!(geglu_inplace(&mut [1.0; 3], &[1.0; 4]).is_err());
 }
 
-fn rope_ref(x: &[f32], head_dim: usize, n_dims: usize, pos: usize, base: f64, neox: bool) -> Vec<f64> {
+fn rope_ref(
+    x: &[f32],
+    head_dim: usize,
+    n_dims: usize,
+    pos: usize,
+    base: f64,
+    neox: bool,
+) -> Vec<f64> {
     let mut out: Vec<f64> = x.iter().map(|&v| f64::from(v)).collect();
     let half = n_dims / 2;
     for h in 0..x.len() / head_dim {
         let o = h * head_dim;
         for i in 0..half {
             let theta = pos as f64 * base.powf(-2.0 * i as f64 / n_dims as f64);
-            let (a, b) = if neox { (o + i, o + i + half) } else { (o + 2 * i, o + 2 * i + 1) };
+            let (a, b) = if neox {
+                (o + i, o + i + half)
+            } else {
+                (o + 2 * i, o + 2 * i + 1)
+            };
             let (x0, x1) = (f64::from(x[a]), f64::from(x[b]));
             out[a] = x0 * theta.cos() - x1 * theta.sin();
             out[b] = x0 * theta.sin() + x1 * theta.cos();
@@ -194,14 +224,23 @@ fn rope_ref(x: &[f32], head_dim: usize, n_dims: usize, pos: usize, base: f64, ne
 #[test]
 fn rope_matches_reference() {
     let mut r = Rng(7);
-    for &(head_dim, n_dims, n_head) in &[(16usize, 16usize, 3usize), (64, 64, 2), (24, 10, 5), (256, 256, 1)] {
+    for &(head_dim, n_dims, n_head) in &[
+        (16usize, 16usize, 3usize),
+        (64, 64, 2),
+        (24, 10, 5),
+        (256, 256, 1),
+    ] {
         for &pos in &[0usize, 1, 17, 511] {
             for &neox in &[false, true] {
                 let x = r.vec(head_dim * n_head, 1.0);
                 let mut cache = vec![0.0; n_dims];
                 rope_cache(pos as f32, 10000.0, 1.0, &mut cache).unwrap();
                 let mut y = x.clone();
-                let kind = if neox { RopeKind::Neox } else { RopeKind::Normal };
+                let kind = if neox {
+                    RopeKind::Neox
+                } else {
+                    RopeKind::Normal
+                };
                 rope_apply(&mut y, head_dim, &cache, kind).unwrap();
                 let want = rope_ref(&x, head_dim, n_dims, pos, 10000.0, neox);
                 // f32 angles at position 511 carry ~1e-4 absolute error, as in ggml
@@ -228,13 +267,32 @@ fn f16_conversions_round_to_nearest() {
         }
         let y = r.vec(n, 1.0);
         let d = dot_f32(&x, &y).unwrap();
-        let want: f64 = x.iter().zip(&y).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
-        assert!((f64::from(d) - want).abs() < 1e-3 * (1.0 + want.abs()), "{d} vs {want}");
+        let want: f64 = x
+            .iter()
+            .zip(&y)
+            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+            .sum();
+        assert!(
+            (f64::from(d) - want).abs() < 1e-3 * (1.0 + want.abs()),
+            "{d} vs {want}"
+        );
     }
 }
 
 /// Plain two-pass softmax attention in f64 over the f16-rounded q, k, v.
 fn attention_ref(p: &AttnParams, q: &[f32], pos: usize, k: &[f16], v: &[f16]) -> Vec<f64> {
+    attention_ref_q(p, q, pos, k, v, true)
+}
+
+/// [`attention_ref`], rounding q to f16 or not.
+fn attention_ref_q(
+    p: &AttnParams,
+    q: &[f32],
+    pos: usize,
+    k: &[f16],
+    v: &[f16],
+    round_q: bool,
+) -> Vec<f64> {
     let group = p.n_head / p.n_head_kv;
     let mut out = vec![0.0f64; p.out_dim()];
     let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
@@ -242,12 +300,22 @@ fn attention_ref(p: &AttnParams, q: &[f32], pos: usize, k: &[f16], v: &[f16]) ->
         let g = h / group;
         let qh: Vec<f64> = q[h * p.head_dim_k..(h + 1) * p.head_dim_k]
             .iter()
-            .map(|&x| f64::from(f16::from_f32(x).to_f32()))
+            .map(|&x| {
+                if round_q {
+                    f64::from(f16::from_f32(x).to_f32())
+                } else {
+                    f64::from(x)
+                }
+            })
             .collect();
         let scores: Vec<f64> = (lo..=pos)
             .map(|j| {
                 let kr = &k[j * p.k_dim() + g * p.head_dim_k..][..p.head_dim_k];
-                qh.iter().zip(kr).map(|(a, b)| a * f64::from(b.to_f32())).sum::<f64>() * f64::from(p.scale)
+                qh.iter()
+                    .zip(kr)
+                    .map(|(a, b)| a * f64::from(b.to_f32()))
+                    .sum::<f64>()
+                    * f64::from(p.scale)
             })
             .collect();
         let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
@@ -282,6 +350,7 @@ fn attention_matches_reference() {
             head_dim_v: dv,
             scale: 1.0 / (dk as f32).sqrt(),
             window,
+            precision: AttnPrecision::F16Accumulate,
         };
         let kf = r.vec(n_ctx * p.k_dim(), 2.0);
         let vf = r.vec(n_ctx * p.v_dim(), 1.0);
@@ -298,7 +367,19 @@ fn attention_matches_reference() {
             let want = attention_ref(&p, q, pos, &k, &v);
             // the weighted V sum is kept in f16 like ggml: about 1e-3 relative
             assert_close(&out, &want, 4e-3, "attention");
-            assert_eq!(&batch_out[pos * p.out_dim()..(pos + 1) * p.out_dim()], &out[..]);
+            // the f32 variant (ggml's tiled kernel) is close to the f64 reference with an unrounded q
+            let pf = AttnParams {
+                precision: AttnPrecision::F32,
+                ..p
+            };
+            let mut out32 = vec![0.0; p.out_dim()];
+            attention(&pf, q, pos, &k, &v, &mut out32, &mut sc).unwrap();
+            let want32 = attention_ref_q(&p, q, pos, &k, &v, false);
+            assert_close(&out32, &want32, 1e-4, "attention f32");
+            assert_eq!(
+                &batch_out[pos * p.out_dim()..(pos + 1) * p.out_dim()],
+                &out[..]
+            );
         }
         // keys after `pos` are ignored (causal)
         let mut k2 = k.clone();
@@ -315,26 +396,80 @@ fn attention_matches_reference() {
 
 #[test]
 fn attention_rejects_bad_shapes() {
-    let p = AttnParams { n_head: 4, n_head_kv: 3, head_dim_k: 8, head_dim_v: 8, scale: 1.0, window: None };
+    let p = AttnParams {
+        n_head: 4,
+        n_head_kv: 3,
+        head_dim_k: 8,
+        head_dim_v: 8,
+        scale: 1.0,
+        window: None,
+        precision: AttnPrecision::F16Accumulate,
+    };
     let mut sc = AttnScratch::default();
     let mut out = vec![0.0; 32];
-    let err = attention(&p, &[0.0; 32], 0, &[f16::ZERO; 24], &[f16::ZERO; 24], &mut out, &mut sc);
+    let err = attention(
+        &p,
+        &[0.0; 32],
+        0,
+        &[f16::ZERO; 24],
+        &[f16::ZERO; 24],
+        &mut out,
+        &mut sc,
+    );
     assert!(matches!(err, Err(OpsError::Param { .. })));
     let p = AttnParams { n_head_kv: 2, ..p };
     // cache too short for position 3
-    let err = attention(&p, &[0.0; 32], 3, &[f16::ZERO; 48], &[f16::ZERO; 64], &mut out, &mut sc);
-    assert!(matches!(err, Err(OpsError::Length { what: "k cache", .. })));
-    let err = attention(&p, &[0.0; 31], 0, &[f16::ZERO; 16], &[f16::ZERO; 16], &mut out, &mut sc);
+    let err = attention(
+        &p,
+        &[0.0; 32],
+        3,
+        &[f16::ZERO; 48],
+        &[f16::ZERO; 64],
+        &mut out,
+        &mut sc,
+    );
+    assert!(matches!(
+        err,
+        Err(OpsError::Length {
+            what: "k cache",
+            ..
+        })
+    ));
+    let err = attention(
+        &p,
+        &[0.0; 31],
+        0,
+        &[f16::ZERO; 16],
+        &[f16::ZERO; 16],
+        &mut out,
+        &mut sc,
+    );
     assert!(matches!(err, Err(OpsError::Length { what: "q", .. })));
 }
 
 #[test]
 fn attention_head_ranges_match_whole_row() {
     let mut r = Rng(10);
-    let p = AttnParams { n_head: 9, n_head_kv: 3, head_dim_k: 24, head_dim_v: 24, scale: 0.2, window: Some(6) };
+    let p = AttnParams {
+        n_head: 9,
+        n_head_kv: 3,
+        head_dim_k: 24,
+        head_dim_v: 24,
+        scale: 0.2,
+        window: Some(6),
+        precision: AttnPrecision::F16Accumulate,
+    };
     let n_ctx = 13;
-    let k: Vec<f16> = r.vec(n_ctx * p.k_dim(), 1.0).iter().map(|&x| f16::from_f32(x)).collect();
-    let v: Vec<f16> = r.vec(n_ctx * p.v_dim(), 1.0).iter().map(|&x| f16::from_f32(x)).collect();
+    let k: Vec<f16> = r
+        .vec(n_ctx * p.k_dim(), 1.0)
+        .iter()
+        .map(|&x| f16::from_f32(x))
+        .collect();
+    let v: Vec<f16> = r
+        .vec(n_ctx * p.v_dim(), 1.0)
+        .iter()
+        .map(|&x| f16::from_f32(x))
+        .collect();
     let q = r.vec(p.q_dim(), 1.0);
     let mut sc = AttnScratch::new(&p);
     let mut whole = vec![0.0; p.out_dim()];

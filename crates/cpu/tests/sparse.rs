@@ -43,7 +43,10 @@ fn weight_types() -> Vec<GgmlType> {
         .copied()
         .filter(|&t| powerinfer_quant::kernels(t).is_some())
         .collect();
-    assert!(v.len() >= 11, "expected at least 11 computable types, got {v:?}");
+    assert!(
+        v.len() >= 11,
+        "expected at least 11 computable types, got {v:?}"
+    );
     v
 }
 
@@ -195,8 +198,17 @@ fn sparse_axpy_matches_reference_for_every_type() {
 fn results_do_not_depend_on_thread_count() {
     let mut rng = Rng(3);
     let pools: Vec<ThreadPool> = [1, 2, 3, 16].into_iter().map(ThreadPool::new).collect();
-    for ty in [GgmlType::Q4_0, GgmlType::F16, GgmlType::Q4_K, GgmlType::Q5_1, GgmlType::F32] {
-        let (n_ff, n_embd) = (301, awkward_cols(ty, if ty.block_size() == 256 { 3 } else { 24 }));
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::F16,
+        GgmlType::Q4_K,
+        GgmlType::Q5_1,
+        GgmlType::F32,
+    ] {
+        let (n_ff, n_embd) = (
+            301,
+            awkward_cols(ty, if ty.block_size() == 256 { 3 } else { 24 }),
+        );
         let gate_d = random_matrix(&mut rng, ty, n_ff, n_embd);
         let up_d = random_matrix(&mut rng, ty, n_ff, n_embd);
         let down_d = random_matrix(&mut rng, ty, n_ff, n_embd);
@@ -229,7 +241,12 @@ fn results_do_not_depend_on_thread_count() {
         let first = run(&pools[0]);
         for pool in &pools {
             for _ in 0..3 {
-                assert_eq!(run(pool), first, "{ty}: {} threads differ", pool.n_threads());
+                assert_eq!(
+                    run(pool),
+                    first,
+                    "{ty}: {} threads differ",
+                    pool.n_threads()
+                );
             }
         }
     }
@@ -248,7 +265,11 @@ fn fused_ffn_equals_unfused_and_reference() {
     ];
     for ty in weight_types() {
         // Mixed types as in Q4_K_M files: up in another type than gate and down_t.
-        let up_ty = if ty == GgmlType::Q4_K { GgmlType::Q6_K } else { ty };
+        let up_ty = if ty == GgmlType::Q4_K {
+            GgmlType::Q6_K
+        } else {
+            ty
+        };
         let n_ff = 173;
         let n_embd = awkward_cols(ty, if ty.block_size() == 256 { 2 } else { 9 });
         let gd = random_matrix(&mut rng, ty, n_ff, n_embd);
@@ -347,7 +368,11 @@ fn batched_path_equals_per_token_path() {
             for i in 0..rows {
                 assert_eq!(got[i].to_bits(), yt[i].to_bits(), "{ty} token {t} row {i}");
                 if !sets[t].contains(&(i as u32)) {
-                    assert_eq!(got[i].to_bits(), 0, "{ty} token {t} row {i} must be exactly 0");
+                    assert_eq!(
+                        got[i].to_bits(),
+                        0,
+                        "{ty} token {t} row {i} must be exactly 0"
+                    );
                 }
             }
             let mut ot = vec![0.0; cols];
@@ -373,7 +398,12 @@ fn bad_inputs_are_typed_errors() {
     let mut y = vec![0.0; 10];
     assert!(matches!(
         sparse_matvec(&pool, &w, &x, &[3, 2], &mut y),
-        Err(SparseError::NotSorted { pos: 1, prev: 3, id: 2, .. })
+        Err(SparseError::NotSorted {
+            pos: 1,
+            prev: 3,
+            id: 2,
+            ..
+        })
     ));
     assert!(matches!(
         sparse_matvec(&pool, &w, &x, &[2, 2], &mut y),
@@ -381,16 +411,29 @@ fn bad_inputs_are_typed_errors() {
     ));
     assert!(matches!(
         sparse_matvec(&pool, &w, &x, &[1, 10], &mut y),
-        Err(SparseError::NeuronOutOfRange { pos: 1, id: 10, rows: 10, .. })
+        Err(SparseError::NeuronOutOfRange {
+            pos: 1,
+            id: 10,
+            rows: 10,
+            ..
+        })
     ));
     assert!(matches!(
         sparse_matvec(&pool, &w, &x[..32], &[1], &mut y),
-        Err(SparseError::ShapeMismatch { expected: 64, actual: 32, .. })
+        Err(SparseError::ShapeMismatch {
+            expected: 64,
+            actual: 32,
+            ..
+        })
     ));
     let mut out = vec![0.0; 64];
     assert!(matches!(
         sparse_axpy(&pool, &w, &[1.0; 9], &[1], &mut out),
-        Err(SparseError::ShapeMismatch { expected: 10, actual: 9, .. })
+        Err(SparseError::ShapeMismatch {
+            expected: 10,
+            actual: 9,
+            ..
+        })
     ));
     assert!(matches!(
         sparse_axpy(&pool, &w, &[1.0; 10], &[1], &mut out[..63]),
@@ -427,10 +470,21 @@ fn bad_inputs_are_typed_errors() {
     let mut yb = vec![0.0; 20];
     assert!(matches!(
         sparse_matmul(&pool, &w, &[0.0; 128], 2, &[vec![1u32]], &mut yb),
-        Err(SparseError::ShapeMismatch { expected: 2, actual: 1, .. })
+        Err(SparseError::ShapeMismatch {
+            expected: 2,
+            actual: 1,
+            ..
+        })
     ));
     assert!(matches!(
-        sparse_axpy_batch(&pool, &w, &[0.0; 20], 2, &[vec![1u32], vec![4, 3]], &mut [0.0; 128]),
+        sparse_axpy_batch(
+            &pool,
+            &w,
+            &[0.0; 20],
+            2,
+            &[vec![1u32], vec![4, 3]],
+            &mut [0.0; 128]
+        ),
         Err(SparseError::NotSorted { .. })
     ));
 }

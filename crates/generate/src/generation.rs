@@ -9,10 +9,10 @@ use std::time::{Duration, Instant};
 
 use powerinfer_cpu::ThreadPool;
 
+use crate::ModelError;
 use crate::model::{Logits, Model, ModelState};
 use crate::sampling::{Sampler, SamplerConfig, SamplerError, StopCondition};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
-use crate::ModelError;
 
 /// What can go wrong while generating.
 #[derive(Debug, thiserror::Error)]

@@ -24,24 +24,39 @@ impl KvCache {
     /// and `v_dim` values (`None` on overflow).
     pub fn bytes_needed(n_layer: usize, n_ctx: usize, k_dim: usize, v_dim: usize) -> Option<u64> {
         let per_pos = (k_dim as u64).checked_add(v_dim as u64)?.checked_mul(2)?;
-        per_pos.checked_mul(n_ctx as u64)?.checked_mul(n_layer as u64)
+        per_pos
+            .checked_mul(n_ctx as u64)?
+            .checked_mul(n_layer as u64)
     }
 
     /// A zeroed cache, after checking its size against `MemAvailable` (when `/proc/meminfo` is
     /// readable).
-    pub fn new(n_layer: usize, n_ctx: usize, k_dim: usize, v_dim: usize) -> Result<Self, ModelError> {
+    pub fn new(
+        n_layer: usize,
+        n_ctx: usize,
+        k_dim: usize,
+        v_dim: usize,
+    ) -> Result<Self, ModelError> {
         let needed = Self::bytes_needed(n_layer, n_ctx, k_dim, v_dim).unwrap_or(u64::MAX);
         if let Some(available) = mem_available()
             && needed > available
         {
-            return Err(ModelError::ContextTooLarge { n_ctx, needed, available });
+            return Err(ModelError::ContextTooLarge {
+                n_ctx,
+                needed,
+                available,
+            });
         }
         Ok(Self {
             n_ctx,
             k_dim,
             v_dim,
-            k: (0..n_layer).map(|_| vec![f16::ZERO; n_ctx * k_dim]).collect(),
-            v: (0..n_layer).map(|_| vec![f16::ZERO; n_ctx * v_dim]).collect(),
+            k: (0..n_layer)
+                .map(|_| vec![f16::ZERO; n_ctx * k_dim])
+                .collect(),
+            v: (0..n_layer)
+                .map(|_| vec![f16::ZERO; n_ctx * v_dim])
+                .collect(),
             len: 0,
         })
     }
@@ -110,6 +125,12 @@ pub fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     s.lines()
         .find_map(|l| l.strip_prefix("MemAvailable:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
         .map(|kb| kb * 1024)
 }

@@ -51,7 +51,9 @@ pub fn perplexity(
     progress: Option<Progress<'_>>,
 ) -> Result<Perplexity, ModelError> {
     let mut state = model.new_state(n_ctx.max(1), n_batch.max(1))?;
-    perplexity_with_state(model, pool, &mut state, tokens, n_ctx, n_batch, bos, progress)
+    perplexity_with_state(
+        model, pool, &mut state, tokens, n_ctx, n_batch, bos, progress,
+    )
 }
 
 /// [`perplexity`] reusing a state (its context must hold `n_ctx` tokens; it is cleared).
@@ -67,10 +69,16 @@ pub fn perplexity_with_state(
     mut progress: Option<Progress<'_>>,
 ) -> Result<Perplexity, ModelError> {
     if n_ctx < 4 {
-        return Err(ModelError::InvalidConfig(format!("perplexity context {n_ctx} is below 4 tokens")));
+        return Err(ModelError::InvalidConfig(format!(
+            "perplexity context {n_ctx} is below 4 tokens"
+        )));
     }
     if state.n_ctx() < n_ctx {
-        return Err(ModelError::ContextOverflow { pos: 0, n_tokens: n_ctx, n_ctx: state.n_ctx() });
+        return Err(ModelError::ContextOverflow {
+            pos: 0,
+            n_tokens: n_ctx,
+            n_ctx: state.n_ctx(),
+        });
     }
     let n_chunks = tokens.len() / n_ctx;
     if n_chunks == 0 {
@@ -113,6 +121,16 @@ pub fn perplexity_with_state(
     let mean = nll / count as f64;
     let ppl = mean.exp();
     let var = nll2 / count as f64 - mean * mean;
-    let ppl_stderr = if var > 0.0 && count > 1 { (var / (count - 1) as f64).sqrt() * ppl } else { 0.0 };
-    Ok(Perplexity { ppl, ppl_stderr, mean_nll: mean, n_scored: count, n_chunks })
+    let ppl_stderr = if var > 0.0 && count > 1 {
+        (var / (count - 1) as f64).sqrt() * ppl
+    } else {
+        0.0
+    };
+    Ok(Perplexity {
+        ppl,
+        ppl_stderr,
+        mean_nll: mean,
+        n_scored: count,
+        n_chunks,
+    })
 }

@@ -32,11 +32,25 @@ struct Golden {
 fn golden(name: &str) -> Golden {
     let dir = fixture_dir().join("golden");
     let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
-    let ids = |k: &str| -> Vec<u32> { j[k].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u32).collect() };
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
+    let ids = |k: &str| -> Vec<u32> {
+        j[k].as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as u32)
+            .collect()
+    };
     let raw = std::fs::read(dir.join(format!("{name}.logits.f32"))).unwrap();
-    let logits = raw.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
-    Golden { prompt: ids("prompt_ids"), generated: ids("generated_ids"), logits }
+    let logits = raw
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Golden {
+        prompt: ids("prompt_ids"),
+        generated: ids("generated_ids"),
+        logits,
+    }
 }
 
 fn argmax(x: &[f32]) -> u32 {
@@ -50,12 +64,19 @@ fn argmax(x: &[f32]) -> u32 {
 }
 
 fn mean_abs_diff(a: &[f32], b: &[f32]) -> f64 {
-    a.iter().zip(b).map(|(x, y)| f64::from((x - y).abs())).sum::<f64>() / a.len() as f64
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .sum::<f64>()
+        / a.len() as f64
 }
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
 }
 
 #[test]
@@ -68,10 +89,16 @@ fn tiny_dense_matches_reference_powerinfer() {
     let mut st = model.new_state(64, 16).unwrap();
     let np = g.prompt.len();
     // prompt: every row of prefill logits
-    let logits = model.forward(&pool, &mut st, &g.prompt, Logits::All).unwrap().to_vec();
+    let logits = model
+        .forward(&pool, &mut st, &g.prompt, Logits::All)
+        .unwrap()
+        .to_vec();
     let mut worst = 0.0f32;
     for r in 0..np {
-        let d = max_abs_diff(&logits[r * nv..(r + 1) * nv], &g.logits[r * nv..(r + 1) * nv]);
+        let d = max_abs_diff(
+            &logits[r * nv..(r + 1) * nv],
+            &g.logits[r * nv..(r + 1) * nv],
+        );
         worst = worst.max(d);
     }
     // then the 32 greedy steps, feeding the reference's tokens
@@ -84,7 +111,10 @@ fn tiny_dense_matches_reference_powerinfer() {
         sum_abs += mean_abs_diff(&last, want);
         assert_eq!(argmax(&last), tok, "greedy step {k}");
         if k + 1 < g.generated.len() {
-            last = model.forward(&pool, &mut st, &[tok], Logits::Last).unwrap().to_vec();
+            last = model
+                .forward(&pool, &mut st, &[tok], Logits::Last)
+                .unwrap()
+                .to_vec();
         }
     }
     let mean = sum_abs / g.generated.len() as f64;
@@ -104,7 +134,10 @@ fn tiny_batch_equals_token_by_token() {
         let pool = ThreadPool::new(threads);
         // micro-batches of 5 force several pieces
         let mut a = model.new_state(32, 5).unwrap();
-        let all = model.forward(&pool, &mut a, &tokens, Logits::All).unwrap().to_vec();
+        let all = model
+            .forward(&pool, &mut a, &tokens, Logits::All)
+            .unwrap()
+            .to_vec();
         assert_eq!(all.len(), tokens.len() * nv);
         let mut b = model.new_state(32, 1).unwrap();
         for (i, &t) in tokens.iter().enumerate() {
@@ -125,10 +158,18 @@ fn rewind_reproduces_logits() {
     let Some(model) = tiny_model() else { return };
     let pool = ThreadPool::new(2);
     let mut st = model.new_state(16, 16).unwrap();
-    let a = model.forward(&pool, &mut st, &[1, 908, 852, 304], Logits::Last).unwrap().to_vec();
-    model.forward(&pool, &mut st, &[7, 8, 9], Logits::None).unwrap();
+    let a = model
+        .forward(&pool, &mut st, &[1, 908, 852, 304], Logits::Last)
+        .unwrap()
+        .to_vec();
+    model
+        .forward(&pool, &mut st, &[7, 8, 9], Logits::None)
+        .unwrap();
     st.rewind(3);
-    let b = model.forward(&pool, &mut st, &[304], Logits::Last).unwrap().to_vec();
+    let b = model
+        .forward(&pool, &mut st, &[304], Logits::Last)
+        .unwrap()
+        .to_vec();
     assert!(max_abs_diff(&a, &b) < 1e-4);
 }
 
@@ -164,7 +205,11 @@ fn perplexity_equals_independent_nll() {
     assert!((r.ppl - mean.exp()).abs() < 1e-3 * mean.exp());
     let var = nlls.iter().map(|v| v * v).sum::<f64>() / nlls.len() as f64 - mean * mean;
     let se = (var / (nlls.len() - 1) as f64).sqrt() * mean.exp();
-    assert!((r.ppl_stderr - se).abs() < 1e-3 * se.max(1e-9), "{} vs {se}", r.ppl_stderr);
+    assert!(
+        (r.ppl_stderr - se).abs() < 1e-3 * se.max(1e-9),
+        "{} vs {se}",
+        r.ppl_stderr
+    );
     assert!((calls[1].2 - r.ppl).abs() < 1e-9);
     assert!(token_nll(&[0.0, 0.0], 1) - std::f64::consts::LN_2 < 1e-12);
     // too few tokens for one window
@@ -176,23 +221,44 @@ fn forward_errors_are_typed() {
     let Some(model) = tiny_model() else { return };
     let pool = ThreadPool::new(1);
     let mut st = model.new_state(4, 4).unwrap();
-    assert!(matches!(model.forward(&pool, &mut st, &[], Logits::Last), Err(ModelError::EmptyInput)));
+    assert!(matches!(
+        model.forward(&pool, &mut st, &[], Logits::Last),
+        Err(ModelError::EmptyInput)
+    ));
     assert!(matches!(
         model.forward(&pool, &mut st, &[5000], Logits::Last),
-        Err(ModelError::TokenOutOfRange { token: 5000, n_vocab: 1024 })
+        Err(ModelError::TokenOutOfRange {
+            token: 5000,
+            n_vocab: 1024
+        })
     ));
     assert!(matches!(
         model.forward(&pool, &mut st, &[1, 2, 3, 4, 5], Logits::Last),
-        Err(ModelError::ContextOverflow { pos: 0, n_tokens: 5, n_ctx: 4 })
+        Err(ModelError::ContextOverflow {
+            pos: 0,
+            n_tokens: 5,
+            n_ctx: 4
+        })
     ));
-    model.forward(&pool, &mut st, &[1, 2, 3], Logits::None).unwrap();
-    assert!(matches!(model.forward(&pool, &mut st, &[1, 2], Logits::Last), Err(ModelError::ContextOverflow { pos: 3, .. })));
+    model
+        .forward(&pool, &mut st, &[1, 2, 3], Logits::None)
+        .unwrap();
+    assert!(matches!(
+        model.forward(&pool, &mut st, &[1, 2], Logits::Last),
+        Err(ModelError::ContextOverflow { pos: 3, .. })
+    ));
     // a context far beyond this machine's memory
-    assert!(matches!(model.new_state(usize::MAX / 1024, 1), Err(ModelError::ContextTooLarge { .. })));
+    assert!(matches!(
+        model.new_state(usize::MAX / 1024, 1),
+        Err(ModelError::ContextTooLarge { .. })
+    ));
 }
 
 /// A tiny GGUF written in memory from the fixture's metadata and tensors, with `edit` applied.
-fn rewritten(edit: impl Fn(&str, &[u64], GgmlType) -> Option<(String, Vec<u64>, GgmlType)>, arch: &str) -> Arc<GgufFile> {
+fn rewritten(
+    edit: impl Fn(&str, &[u64], GgmlType) -> Option<(String, Vec<u64>, GgmlType)>,
+    arch: &str,
+) -> Arc<GgufFile> {
     let src = GgufFile::open(fixture_dir().join("tiny-relu-llama.dense.f16.gguf")).unwrap();
     let mut w = GgufWriter::new(powerinfer_gguf::Magic::Gguf);
     for (k, v) in src.metadata() {
@@ -226,12 +292,28 @@ fn load_errors_are_typed() {
     let keep = |n: &str, s: &[u64], t: GgmlType| Some((n.to_string(), s.to_vec(), t));
     assert!(Model::from_gguf(rewritten(keep, "llama")).is_ok());
     let e = Model::from_gguf(rewritten(keep, "mamba")).unwrap_err();
-    assert!(matches!(&e, ModelError::UnknownArchitecture(a) if a == "mamba"), "{e}");
-    let drop_up = |n: &str, s: &[u64], t: GgmlType| (n != "blk.1.ffn_up.weight").then(|| (n.to_string(), s.to_vec(), t));
+    assert!(
+        matches!(&e, ModelError::UnknownArchitecture(a) if a == "mamba"),
+        "{e}"
+    );
+    let drop_up = |n: &str, s: &[u64], t: GgmlType| {
+        (n != "blk.1.ffn_up.weight").then(|| (n.to_string(), s.to_vec(), t))
+    };
     let e = Model::from_gguf(rewritten(drop_up, "llama")).unwrap_err();
-    assert!(matches!(&e, ModelError::MissingTensor(n) if n == "blk.1.ffn_up.weight"), "{e}");
+    assert!(
+        matches!(&e, ModelError::MissingTensor(n) if n == "blk.1.ffn_up.weight"),
+        "{e}"
+    );
     let reshape = |n: &str, s: &[u64], t: GgmlType| {
-        Some((n.to_string(), if n == "blk.2.attn_q.weight" { vec![64, 32] } else { s.to_vec() }, t))
+        Some((
+            n.to_string(),
+            if n == "blk.2.attn_q.weight" {
+                vec![64, 32]
+            } else {
+                s.to_vec()
+            },
+            t,
+        ))
     };
     let e = Model::from_gguf(rewritten(reshape, "llama")).unwrap_err();
     assert!(
@@ -239,10 +321,20 @@ fn load_errors_are_typed() {
         "{e}"
     );
     let retype = |n: &str, s: &[u64], t: GgmlType| {
-        Some((n.to_string(), s.to_vec(), if n == "blk.0.ffn_gate.weight" { GgmlType::IQ4_NL } else { t }))
+        Some((
+            n.to_string(),
+            s.to_vec(),
+            if n == "blk.0.ffn_gate.weight" {
+                GgmlType::IQ4_NL
+            } else {
+                t
+            },
+        ))
     };
     match Model::from_gguf(rewritten(retype, "llama")) {
-        Err(ModelError::UnsupportedTensorType { name, .. }) => assert_eq!(name, "blk.0.ffn_gate.weight"),
+        Err(ModelError::UnsupportedTensorType { name, .. }) => {
+            assert_eq!(name, "blk.0.ffn_gate.weight")
+        }
         // a row of 64 elements is not a whole IQ2_XXS block: also a typed error, naming the tensor
         Err(e) => assert!(e.to_string().contains("blk.0.ffn_gate.weight"), "{e}"),
         Ok(_) => panic!("IQ4_NL ffn_gate accepted"),

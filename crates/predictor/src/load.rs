@@ -76,7 +76,10 @@ fn tensor<'a>(
         found: t.shape.clone(),
     };
     let (c, r) = dims2(&t.shape).ok_or_else(bad)?;
-    let (c, r) = (usize::try_from(c).map_err(|_| bad())?, usize::try_from(r).map_err(|_| bad())?);
+    let (c, r) = (
+        usize::try_from(c).map_err(|_| bad())?,
+        usize::try_from(r).map_err(|_| bad())?,
+    );
     if c == 0 || r == 0 || cols.is_some_and(|x| x != c) || rows.is_some_and(|x| x != r) {
         return Err(bad());
     }

@@ -91,7 +91,8 @@ impl<'a> Weights<'a> {
                 actual: values.len(),
             });
         }
-        let rb = powerinfer_quant::row_bytes(ty, cols).ok_or(CpuError::NotBlockAligned { ty, cols })?;
+        let rb =
+            powerinfer_quant::row_bytes(ty, cols).ok_or(CpuError::NotBlockAligned { ty, cols })?;
         let mut data = vec![0u8; rb.checked_mul(rows).ok_or(CpuError::Overflow)?];
         if rb > 0 {
             for (src, dst) in values.chunks_exact(cols).zip(data.chunks_exact_mut(rb)) {
@@ -223,12 +224,17 @@ impl<'a> Predictor<'a> {
             }
         })?;
         scratch.hidden.iter_mut().for_each(|h| *h = h.max(0.0));
-        matvec_with(pool, &fc2, &scratch.hidden, &mut scratch.scores, &mut scratch.act).map_err(
-            |source| PredictorError::Cpu {
-                what: "fc2 · relu(fc1 · x)",
-                source,
-            },
-        )?;
+        matvec_with(
+            pool,
+            &fc2,
+            &scratch.hidden,
+            &mut scratch.scores,
+            &mut scratch.act,
+        )
+        .map_err(|source| PredictorError::Cpu {
+            what: "fc2 · relu(fc1 · x)",
+            source,
+        })?;
         Ok(&scratch.scores)
     }
 
@@ -271,20 +277,31 @@ pub fn reference_scores(p: &Predictor, x: &[f32]) -> Result<Vec<f32>, PredictorE
         let mut row = vec![0.0f32; w.cols];
         (0..w.rows)
             .map(|r| {
-                let ok = powerinfer_quant::dequantize_row(w.ty, &w.data[r * rb..(r + 1) * rb], &mut row);
+                let ok =
+                    powerinfer_quant::dequantize_row(w.ty, &w.data[r * rb..(r + 1) * rb], &mut row);
                 if ok.is_err() {
                     return f64::NAN;
                 }
-                row.iter().zip(x).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum()
+                row.iter()
+                    .zip(x)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum()
             })
             .collect()
     }
-    let h: Vec<f32> = product(&p.fc1, x).into_iter().map(|v| v.max(0.0) as f32).collect();
+    let h: Vec<f32> = product(&p.fc1, x)
+        .into_iter()
+        .map(|v| v.max(0.0) as f32)
+        .collect();
     Ok(product(&p.fc2, &h).into_iter().map(|v| v as f32).collect())
 }
 
 /// Scalar reference of [`Predictor::predict`]: `{ i : reference p[i] >= threshold }`.
-pub fn reference_predict(p: &Predictor, x: &[f32], threshold: f32) -> Result<Vec<u32>, PredictorError> {
+pub fn reference_predict(
+    p: &Predictor,
+    x: &[f32],
+    threshold: f32,
+) -> Result<Vec<u32>, PredictorError> {
     Ok(reference_scores(p, x)?
         .iter()
         .enumerate()

@@ -238,7 +238,9 @@ mod tests {
             let layer = tok % 3;
             let n = 1 + (rng(&mut s) % 97) as usize;
             let pre: Vec<f32> = (0..n).map(|_| (rng(&mut s) % 5) as f32 - 2.0).collect();
-            let pred: Vec<u32> = (0..n as u32).filter(|_| rng(&mut s).is_multiple_of(3)).collect();
+            let pred: Vec<u32> = (0..n as u32)
+                .filter(|_| rng(&mut s).is_multiple_of(3))
+                .collect();
             q.record(layer, &pred, &pre).unwrap();
             let w = &mut want[layer];
             w.tokens += 1;
@@ -255,11 +257,24 @@ mod tests {
         let t = q.total();
         assert_eq!(t.tokens, 50);
         let c = &want[0];
-        assert_eq!(c.recall(), c.true_pos as f64 / (c.true_pos + c.false_neg) as f64);
-        assert_eq!(c.precision(), c.true_pos as f64 / (c.true_pos + c.false_pos) as f64);
+        assert_eq!(
+            c.recall(),
+            c.true_pos as f64 / (c.true_pos + c.false_neg) as f64
+        );
+        assert_eq!(
+            c.precision(),
+            c.true_pos as f64 / (c.true_pos + c.false_pos) as f64
+        );
         let table = q.table();
         assert_eq!(table.lines().count(), 5, "{table}");
-        assert!(table.lines().last().unwrap().trim_start().starts_with("all"));
+        assert!(
+            table
+                .lines()
+                .last()
+                .unwrap()
+                .trim_start()
+                .starts_with("all")
+        );
     }
 
     #[test]
@@ -267,7 +282,10 @@ mod tests {
         let mut q = PredictorQuality::new(2);
         assert!(matches!(
             q.record(2, &[], &[1.0]),
-            Err(QualityError::LayerOutOfRange { layer: 2, n_layers: 2 })
+            Err(QualityError::LayerOutOfRange {
+                layer: 2,
+                n_layers: 2
+            })
         ));
         assert!(matches!(
             q.record(0, &[1, 1], &[1.0, 1.0]),

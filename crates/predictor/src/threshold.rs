@@ -136,13 +136,22 @@ mod tests {
     #[test]
     fn precedence() {
         let r = |f, c, e| resolve_threshold(f, c, e).unwrap();
-        assert_eq!(r(None, None, None), Threshold { value: 0.0, source: ThresholdSource::Default });
+        assert_eq!(
+            r(None, None, None),
+            Threshold {
+                value: 0.0,
+                source: ThresholdSource::Default
+            }
+        );
         assert_eq!(r(Some(0.1), None, None).source, ThresholdSource::File);
         assert_eq!(r(Some(0.1), None, None).value, 0.1);
         assert_eq!(r(Some(0.1), None, env("0.25")).value, 0.25);
         assert_eq!(r(Some(0.1), None, env("0.25")).source, ThresholdSource::Env);
         assert_eq!(r(Some(0.1), Some(-1.0), env("0.25")).value, -1.0);
-        assert_eq!(r(Some(0.1), Some(-1.0), env("0.25")).source, ThresholdSource::Cli);
+        assert_eq!(
+            r(Some(0.1), Some(-1.0), env("0.25")).source,
+            ThresholdSource::Cli
+        );
         // Blank env counts as unset; surrounding spaces are tolerated.
         assert_eq!(r(Some(0.1), None, env("  ")).source, ThresholdSource::File);
         assert_eq!(r(None, None, env(" 0.5 ")).value, 0.5);
@@ -166,8 +175,13 @@ mod tests {
             let ThresholdError::NotANumber { origin, .. } = &e;
             assert_eq!(*origin, src, "{e}");
         }
-        let msg = resolve_threshold(None, None, env("abc")).unwrap_err().to_string();
-        assert!(msg.contains("LLAMA_SPARSE_PRED_THRESHOLD") && msg.contains("abc"), "{msg}");
+        let msg = resolve_threshold(None, None, env("abc"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("LLAMA_SPARSE_PRED_THRESHOLD") && msg.contains("abc"),
+            "{msg}"
+        );
     }
 
     #[cfg(unix)]

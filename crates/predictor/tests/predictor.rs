@@ -67,7 +67,11 @@ fn predict_matches_reference_for_every_type() {
     for (k, &ty) in types.iter().enumerate() {
         let ty2 = types[(k + 3) % types.len()];
         let bs = ty.block_size().max(ty2.block_size());
-        let (n_embd, h, n_ff) = if bs == 256 { (512, 256, 301) } else { (96, 64, 509) };
+        let (n_embd, h, n_ff) = if bs == 256 {
+            (512, 256, 301)
+        } else {
+            (96, 64, 509)
+        };
         let fc1 = Weights::from_f32(ty, h, n_embd, &rng.vec(h * n_embd)).unwrap();
         let fc2 = Weights::from_f32(ty2, n_ff, h, &rng.vec(n_ff * h)).unwrap();
         let fc2_f = weights_f32(&fc2);
@@ -78,14 +82,18 @@ fn predict_matches_reference_for_every_type() {
         for trial in 0..4 {
             let x = rng.vec(n_embd);
             let threshold = [0.0, 0.5, -0.5, 2.0][trial];
-            p.predict(&pool, &x, threshold, &mut scratch, &mut active).unwrap();
+            p.predict(&pool, &x, threshold, &mut scratch, &mut active)
+                .unwrap();
             let got = scratch.scores().to_vec();
             let want = reference_scores(&p, &x).unwrap();
             // The reference's hidden layer, to bound each score's error.
             let scale = want.iter().map(|v| v.abs()).sum::<f32>() / n_ff as f32;
             let mut undecided = 0;
             for i in 0..n_ff {
-                let mag: f32 = fc2_f[i * h..(i + 1) * h].iter().map(|v| v.abs()).sum::<f32>();
+                let mag: f32 = fc2_f[i * h..(i + 1) * h]
+                    .iter()
+                    .map(|v| v.abs())
+                    .sum::<f32>();
                 let tol = 0.03 * scale + 0.002 * mag;
                 assert!(
                     (got[i] - want[i]).abs() <= tol,
@@ -101,7 +109,10 @@ fn predict_matches_reference_for_every_type() {
                     undecided += 1;
                 }
             }
-            assert!(undecided * 10 < n_ff, "{ty}/{ty2}: {undecided} undecided of {n_ff}");
+            assert!(
+                undecided * 10 < n_ff,
+                "{ty}/{ty2}: {undecided} undecided of {n_ff}"
+            );
             assert!(active.windows(2).all(|w| w[0] < w[1]));
         }
     }
@@ -116,7 +127,9 @@ fn oracle_predictor_predicts_the_gate_sign() {
     };
     assert_eq!(file.magic(), Magic::Pwri);
     assert_eq!(file_threshold(&file).unwrap(), None);
-    let eps = file.get_arch_f32("attention.layer_norm_rms_epsilon").unwrap();
+    let eps = file
+        .get_arch_f32("attention.layer_norm_rms_epsilon")
+        .unwrap();
     let preds = load_predictors_auto(&file).unwrap();
     assert_eq!(preds.len(), 3);
     let pool = ThreadPool::new(2);
@@ -127,14 +140,19 @@ fn oracle_predictor_predicts_the_gate_sign() {
     for (layer, p) in preds.iter().enumerate() {
         let n_embd = p.n_embd();
         assert_eq!((n_embd, p.hidden(), p.n_ff()), (64, 128, 1024));
-        let gate_t = file.tensor(&format!("blk.{layer}.ffn_gate.weight")).unwrap();
+        let gate_t = file
+            .tensor(&format!("blk.{layer}.ffn_gate.weight"))
+            .unwrap();
         let gate = dequant(gate_t.ty, file.tensor_data(gate_t), 1024 * n_embd);
-        let norm_t = file.tensor(&format!("blk.{layer}.ffn_norm.weight")).unwrap();
+        let norm_t = file
+            .tensor(&format!("blk.{layer}.ffn_norm.weight"))
+            .unwrap();
         let norm = dequant(norm_t.ty, file.tensor_data(norm_t), n_embd);
         for _ in 0..20 {
             let amp = 0.1 + 3.0 * rng.sym().abs();
             let x: Vec<f32> = rng.vec(n_embd).iter().map(|v| v * amp).collect();
-            p.predict(&pool, &x, 0.0, &mut scratch, &mut active).unwrap();
+            p.predict(&pool, &x, 0.0, &mut scratch, &mut active)
+                .unwrap();
             let ms = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum::<f64>() / n_embd as f64;
             let s = 1.0 / (ms + f64::from(eps)).sqrt();
             let xn: Vec<f64> = x
@@ -145,7 +163,11 @@ fn oracle_predictor_predicts_the_gate_sign() {
             for i in 0..1024 {
                 let row = &gate[i * n_embd..(i + 1) * n_embd];
                 let g: f64 = row.iter().zip(&xn).map(|(&a, &b)| f64::from(a) * b).sum();
-                let mag: f64 = row.iter().zip(&xn).map(|(&a, &b)| (f64::from(a) * b).abs()).sum();
+                let mag: f64 = row
+                    .iter()
+                    .zip(&xn)
+                    .map(|(&a, &b)| (f64::from(a) * b).abs())
+                    .sum();
                 let predicted = active.binary_search(&(i as u32)).is_ok();
                 if g.abs() <= 0.002 * mag {
                     skipped += 1;
@@ -166,8 +188,16 @@ fn oracle_predictor_predicts_the_gate_sign() {
 #[test]
 fn loads_the_reference_files() {
     for (name, ty, thr) in [
-        ("tiny-relu-llama.random-pred.f16.powerinfer.gguf", GgmlType::F16, Some(0.1f32)),
-        ("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf", GgmlType::Q4_0, Some(0.1)),
+        (
+            "tiny-relu-llama.random-pred.f16.powerinfer.gguf",
+            GgmlType::F16,
+            Some(0.1f32),
+        ),
+        (
+            "tiny-relu-llama.random-pred.q4_0.powerinfer.gguf",
+            GgmlType::Q4_0,
+            Some(0.1),
+        ),
     ] {
         let Some(file) = open_fixture(name) else {
             return;
@@ -182,7 +212,9 @@ fn loads_the_reference_files() {
         let x: Vec<f32> = Rng(13).vec(64);
         let mut scratch = PredictorScratch::new();
         let mut active = Vec::new();
-        preds[1].predict(&pool, &x, 0.1, &mut scratch, &mut active).unwrap();
+        preds[1]
+            .predict(&pool, &x, 0.1, &mut scratch, &mut active)
+            .unwrap();
         let want = reference_scores(&preds[1], &x).unwrap();
         let scale = want.iter().map(|v| v.abs()).sum::<f32>() / want.len() as f32;
         let n_clear = want
@@ -190,7 +222,11 @@ fn loads_the_reference_files() {
             .enumerate()
             .filter(|&(_, &v)| (v - 0.1).abs() > 0.05 * scale)
             .map(|(i, &v)| {
-                assert_eq!(active.binary_search(&(i as u32)).is_ok(), v >= 0.1, "{name} neuron {i}");
+                assert_eq!(
+                    active.binary_search(&(i as u32)).is_ok(),
+                    v >= 0.1,
+                    "{name} neuron {i}"
+                );
             })
             .count();
         assert!(n_clear > 900, "{name}: {n_clear}");
@@ -207,13 +243,17 @@ fn loads_the_reference_files() {
 }
 
 fn f32_bytes(n: usize) -> Vec<u8> {
-    (0..n).flat_map(|i| (i as f32 * 0.01).to_le_bytes()).collect()
+    (0..n)
+        .flat_map(|i| (i as f32 * 0.01).to_le_bytes())
+        .collect()
 }
 
 fn file_with(tensors: &[(&str, GgmlType, Vec<u64>)]) -> GgufFile {
     let mut w = GgufWriter::new(Magic::Pwri);
-    w.add_kv("general.architecture", Value::from("llama")).unwrap();
-    w.add_kv("powerinfer.sparse_threshold", Value::F32(0.25)).unwrap();
+    w.add_kv("general.architecture", Value::from("llama"))
+        .unwrap();
+    w.add_kv("powerinfer.sparse_threshold", Value::F32(0.25))
+        .unwrap();
     for (name, ty, shape) in tensors {
         let n: u64 = shape.iter().product();
         let bytes = ty.bytes_for(n).unwrap() as usize;
@@ -238,18 +278,31 @@ fn load_errors_name_the_tensor() {
     let p = load_layer(&ok, 0, 8, 16).unwrap();
     assert_eq!((p.n_embd(), p.hidden(), p.n_ff()), (8, 4, 16));
     let err = load_layer(&ok, 1, 8, 16).unwrap_err();
-    assert_eq!(err, LoadError::Missing { tensor: "blk.1.fc1.weight".into() });
+    assert_eq!(
+        err,
+        LoadError::Missing {
+            tensor: "blk.1.fc1.weight".into()
+        }
+    );
     // Wrong n_embd, wrong n_ff.
     let e = load_layer(&ok, 0, 9, 16).unwrap_err();
-    assert!(matches!(&e, LoadError::BadShape { tensor, .. } if tensor == "blk.0.fc1.weight"), "{e}");
+    assert!(
+        matches!(&e, LoadError::BadShape { tensor, .. } if tensor == "blk.0.fc1.weight"),
+        "{e}"
+    );
     let e = load_layer(&ok, 0, 8, 17).unwrap_err();
-    assert!(matches!(&e, LoadError::BadShape { tensor, .. } if tensor == "blk.0.fc2.weight"), "{e}");
+    assert!(
+        matches!(&e, LoadError::BadShape { tensor, .. } if tensor == "blk.0.fc2.weight"),
+        "{e}"
+    );
     assert!(e.to_string().contains("blk.0.fc2.weight"), "{e}");
 
     let missing_fc2 = file_with(&[("blk.0.fc1.weight", F32, vec![8, 4])]);
     assert_eq!(
         load_layer(&missing_fc2, 0, 8, 16).unwrap_err(),
-        LoadError::Missing { tensor: "blk.0.fc2.weight".into() }
+        LoadError::Missing {
+            tensor: "blk.0.fc2.weight".into()
+        }
     );
     // fc2's H disagrees with fc1's.
     let bad_h = file_with(&[
@@ -257,15 +310,24 @@ fn load_errors_name_the_tensor() {
         ("blk.0.fc2.weight", F32, vec![5, 16]),
     ]);
     let e = load_layer(&bad_h, 0, 8, 16).unwrap_err();
-    assert!(matches!(&e, LoadError::BadShape { tensor, found, .. } if tensor == "blk.0.fc2.weight" && found == &[5, 16]), "{e}");
+    assert!(
+        matches!(&e, LoadError::BadShape { tensor, found, .. } if tensor == "blk.0.fc2.weight" && found == &[5, 16]),
+        "{e}"
+    );
     // 3-D and 1-D tensors.
     let three_d = file_with(&[
         ("blk.0.fc1.weight", F32, vec![8, 4, 2]),
         ("blk.0.fc2.weight", F32, vec![4, 16]),
     ]);
-    assert!(matches!(load_layer(&three_d, 0, 8, 16), Err(LoadError::BadShape { .. })));
+    assert!(matches!(
+        load_layer(&three_d, 0, 8, 16),
+        Err(LoadError::BadShape { .. })
+    ));
     let one_d = file_with(&[("blk.0.fc1.weight", F32, vec![8])]);
-    assert!(matches!(load_layer(&one_d, 0, 8, 16), Err(LoadError::BadShape { .. })));
+    assert!(matches!(
+        load_layer(&one_d, 0, 8, 16),
+        Err(LoadError::BadShape { .. })
+    ));
     // A type without kernels.
     let ints = file_with(&[
         ("blk.0.fc1.weight", I32, vec![8, 4]),
@@ -273,10 +335,16 @@ fn load_errors_name_the_tensor() {
     ]);
     assert_eq!(
         load_layer(&ints, 0, 8, 16).unwrap_err(),
-        LoadError::UnsupportedType { tensor: "blk.0.fc1.weight".into(), ty: I32 }
+        LoadError::UnsupportedType {
+            tensor: "blk.0.fc1.weight".into(),
+            ty: I32
+        }
     );
     // Metadata needed by the automatic loader.
-    assert!(matches!(load_predictors_auto(&ok), Err(LoadError::Metadata(_))));
+    assert!(matches!(
+        load_predictors_auto(&ok),
+        Err(LoadError::Metadata(_))
+    ));
 }
 
 #[test]
@@ -285,7 +353,10 @@ fn predictor_input_errors() {
     let fc2 = Weights::from_f32(GgmlType::F32, 16, 5, &[0.5; 80]).unwrap();
     assert!(matches!(
         Predictor::new(fc1.clone(), fc2),
-        Err(PredictorError::HiddenMismatch { fc1_rows: 4, fc2_cols: 5 })
+        Err(PredictorError::HiddenMismatch {
+            fc1_rows: 4,
+            fc2_cols: 5
+        })
     ));
     let fc2 = Weights::from_f32(GgmlType::F32, 16, 4, &[0.5; 64]).unwrap();
     let p = Predictor::new(fc1, fc2).unwrap();
@@ -294,7 +365,10 @@ fn predictor_input_errors() {
     let pool = ThreadPool::new(1);
     assert!(matches!(
         p.predict(&pool, &[1.0; 7], 0.0, &mut s, &mut a),
-        Err(PredictorError::InputLength { expected: 8, actual: 7 })
+        Err(PredictorError::InputLength {
+            expected: 8,
+            actual: 7
+        })
     ));
     // All-positive weights and input: every neuron scores 0.5*0.5*8*4*... > 0.
     p.predict(&pool, &[1.0; 8], 0.0, &mut s, &mut a).unwrap();

@@ -8,7 +8,9 @@
 use powerinfer_cpu::ops::RopeKind;
 use powerinfer_gguf::GgufFile;
 
-use super::{Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate};
+use super::{
+    Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate,
+};
 use crate::error::ModelError;
 
 /// Every `SWA_PATTERN`-th layer is global.
@@ -46,15 +48,29 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
     // llama.cpp: 1/sqrt(query_pre_attn_scalar) = 1/sqrt(head_dim) (27B: 1/sqrt(n_embd/n_head)),
     // applied to Q before attention; the score scale is then 1.
     let q_scale = 1.0 / (c.head_dim_k as f32).sqrt();
-    let (q_dim, k_dim, v_dim) = (c.n_head * c.head_dim_k, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v);
+    let (q_dim, k_dim, v_dim) = (
+        c.n_head * c.head_dim_k,
+        c.n_head_kv * c.head_dim_k,
+        c.n_head_kv * c.head_dim_v,
+    );
     let mut layers = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
         let p = |s: &str| format!("blk.{i}.{s}");
         let global = (i + 1) % SWA_PATTERN == 0 || c.sliding_window.is_none();
         let rope = if global {
-            RopeSpec { kind: RopeKind::Neox, n_dims: c.rope_dims, base: c.rope_base, freq_scale: c.rope_freq_scale }
+            RopeSpec {
+                kind: RopeKind::Neox,
+                n_dims: c.rope_dims,
+                base: c.rope_base,
+                freq_scale: c.rope_freq_scale,
+            }
         } else {
-            RopeSpec { kind: RopeKind::Neox, n_dims: c.rope_dims, base: ROPE_BASE_LOCAL, freq_scale: 1.0 }
+            RopeSpec {
+                kind: RopeKind::Neox,
+                n_dims: c.rope_dims,
+                base: ROPE_BASE_LOCAL,
+                freq_scale: 1.0,
+            }
         };
         let attn = Attention {
             wq: l.matrix(&p("attn_q.weight"), c.n_embd, q_dim)?,

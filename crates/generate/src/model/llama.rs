@@ -5,7 +5,9 @@
 use powerinfer_cpu::ops::RopeKind;
 use powerinfer_gguf::GgufFile;
 
-use super::{Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate};
+use super::{
+    Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate,
+};
 use crate::error::ModelError;
 
 pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
@@ -44,7 +46,11 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
         s if s > 0.0 => s,
         _ => 1.0 / (c.head_dim_k as f32).sqrt(),
     };
-    let (q_dim, k_dim, v_dim) = (c.n_head * c.head_dim_k, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v);
+    let (q_dim, k_dim, v_dim) = (
+        c.n_head * c.head_dim_k,
+        c.n_head_kv * c.head_dim_k,
+        c.n_head_kv * c.head_dim_v,
+    );
     let mut layers = Vec::with_capacity(c.n_layer);
     for i in 0..c.n_layer {
         let p = |s: &str| format!("blk.{i}.{s}");
@@ -59,7 +65,12 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
             bo: l.opt_vector(&p("attn_output.bias"), c.n_embd)?,
             q_norm: None,
             k_norm: None,
-            rope: RopeSpec { kind: RopeKind::Normal, n_dims: c.rope_dims, base: c.rope_base, freq_scale: c.rope_freq_scale },
+            rope: RopeSpec {
+                kind: RopeKind::Normal,
+                n_dims: c.rope_dims,
+                base: c.rope_base,
+                freq_scale: c.rope_freq_scale,
+            },
             q_scale: 1.0,
             kq_scale,
             window: None,

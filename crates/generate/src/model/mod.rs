@@ -20,8 +20,13 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
-use powerinfer_cpu::ops::{self, AttnParams, AttnScratch, RopeKind};
-use powerinfer_cpu::{ActBuffer, CpuError, Matrix, SharedSlice, ThreadPool, matmul_quantized, matvec_quantized};
+use powerinfer_cpu::ops::{self, AttnParams, AttnPrecision, AttnScratch, RopeKind};
+
+/// Micro-batches of at least this many tokens use f32 attention numerics (ggml's tiled kernel).
+const TILED_ATTN_MIN_TOKENS: usize = 64;
+use powerinfer_cpu::{
+    ActBuffer, CpuError, Matrix, SharedSlice, ThreadPool, matmul_quantized, matvec_quantized,
+};
 use powerinfer_gguf::{GgmlType, GgufFile};
 
 use crate::error::ModelError;
@@ -98,7 +103,12 @@ pub struct Weight {
 impl Weight {
     /// The matrix over `file_bytes` (the whole file).
     pub fn matrix<'a>(&self, file_bytes: &'a [u8]) -> Result<Matrix<'a>, CpuError> {
-        Matrix::new(self.ty, self.rows, self.cols, &file_bytes[self.range.clone()])
+        Matrix::new(
+            self.ty,
+            self.rows,
+            self.cols,
+            &file_bytes[self.range.clone()],
+        )
     }
 
     /// Bytes of the weight in the file.
@@ -227,7 +237,9 @@ pub struct Model {
 
 impl std::fmt::Debug for Model {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Model").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("Model")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -239,7 +251,10 @@ impl Model {
 
     /// Loads a model from an opened file.
     pub fn from_gguf(file: Arc<GgufFile>) -> Result<Self, ModelError> {
-        let arch = file.architecture().ok_or(ModelError::NoArchitecture)?.to_owned();
+        let arch = file
+            .architecture()
+            .ok_or(ModelError::NoArchitecture)?
+            .to_owned();
         let parts = match arch.as_str() {
             "llama" => llama::load(&file)?,
             "gemma3" => gemma3::load(&file)?,
@@ -285,8 +300,18 @@ impl Model {
             return Err(ModelError::InvalidConfig("context size 0".into()));
         }
         let c = &self.config;
-        let kv = KvCache::new(c.n_layer, n_ctx, c.n_head_kv * c.head_dim_k, c.n_head_kv * c.head_dim_v)?;
-        Ok(ModelState { kv, n_ubatch: n_ubatch.clamp(1, n_ctx), scratch: Scratch::default(), logits: Vec::new() })
+        let kv = KvCache::new(
+            c.n_layer,
+            n_ctx,
+            c.n_head_kv * c.head_dim_k,
+            c.n_head_kv * c.head_dim_v,
+        )?;
+        Ok(ModelState {
+            kv,
+            n_ubatch: n_ubatch.clamp(1, n_ctx),
+            scratch: Scratch::default(),
+            logits: Vec::new(),
+        })
     }
 
     /// Runs `tokens` at the next positions of `state` and returns the requested logits (borrowed
@@ -308,7 +333,11 @@ impl Model {
         let pos = state.kv.len();
         let n_ctx = state.kv.n_ctx();
         if pos + tokens.len() > n_ctx {
-            return Err(ModelError::ContextOverflow { pos, n_tokens: tokens.len(), n_ctx });
+            return Err(ModelError::ContextOverflow {
+                pos,
+                n_tokens: tokens.len(),
+                n_ctx,
+            });
         }
         let n_rows = match logits {
             Logits::None => 0,
@@ -334,7 +363,13 @@ impl Model {
         Ok(&state.logits)
     }
 
-    fn ubatch(&self, pool: &ThreadPool, st: &mut ModelState, tokens: &[u32], rows: OutRows) -> Result<(), ModelError> {
+    fn ubatch(
+        &self,
+        pool: &ThreadPool,
+        st: &mut ModelState,
+        tokens: &[u32],
+        rows: OutRows,
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         let bytes = self.file.as_bytes();
         let n = tokens.len();
@@ -350,8 +385,12 @@ impl Model {
             let start = emb.range.start + tok as usize * rb;
             let row = &bytes[start..start + rb];
             let dst = &mut sc.x[t * d..(t + 1) * d];
-            powerinfer_quant::dequantize_row(emb.ty, row, dst)
-                .map_err(|e| ModelError::Dequantize { name: emb.name.clone(), msg: e.to_string() })?;
+            powerinfer_quant::dequantize_row(emb.ty, row, dst).map_err(|e| {
+                ModelError::Dequantize {
+                    name: emb.name.clone(),
+                    msg: e.to_string(),
+                }
+            })?;
             if let Some(s) = self.embd_scale {
                 dst.iter_mut().for_each(|v| *v *= s);
             }
@@ -364,7 +403,12 @@ impl Model {
             if !sc.rope_tables.iter().any(|(spec, _)| *spec == r) {
                 let mut tab = vec![0.0f32; n * r.n_dims];
                 for t in 0..n {
-                    ops::rope_cache((pos0 + t) as f32, r.base, r.freq_scale, &mut tab[t * r.n_dims..(t + 1) * r.n_dims])?;
+                    ops::rope_cache(
+                        (pos0 + t) as f32,
+                        r.base,
+                        r.freq_scale,
+                        &mut tab[t * r.n_dims..(t + 1) * r.n_dims],
+                    )?;
                 }
                 sc.rope_tables.push((r, tab));
             }
@@ -384,7 +428,12 @@ impl Model {
         };
         for t in 0..n_out {
             let src = &sc.x[(first_row + t) * d..(first_row + t + 1) * d];
-            ops::rms_norm(src, &self.output_norm, c.rms_eps, &mut sc.xn[t * d..(t + 1) * d])?;
+            ops::rms_norm(
+                src,
+                &self.output_norm,
+                c.rms_eps,
+                &mut sc.xn[t * d..(t + 1) * d],
+            )?;
         }
         let w = self.output.matrix(bytes)?;
         sc.acts_a.quantize(w.ty, &sc.xn[..n_out * d], d, n_out)?;
@@ -412,7 +461,12 @@ impl Model {
         let (q_dim, k_dim, v_dim) = (c.n_head * c.head_dim_k, kv.k_dim(), kv.v_dim());
         let out_dim = c.n_head * c.head_dim_v;
         for t in 0..n {
-            ops::rms_norm(&sc.x[t * d..(t + 1) * d], &layer.attn_norm, c.rms_eps, &mut sc.xn[t * d..(t + 1) * d])?;
+            ops::rms_norm(
+                &sc.x[t * d..(t + 1) * d],
+                &layer.attn_norm,
+                c.rms_eps,
+                &mut sc.xn[t * d..(t + 1) * d],
+            )?;
         }
         // projections; activations quantized once per distinct weight type
         let wq = a.wq.matrix(bytes)?;
@@ -434,12 +488,27 @@ impl Model {
         if let Some(w) = &a.k_norm {
             ops::rms_norm_rows_inplace(&mut sc.k[..n * k_dim], w, c.rms_eps)?;
         }
-        let tab = &sc.rope_tables.iter().find(|(s, _)| *s == a.rope).expect("rope table built for every layer").1;
+        let tab = &sc
+            .rope_tables
+            .iter()
+            .find(|(s, _)| *s == a.rope)
+            .expect("rope table built for every layer")
+            .1;
         let nd = a.rope.n_dims;
         for t in 0..n {
             let cache = &tab[t * nd..(t + 1) * nd];
-            ops::rope_apply(&mut sc.q[t * q_dim..(t + 1) * q_dim], c.head_dim_k, cache, a.rope.kind)?;
-            ops::rope_apply(&mut sc.k[t * k_dim..(t + 1) * k_dim], c.head_dim_k, cache, a.rope.kind)?;
+            ops::rope_apply(
+                &mut sc.q[t * q_dim..(t + 1) * q_dim],
+                c.head_dim_k,
+                cache,
+                a.rope.kind,
+            )?;
+            ops::rope_apply(
+                &mut sc.k[t * k_dim..(t + 1) * k_dim],
+                c.head_dim_k,
+                cache,
+                a.rope.kind,
+            )?;
         }
         if a.q_scale != 1.0 {
             sc.q[..n * q_dim].iter_mut().for_each(|v| *v *= a.q_scale);
@@ -447,8 +516,14 @@ impl Model {
         // store K, V
         {
             let (kc, vc) = kv.layer_mut(il);
-            ops::f32_to_f16(&sc.k[..n * k_dim], &mut kc[pos0 * k_dim..(pos0 + n) * k_dim])?;
-            ops::f32_to_f16(&sc.v[..n * v_dim], &mut vc[pos0 * v_dim..(pos0 + n) * v_dim])?;
+            ops::f32_to_f16(
+                &sc.k[..n * k_dim],
+                &mut kc[pos0 * k_dim..(pos0 + n) * k_dim],
+            )?;
+            ops::f32_to_f16(
+                &sc.v[..n * v_dim],
+                &mut vc[pos0 * v_dim..(pos0 + n) * v_dim],
+            )?;
         }
         let p = AttnParams {
             n_head: c.n_head,
@@ -457,6 +532,12 @@ impl Model {
             head_dim_v: c.head_dim_v,
             scale: a.kq_scale,
             window: a.window,
+            // ggml switches to its tiled (f32) flash-attention kernel from 64 queries on
+            precision: if n >= TILED_ATTN_MIN_TOKENS {
+                AttnPrecision::F32
+            } else {
+                AttnPrecision::F16Accumulate
+            },
         };
         let kc: &[f16] = &kv.keys(il)[..(pos0 + n) * k_dim];
         let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
@@ -497,7 +578,10 @@ impl Model {
                         &mut s[0],
                     );
                     if let Err(e) = r {
-                        first_err.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(e);
+                        first_err
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(e);
                     }
                 }
             });
@@ -506,7 +590,8 @@ impl Model {
             return Err(e.into());
         }
         let wo = a.wo.matrix(bytes)?;
-        sc.acts_a.quantize(wo.ty, &sc.att[..n * out_dim], out_dim, n)?;
+        sc.acts_a
+            .quantize(wo.ty, &sc.att[..n * out_dim], out_dim, n)?;
         mm(pool, &wo, &sc.acts_a, n, &mut sc.o[..n * d])?;
         add_bias(&mut sc.o[..n * d], a.bo.as_deref());
         if let Some(w) = &layer.post_attn_norm {
@@ -518,12 +603,23 @@ impl Model {
         Ok(())
     }
 
-    fn ffn_block(&self, pool: &ThreadPool, layer: &Layer, sc: &mut Scratch, n: usize) -> Result<(), ModelError> {
+    fn ffn_block(
+        &self,
+        pool: &ThreadPool,
+        layer: &Layer,
+        sc: &mut Scratch,
+        n: usize,
+    ) -> Result<(), ModelError> {
         let c = &self.config;
         let bytes = self.file.as_bytes();
         let d = c.n_embd;
         for t in 0..n {
-            ops::rms_norm(&sc.x[t * d..(t + 1) * d], &layer.ffn_norm, c.rms_eps, &mut sc.xn[t * d..(t + 1) * d])?;
+            ops::rms_norm(
+                &sc.x[t * d..(t + 1) * d],
+                &layer.ffn_norm,
+                c.rms_eps,
+                &mut sc.xn[t * d..(t + 1) * d],
+            )?;
         }
         match &layer.ffn {
             Ffn::Dense(f) => {
@@ -576,8 +672,18 @@ fn requant<'b>(
     }
 }
 
-fn mm(pool: &ThreadPool, w: &Matrix, acts: &ActBuffer, n: usize, y: &mut [f32]) -> Result<(), CpuError> {
-    if n == 1 { matvec_quantized(pool, w, acts, y) } else { matmul_quantized(pool, w, acts, y) }
+fn mm(
+    pool: &ThreadPool,
+    w: &Matrix,
+    acts: &ActBuffer,
+    n: usize,
+    y: &mut [f32],
+) -> Result<(), CpuError> {
+    if n == 1 {
+        matvec_quantized(pool, w, acts, y)
+    } else {
+        matmul_quantized(pool, w, acts, y)
+    }
 }
 
 fn add_bias(x: &mut [f32], bias: Option<&[f32]>) {
@@ -680,8 +786,10 @@ impl Scratch {
                 head_dim_v: c.head_dim_v,
                 scale: 1.0,
                 window: None,
+                precision: AttnPrecision::F16Accumulate,
             };
-            self.attn.resize_with(n_threads.max(1), || AttnScratch::new(&p));
+            self.attn
+                .resize_with(n_threads.max(1), || AttnScratch::new(&p));
         }
     }
 }
@@ -708,7 +816,11 @@ impl Loader<'_> {
 
     fn check_shape(name: &str, expected: &[u64], found: &[u64]) -> Result<(), ModelError> {
         if expected != found {
-            return Err(ModelError::TensorShape { name: name.into(), expected: expected.to_vec(), found: found.to_vec() });
+            return Err(ModelError::TensorShape {
+                name: name.into(),
+                expected: expected.to_vec(),
+                found: found.to_vec(),
+            });
         }
         Ok(())
     }
@@ -717,43 +829,76 @@ impl Loader<'_> {
     pub fn matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Weight, ModelError> {
         let w = self.raw_matrix(name, cols, rows)?;
         if powerinfer_quant::kernels(w.ty).is_none() {
-            return Err(ModelError::UnsupportedTensorType { name: name.into(), ty: w.ty, why: "no dot-product kernels" });
+            return Err(ModelError::UnsupportedTensorType {
+                name: name.into(),
+                ty: w.ty,
+                why: "no dot-product kernels",
+            });
         }
         Ok(w)
     }
 
     /// Like [`matrix`](Self::matrix) but only needs row dequantization (embedding tables).
     pub fn raw_matrix(&self, name: &str, cols: usize, rows: usize) -> Result<Weight, ModelError> {
-        let t = self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
         Self::check_shape(name, &[cols as u64, rows as u64], &t.shape)?;
-        let start = usize::try_from(t.offset).map_err(|_| ModelError::InvalidConfig(format!("{name}: offset")))?;
-        let len = usize::try_from(t.size).map_err(|_| ModelError::InvalidConfig(format!("{name}: size")))?;
-        let row = powerinfer_quant::row_bytes(t.ty, cols).ok_or(ModelError::UnsupportedTensorType {
+        let start = usize::try_from(t.offset)
+            .map_err(|_| ModelError::InvalidConfig(format!("{name}: offset")))?;
+        let len = usize::try_from(t.size)
+            .map_err(|_| ModelError::InvalidConfig(format!("{name}: size")))?;
+        let row =
+            powerinfer_quant::row_bytes(t.ty, cols).ok_or(ModelError::UnsupportedTensorType {
+                name: name.into(),
+                ty: t.ty,
+                why: "not a block type with whole blocks per row",
+            })?;
+        if row * rows != len {
+            return Err(ModelError::InvalidConfig(format!(
+                "{name}: {len} bytes for {rows} rows of {row}"
+            )));
+        }
+        Ok(Weight {
             name: name.into(),
             ty: t.ty,
-            why: "not a block type with whole blocks per row",
-        })?;
-        if row * rows != len {
-            return Err(ModelError::InvalidConfig(format!("{name}: {len} bytes for {rows} rows of {row}")));
-        }
-        Ok(Weight { name: name.into(), ty: t.ty, rows, cols, range: start..start + len })
+            rows,
+            cols,
+            range: start..start + len,
+        })
     }
 
     /// A 1-D f32 vector of `n` elements (F32, F16 or BF16 in the file), copied.
     pub fn vector(&self, name: &str, n: usize) -> Result<Vec<f32>, ModelError> {
-        let t = self.file.tensor(name).ok_or_else(|| ModelError::MissingTensor(name.into()))?;
+        let t = self
+            .file
+            .tensor(name)
+            .ok_or_else(|| ModelError::MissingTensor(name.into()))?;
         Self::check_shape(name, &[n as u64], &t.shape)?;
         if !matches!(t.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
-            return Err(ModelError::UnsupportedTensorType { name: name.into(), ty: t.ty, why: "norm/bias vectors must be F32, F16 or BF16" });
+            return Err(ModelError::UnsupportedTensorType {
+                name: name.into(),
+                ty: t.ty,
+                why: "norm/bias vectors must be F32, F16 or BF16",
+            });
         }
         let mut out = vec![0.0; n];
-        powerinfer_quant::dequantize_row(t.ty, self.file.tensor_data(t), &mut out)
-            .map_err(|e| ModelError::Dequantize { name: name.into(), msg: e.to_string() })?;
+        powerinfer_quant::dequantize_row(t.ty, self.file.tensor_data(t), &mut out).map_err(
+            |e| ModelError::Dequantize {
+                name: name.into(),
+                msg: e.to_string(),
+            },
+        )?;
         Ok(out)
     }
 
     pub fn opt_vector(&self, name: &str, n: usize) -> Result<Option<Vec<f32>>, ModelError> {
-        if self.has(name) { self.vector(name, n).map(Some) } else { Ok(None) }
+        if self.has(name) {
+            self.vector(name, n).map(Some)
+        } else {
+            Ok(None)
+        }
     }
 
     /// `{arch}.{suffix}` as usize.
@@ -779,7 +924,10 @@ impl Loader<'_> {
 
     /// Vocabulary size: rows of `token_embd.weight`.
     pub fn n_vocab(&self, n_embd: usize) -> Result<usize, ModelError> {
-        let t = self.file.tensor("token_embd.weight").ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
+        let t = self
+            .file
+            .tensor("token_embd.weight")
+            .ok_or_else(|| ModelError::MissingTensor("token_embd.weight".into()))?;
         match t.shape.as_slice() {
             [c, r] if *c == n_embd as u64 => Ok(*r as usize),
             other => Err(ModelError::TensorShape {
@@ -798,7 +946,9 @@ impl Loader<'_> {
         match ty {
             None | Some("linear") if factor > 0.0 => Ok(1.0 / factor),
             None | Some("none") | Some("linear") => Ok(1.0),
-            Some(other) => Err(ModelError::InvalidConfig(format!("RoPE scaling type {other:?} is not supported"))),
+            Some(other) => Err(ModelError::InvalidConfig(format!(
+                "RoPE scaling type {other:?} is not supported"
+            ))),
         }
     }
 }
@@ -812,8 +962,16 @@ pub(crate) fn validate(c: &ModelConfig) -> Result<(), ModelError> {
     if c.n_head == 0 || c.n_head_kv == 0 || !c.n_head.is_multiple_of(c.n_head_kv) {
         return bad(format!("head counts {} / {} (kv)", c.n_head, c.n_head_kv));
     }
-    if c.head_dim_k == 0 || c.head_dim_v == 0 || c.rope_dims > c.head_dim_k || !c.rope_dims.is_multiple_of(2) || c.rope_dims == 0 {
-        return bad(format!("head dims {} / {}, rope dims {}", c.head_dim_k, c.head_dim_v, c.rope_dims));
+    if c.head_dim_k == 0
+        || c.head_dim_v == 0
+        || c.rope_dims > c.head_dim_k
+        || !c.rope_dims.is_multiple_of(2)
+        || c.rope_dims == 0
+    {
+        return bad(format!(
+            "head dims {} / {}, rope dims {}",
+            c.head_dim_k, c.head_dim_v, c.rope_dims
+        ));
     }
     let eps_ok = c.rms_eps.is_finite() && c.rms_eps >= 0.0;
     let base_ok = c.rope_base.is_finite() && c.rope_base > 0.0;
