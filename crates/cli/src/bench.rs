@@ -100,13 +100,24 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         });
         println!("{v}");
     } else {
-        println!("| model | threads | test | tok/s (median of {}) |", args.reps);
+        println!(
+            "| model | threads | test | tok/s (median of {}) |",
+            args.reps
+        );
         println!("|---|---|---|---|");
         if !pp.is_empty() {
-            println!("| {name} | {threads} | pp{} | {:.2} |", args.n_prompt, median(pp));
+            println!(
+                "| {name} | {threads} | pp{} | {:.2} |",
+                args.n_prompt,
+                median(pp)
+            );
         }
         if !tg.is_empty() {
-            println!("| {name} | {threads} | tg{} | {:.2} |", args.n_gen, median(tg));
+            println!(
+                "| {name} | {threads} | tg{} | {:.2} |",
+                args.n_gen,
+                median(tg)
+            );
         }
     }
     Ok(())

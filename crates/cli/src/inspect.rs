@@ -259,7 +259,10 @@ fn print_text(r: &Json, args: &InspectArgs) {
         }
     }
     if let Some(Json::Object(tok)) = r.get("tokenizer") {
-        let parts: Vec<String> = tok.iter().map(|(k, v)| format!("{k}={}", compact(v))).collect();
+        let parts: Vec<String> = tok
+            .iter()
+            .map(|(k, v)| format!("{k}={}", compact(v)))
+            .collect();
         println!("tokenizer     {}", parts.join(" "));
     }
     if let Some(Json::Object(sp)) = r.get("sparse") {
@@ -286,12 +289,10 @@ fn print_text(r: &Json, args: &InspectArgs) {
             );
         }
     }
-    if args.metadata {
-        if let Some(Json::Object(m)) = r.get("metadata") {
-            println!("metadata");
-            for (k, v) in m {
-                println!("  {k} = {}", compact(v));
-            }
+    if let (true, Some(Json::Object(m))) = (args.metadata, r.get("metadata")) {
+        println!("metadata");
+        for (k, v) in m {
+            println!("  {k} = {}", compact(v));
         }
     }
     if let Some(Json::Array(ts)) = r.get("tensors") {
