@@ -32,7 +32,12 @@ pub fn run(args: &ChatArgs) -> Result<(), String> {
         eprint!("> ");
         std::io::stderr().flush().ok();
         line.clear();
-        if stdin.lock().read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+        if stdin
+            .lock()
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?
+            == 0
+        {
             break;
         }
         let msg = line.trim();

@@ -69,12 +69,13 @@ fn scalar_json(v: &Value) -> Json {
         Value::String(s) => json!(s),
         Value::Array(items) => {
             const SHOWN: usize = 8;
+            let first: Vec<Json> = items.iter().take(SHOWN).map(|v| scalar_json(&v)).collect();
             if items.len() <= SHOWN {
-                Json::Array(items.iter().map(scalar_json).collect())
+                Json::Array(first)
             } else {
                 json!({
                     "array_len": items.len(),
-                    "first": items.iter().take(SHOWN).map(scalar_json).collect::<Vec<_>>(),
+                    "first": first,
                 })
             }
         }

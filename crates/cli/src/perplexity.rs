@@ -23,7 +23,9 @@ pub struct PerplexityArgs {
 pub fn run(args: &PerplexityArgs) -> Result<(), String> {
     let text =
         std::fs::read_to_string(&args.file).map_err(|e| format!("{}: {e}", args.file.display()))?;
-    let mut margs = ModelArgs { ..args.model.clone() };
+    let mut margs = ModelArgs {
+        ..args.model.clone()
+    };
     if margs.ctx_size == 0 {
         margs.ctx_size = 512;
     }
@@ -59,10 +61,7 @@ pub fn run(args: &PerplexityArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
-    println!(
-        "scored {} tokens in {} windows",
-        r.n_scored, r.n_chunks
-    );
+    println!("scored {} tokens in {} windows", r.n_scored, r.n_chunks);
     println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
     Ok(())
 }

@@ -45,7 +45,11 @@ fn fixture_files_match_their_dump() {
         "tiny-relu-llama.random-pred.q4_0.powerinfer.gguf",
     ] {
         let r = inspect_json(&fixtures().join(name));
-        let expect_format = if name.contains("powerinfer") { "PWRI" } else { "GGUF" };
+        let expect_format = if name.contains("powerinfer") {
+            "PWRI"
+        } else {
+            "GGUF"
+        };
         assert_eq!(r["format"], expect_format, "{name}");
         assert_eq!(r["architecture"], "llama", "{name}");
         assert_eq!(r["hyperparameters"]["layers"], 3, "{name}");
@@ -98,12 +102,16 @@ fn real_models() {
 
 #[test]
 fn damaged_files_get_one_clear_error_line() {
-    let src = std::fs::read(fixtures().join("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf")).unwrap();
+    let src =
+        std::fs::read(fixtures().join("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf")).unwrap();
     let dir = std::env::temp_dir().join(format!("powerinfer-inspect-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut cases: Vec<(String, Vec<u8>)> = vec![
         ("empty".into(), Vec::new()),
-        ("magic".into(), b"NOPE".iter().chain(&src[4..]).copied().collect()),
+        (
+            "magic".into(),
+            b"NOPE".iter().chain(&src[4..]).copied().collect(),
+        ),
     ];
     for cut in [3usize, 10, 23, 100, 1000, 23000, src.len() - 1] {
         cases.push((format!("cut{cut}"), src[..cut].to_vec()));
@@ -130,13 +138,16 @@ fn damaged_files_get_one_clear_error_line() {
 
 #[test]
 fn bit_flipped_files_never_panic() {
-    let src = std::fs::read(fixtures().join("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf")).unwrap();
+    let src =
+        std::fs::read(fixtures().join("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf")).unwrap();
     let dir = std::env::temp_dir().join(format!("powerinfer-flip-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("flipped.gguf");
     // The header (metadata and tensor directory) is the first ~24 KB: flip a bit every 97 bytes
     // there, and a few in the data.
-    let positions = (0..24_000usize).step_by(97).chain((24_000..src.len()).step_by(50_021));
+    let positions = (0..24_000usize)
+        .step_by(97)
+        .chain((24_000..src.len()).step_by(50_021));
     let mut refused = 0;
     for (i, pos) in positions.enumerate() {
         let mut bytes = src.clone();

@@ -66,8 +66,14 @@ fn run_json_equals_llamacpp() {
             String::from_utf8_lossy(&out.stderr)
         );
         let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        assert_eq!(got["prompt_tokens"], case["prompt_ids"], "{file}: prompt ids");
-        assert_eq!(got["tokens"], case["generated_ids"], "{file}: generated ids");
+        assert_eq!(
+            got["prompt_tokens"], case["prompt_ids"],
+            "{file}: prompt ids"
+        );
+        assert_eq!(
+            got["tokens"], case["generated_ids"],
+            "{file}: generated ids"
+        );
         assert_eq!(got["text"], case["text"], "{file}: text");
     }
 }
@@ -80,8 +86,15 @@ fn plain_run_prints_prompt_then_text() {
         return;
     }
     let out = powerinfer(&[
-        "run", "-m", path.to_str().unwrap(), "-p", "The capital of France is", "-n", "4",
-        "--temp", "0",
+        "run",
+        "-m",
+        path.to_str().unwrap(),
+        "-p",
+        "The capital of France is",
+        "-n",
+        "4",
+        "--temp",
+        "0",
     ]);
     assert!(out.status.success());
     let s = String::from_utf8(out.stdout).unwrap();
@@ -97,7 +110,10 @@ fn bad_input_gets_one_clear_error() {
     let smol = smol.to_str().unwrap().to_string();
     let long_prompt = "word ".repeat(300);
     let mut cases: Vec<(Vec<&str>, &str)> = vec![
-        (vec!["run", "-m", "/nonexistent/model.gguf", "-p", "hi"], "/nonexistent/model.gguf"),
+        (
+            vec!["run", "-m", "/nonexistent/model.gguf", "-p", "hi"],
+            "/nonexistent/model.gguf",
+        ),
         (vec!["inspect", "/nonexistent.gguf"], "/nonexistent.gguf"),
     ];
     if have_model {
@@ -122,7 +138,10 @@ fn bad_input_gets_one_clear_error() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         let last = err.trim().lines().last().unwrap_or("");
         assert!(last.starts_with("error: "), "{args:?}: {err}");
-        assert!(last.contains(needle), "{args:?}: expected {needle:?} in {last:?}");
+        assert!(
+            last.contains(needle),
+            "{args:?}: expected {needle:?} in {last:?}"
+        );
     }
     // A flag clap does not know: clap's own usage error, exit code 2.
     let out = powerinfer(&["run", "--no-such-flag"]);

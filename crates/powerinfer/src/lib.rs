@@ -272,7 +272,8 @@ impl Chat<'_> {
         let rest = stream.flush();
         on_text(&rest);
         answer.push_str(&rest);
-        self.messages.push(ChatMessage::new("assistant", answer.clone()));
+        self.messages
+            .push(ChatMessage::new("assistant", answer.clone()));
         Ok(answer)
     }
 }
