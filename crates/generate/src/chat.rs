@@ -163,9 +163,9 @@ impl ChatTemplate {
         match Self::from_gguf(file) {
             Err(ChatError::NoTemplate) => {
                 let has = |tok: &str| match file.get("tokenizer.ggml.tokens") {
-                    Some(GgufValue::Array(a)) => a
-                        .iter()
-                        .any(|v| matches!(v, GgufValue::String(s) if s == tok)),
+                    Some(GgufValue::Array(a)) => {
+                        a.as_strings().is_some_and(|s| s.iter().any(|s| s == tok))
+                    }
                     _ => false,
                 };
                 let name = if has("<start_of_turn>") {
@@ -230,10 +230,7 @@ fn special_texts(file: &GgufFile) -> (String, String) {
             Some(GgufValue::U64(v)) => *v as usize,
             _ => return String::new(),
         };
-        match tokens.get(id) {
-            Some(GgufValue::String(s)) => s.clone(),
-            _ => String::new(),
-        }
+        tokens.str_at(id).unwrap_or_default().to_owned()
     };
     (
         text("tokenizer.ggml.bos_token_id"),

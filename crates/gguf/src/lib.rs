@@ -31,7 +31,7 @@ pub use reader::{
     MAX_DIMS, TensorInfo,
 };
 pub use types::{GgmlType, Magic};
-pub use value::{Value, ValueType};
+pub use value::{Array, MixedArray, StringArray, StringArrayIter, Value, ValueType};
 pub use writer::{GgufWriter, TensorStream};
 
 #[cfg(test)]

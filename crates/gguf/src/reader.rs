@@ -1,11 +1,12 @@
 //! The zero-copy reader: [`GgufFile`] and [`TensorInfo`].
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 
 use crate::error::{GgufError, MetadataError};
 use crate::types::{GgmlType, Magic};
-use crate::value::{Value, ValueType};
+use crate::value::{Array, StringArray, Value, ValueType};
 
 /// Deepest array nesting accepted (an array of scalars is depth 1).
 pub const MAX_ARRAY_DEPTH: usize = 8;
@@ -267,8 +268,8 @@ impl GgufFile {
         })
     }
 
-    /// An array key's elements.
-    pub fn get_array(&self, key: &str) -> Result<&[Value], MetadataError> {
+    /// An array key's value.
+    pub fn get_array(&self, key: &str) -> Result<&Array, MetadataError> {
         let v = self.require(key)?;
         v.as_array().ok_or_else(|| MetadataError::WrongType {
             key: key.to_owned(),
@@ -277,51 +278,65 @@ impl GgufFile {
         })
     }
 
-    fn get_array_of<'a, T>(
-        &'a self,
-        key: &str,
-        expected: &'static str,
-        conv: impl Fn(&'a Value) -> Option<T>,
-    ) -> Result<Vec<T>, MetadataError> {
-        let arr = self.get_array(key)?;
-        arr.iter()
-            .map(|v| {
-                conv(v).ok_or_else(|| MetadataError::WrongType {
-                    key: key.to_owned(),
-                    expected,
-                    found: v.type_name(),
-                })
-            })
-            .collect()
+    fn wrong_elements(key: &str, expected: &'static str, a: &Array) -> MetadataError {
+        MetadataError::WrongType {
+            key: key.to_owned(),
+            expected,
+            found: a.element_type().name(),
+        }
     }
 
-    /// An array of strings (e.g. `tokenizer.ggml.tokens`).
+    /// An array of strings (e.g. `tokenizer.ggml.tokens`) as a list of borrowed `&str` (one
+    /// pointer and length per element; the text is not copied). [`get_strings`](Self::get_strings)
+    /// gives the packed array itself without any allocation.
     pub fn get_str_array(&self, key: &str) -> Result<Vec<&str>, MetadataError> {
-        self.get_array_of(key, "array of string", Value::as_str)
+        self.get_strings(key).map(|s| s.iter().collect())
     }
 
-    /// An array of floats (`f32`, or `f64` rounded).
-    pub fn get_f32_array(&self, key: &str) -> Result<Vec<f32>, MetadataError> {
-        self.get_array_of(key, "array of f32", Value::as_f32)
+    /// An array of strings, without copying or allocating. An empty array of any element type
+    /// reads as an empty string array.
+    pub fn get_strings(&self, key: &str) -> Result<&StringArray, MetadataError> {
+        static EMPTY: StringArray = StringArray::new();
+        let a = self.get_array(key)?;
+        match a {
+            Array::String(s) => Ok(s),
+            a if a.is_empty() => Ok(&EMPTY),
+            a => Err(Self::wrong_elements(key, "array of string", a)),
+        }
     }
 
-    /// An array of integers that all fit in an i32 (e.g. `tokenizer.ggml.token_type`).
-    pub fn get_i32_array(&self, key: &str) -> Result<Vec<i32>, MetadataError> {
-        let arr = self.get_array(key)?;
-        arr.iter()
-            .map(|v| match v.as_i128() {
-                None => Err(MetadataError::WrongType {
-                    key: key.to_owned(),
-                    expected: "array of i32",
-                    found: v.type_name(),
-                }),
+    /// An array of floats: borrowed for `f32` elements, converted (rounded) for `f64`. An empty
+    /// array of any element type reads as empty.
+    pub fn get_f32_array(&self, key: &str) -> Result<Cow<'_, [f32]>, MetadataError> {
+        match self.get_array(key)? {
+            Array::F32(v) => Ok(Cow::Borrowed(v)),
+            Array::F64(v) => Ok(Cow::Owned(v.iter().map(|&x| x as f32).collect())),
+            a if a.is_empty() => Ok(Cow::Borrowed(&[])),
+            a => Err(Self::wrong_elements(key, "array of f32", a)),
+        }
+    }
+
+    /// An array of integers that all fit in an i32 (e.g. `tokenizer.ggml.token_type`):
+    /// borrowed for `i32` elements, converted for other integer types. An empty array of any
+    /// element type reads as empty.
+    pub fn get_i32_array(&self, key: &str) -> Result<Cow<'_, [i32]>, MetadataError> {
+        let a = self.get_array(key)?;
+        match a {
+            Array::I32(v) => return Ok(Cow::Borrowed(v)),
+            a if a.is_empty() => return Ok(Cow::Borrowed(&[])),
+            _ => {}
+        }
+        (0..a.len())
+            .map(|i| match a.int_at(i) {
+                None => Err(Self::wrong_elements(key, "array of i32", a)),
                 Some(w) => i32::try_from(w).map_err(|_| MetadataError::OutOfRange {
                     key: key.to_owned(),
                     expected: "i32",
                     value: w.to_string(),
                 }),
             })
-            .collect()
+            .collect::<Result<Vec<i32>, _>>()
+            .map(Cow::Owned)
     }
 
     /// `"{arch}.{suffix}"`, e.g. `"llama.block_count"`. Without a `general.architecture` string
@@ -538,31 +553,107 @@ impl<'a> Cursor<'a> {
                 }
             }
             ValueType::String => Value::String(self.string("string value")?),
-            ValueType::Array => {
-                let offset = self.offset();
-                if depth >= MAX_ARRAY_DEPTH {
-                    return Err(GgufError::ArrayTooDeep {
-                        key: key.to_owned(),
-                        max: MAX_ARRAY_DEPTH,
-                        offset,
-                    });
+            ValueType::Array => Value::Array(self.array_value(key, depth)?),
+        })
+    }
+
+    /// Reads `n` fixed-size little-endian elements (the count was checked against the file).
+    fn fixed<const N: usize, T>(
+        &mut self,
+        n: u64,
+        what: &'static str,
+        conv: fn([u8; N]) -> T,
+    ) -> Result<Vec<T>, GgufError> {
+        let bytes = self.take(n.saturating_mul(N as u64), what)?;
+        Ok(bytes
+            .chunks_exact(N)
+            .map(|c| {
+                let mut a = [0u8; N];
+                a.copy_from_slice(c);
+                conv(a)
+            })
+            .collect())
+    }
+
+    fn array_value(&mut self, key: &str, depth: usize) -> Result<Array, GgufError> {
+        let offset = self.offset();
+        if depth >= MAX_ARRAY_DEPTH {
+            return Err(GgufError::ArrayTooDeep {
+                key: key.to_owned(),
+                max: MAX_ARRAY_DEPTH,
+                offset,
+            });
+        }
+        let elem = self.value_type(key, "array element type")?;
+        let len_offset = self.offset();
+        // `count` checks that `n` elements of at least their minimum size fit in the rest of
+        // the file, so the typed reads below never allocate more than the file holds.
+        let n = self.count("array length", elem.min_size())?;
+        self.budget =
+            self.budget
+                .checked_sub(n)
+                .ok_or_else(|| GgufError::TooManyArrayElements {
+                    key: key.to_owned(),
+                    limit: MAX_ARRAY_ELEMENTS,
+                    offset: len_offset,
+                })?;
+        const W: &str = "array elements";
+        Ok(match elem {
+            ValueType::U8 => Array::U8(self.fixed(n, W, |[b]: [u8; 1]| b)?),
+            ValueType::I8 => Array::I8(self.fixed(n, W, i8::from_le_bytes)?),
+            ValueType::U16 => Array::U16(self.fixed(n, W, u16::from_le_bytes)?),
+            ValueType::I16 => Array::I16(self.fixed(n, W, i16::from_le_bytes)?),
+            ValueType::U32 => Array::U32(self.fixed(n, W, u32::from_le_bytes)?),
+            ValueType::I32 => Array::I32(self.fixed(n, W, i32::from_le_bytes)?),
+            ValueType::F32 => Array::F32(self.fixed(n, W, f32::from_le_bytes)?),
+            ValueType::U64 => Array::U64(self.fixed(n, W, u64::from_le_bytes)?),
+            ValueType::I64 => Array::I64(self.fixed(n, W, i64::from_le_bytes)?),
+            ValueType::F64 => Array::F64(self.fixed(n, W, f64::from_le_bytes)?),
+            ValueType::Bool => {
+                let start = self.offset();
+                let bytes = self.take(n, W)?;
+                let mut out = Vec::with_capacity(bytes.len());
+                for (i, &b) in bytes.iter().enumerate() {
+                    match b {
+                        0 => out.push(false),
+                        1 => out.push(true),
+                        value => {
+                            return Err(GgufError::InvalidBool {
+                                key: key.to_owned(),
+                                value,
+                                offset: start + i as u64,
+                            });
+                        }
+                    }
                 }
-                let elem = self.value_type(key, "array element type")?;
-                let len_offset = self.offset();
-                let n = self.count("array length", elem.min_size())?;
-                self.budget =
-                    self.budget
-                        .checked_sub(n)
-                        .ok_or_else(|| GgufError::TooManyArrayElements {
-                            key: key.to_owned(),
-                            limit: MAX_ARRAY_ELEMENTS,
-                            offset: len_offset,
-                        })?;
-                let mut items = Vec::with_capacity((n as usize).min(MAX_PREALLOC));
+                Array::Bool(out)
+            }
+            ValueType::String => {
+                let cap = (n as usize).min(MAX_PREALLOC);
+                let mut out = StringArray::with_capacity(cap, 0);
                 for _ in 0..n {
-                    items.push(self.value(key, elem, depth + 1)?);
+                    let len = self.count("string value", 1)?;
+                    let at = self.offset();
+                    let bytes = self.take(len, "string value")?;
+                    match std::str::from_utf8(bytes) {
+                        Ok(s) => out.push(s),
+                        Err(_) => {
+                            return Err(GgufError::InvalidUtf8 {
+                                what: "string value",
+                                offset: at,
+                            });
+                        }
+                    }
                 }
-                Value::Array(items)
+                out.shrink_to_fit();
+                Array::String(out)
+            }
+            ValueType::Array => {
+                let mut out = Vec::with_capacity((n as usize).min(MAX_PREALLOC));
+                for _ in 0..n {
+                    out.push(self.array_value(key, depth + 1)?);
+                }
+                Array::Array(out)
             }
         })
     }

@@ -9,7 +9,7 @@ use crate::reader::{
     ALIGNMENT_KEY, DEFAULT_ALIGNMENT, MAX_ALIGNMENT, MAX_ARRAY_DEPTH, MAX_DIMS, checked_elements,
 };
 use crate::types::{GgmlType, Magic};
-use crate::value::{Value, ValueType};
+use crate::value::{Array, Value, ValueType};
 
 struct PendingTensor {
     name: String,
@@ -37,7 +37,7 @@ struct PendingTensor {
 pub struct GgufWriter {
     magic: Magic,
     version: u32,
-    kvs: Vec<(String, Value, Option<ValueType>)>,
+    kvs: Vec<(String, Value)>,
     keys: HashSet<String>,
     tensors: Vec<PendingTensor>,
     names: HashSet<String>,
@@ -67,14 +67,14 @@ impl GgufWriter {
 
     /// Adds a key/value pair (keys are written in the order added).
     ///
-    /// Arrays must be homogeneous; an empty array is written with element type `u8` (use
-    /// [`add_array`](Self::add_array) to choose it). `general.alignment` must be an integer
+    /// Arrays are homogeneous by construction ([`Array`]) and keep their element type even
+    /// when empty. `general.alignment` must be an integer
     /// power of two up to [`MAX_ALIGNMENT`]; it sets the alignment the file is laid out with.
     pub fn add_kv(&mut self, key: impl Into<String>, value: Value) -> Result<(), WriteError> {
-        self.push_kv(key.into(), value, None)
+        self.push_kv(key.into(), value)
     }
 
-    /// Adds an array whose element type is given explicitly (which matters for an empty array).
+    /// Adds an array of `element_type` built from values, which must all be of that type.
     pub fn add_array(
         &mut self,
         key: impl Into<String>,
@@ -82,22 +82,17 @@ impl GgufWriter {
         items: Vec<Value>,
     ) -> Result<(), WriteError> {
         let key = key.into();
-        if let Some(v) = items.iter().find(|v| v.value_type() != element_type) {
-            return Err(WriteError::MixedArray {
+        match Array::from_values(element_type, items) {
+            Ok(a) => self.push_kv(key, Value::Array(a)),
+            Err(e) => Err(WriteError::MixedArray {
                 key,
-                first: element_type.name(),
-                other: v.type_name(),
-            });
+                first: e.first.name(),
+                other: e.other.name(),
+            }),
         }
-        self.push_kv(key, Value::Array(items), Some(element_type))
     }
 
-    fn push_kv(
-        &mut self,
-        key: String,
-        value: Value,
-        elem: Option<ValueType>,
-    ) -> Result<(), WriteError> {
+    fn push_kv(&mut self, key: String, value: Value) -> Result<(), WriteError> {
         if self.keys.contains(&key) {
             return Err(WriteError::DuplicateKey { key });
         }
@@ -113,7 +108,7 @@ impl GgufWriter {
             }
         }
         self.keys.insert(key.clone());
-        self.kvs.push((key, value, elem));
+        self.kvs.push((key, value));
         Ok(())
     }
 
@@ -198,8 +193,8 @@ impl GgufWriter {
     pub fn alignment(&self) -> u64 {
         self.kvs
             .iter()
-            .find(|(k, _, _)| k == ALIGNMENT_KEY)
-            .and_then(|(_, v, _)| v.as_u64())
+            .find(|(k, _)| k == ALIGNMENT_KEY)
+            .and_then(|(_, v)| v.as_u64())
             .unwrap_or(DEFAULT_ALIGNMENT)
     }
 
@@ -211,10 +206,10 @@ impl GgufWriter {
         h.extend_from_slice(&self.version.to_le_bytes());
         h.extend_from_slice(&(self.tensors.len() as u64).to_le_bytes());
         h.extend_from_slice(&(self.kvs.len() as u64).to_le_bytes());
-        for (k, v, elem) in &self.kvs {
+        for (k, v) in &self.kvs {
             put_str(&mut h, k);
             h.extend_from_slice(&v.value_type().id().to_le_bytes());
-            put_value(&mut h, v, *elem);
+            put_value(&mut h, v);
         }
         let mut rel = 0u64;
         for t in &self.tensors {
@@ -378,25 +373,22 @@ impl<W: Write> TensorStream<W> {
 }
 
 fn check_value(key: &str, v: &Value, depth: usize) -> Result<(), WriteError> {
-    if let Value::Array(items) = v {
-        if depth >= MAX_ARRAY_DEPTH {
-            return Err(WriteError::ArrayTooDeep {
-                key: key.to_owned(),
-                max: MAX_ARRAY_DEPTH,
-            });
-        }
-        if let Some(first) = items.first() {
-            let ty = first.value_type();
-            if let Some(o) = items.iter().find(|x| x.value_type() != ty) {
-                return Err(WriteError::MixedArray {
-                    key: key.to_owned(),
-                    first: ty.name(),
-                    other: o.type_name(),
-                });
-            }
-        }
-        for x in items {
-            check_value(key, x, depth + 1)?;
+    match v {
+        Value::Array(a) => check_array(key, a, depth),
+        _ => Ok(()),
+    }
+}
+
+fn check_array(key: &str, a: &Array, depth: usize) -> Result<(), WriteError> {
+    if depth >= MAX_ARRAY_DEPTH {
+        return Err(WriteError::ArrayTooDeep {
+            key: key.to_owned(),
+            max: MAX_ARRAY_DEPTH,
+        });
+    }
+    if let Array::Array(inner) = a {
+        for x in inner {
+            check_array(key, x, depth + 1)?;
         }
     }
     Ok(())
@@ -407,7 +399,7 @@ fn put_str(h: &mut Vec<u8>, s: &str) {
     h.extend_from_slice(s.as_bytes());
 }
 
-fn put_value(h: &mut Vec<u8>, v: &Value, elem: Option<ValueType>) {
+fn put_value(h: &mut Vec<u8>, v: &Value) {
     match v {
         Value::U8(x) => h.push(*x),
         Value::I8(x) => h.extend_from_slice(&x.to_le_bytes()),
@@ -421,17 +413,30 @@ fn put_value(h: &mut Vec<u8>, v: &Value, elem: Option<ValueType>) {
         Value::U64(x) => h.extend_from_slice(&x.to_le_bytes()),
         Value::I64(x) => h.extend_from_slice(&x.to_le_bytes()),
         Value::F64(x) => h.extend_from_slice(&x.to_bits().to_le_bytes()),
-        Value::Array(items) => {
-            let ty = items
-                .first()
-                .map(Value::value_type)
-                .or(elem)
-                .unwrap_or(ValueType::U8);
-            h.extend_from_slice(&ty.id().to_le_bytes());
-            h.extend_from_slice(&(items.len() as u64).to_le_bytes());
-            for x in items {
-                put_value(h, x, None);
-            }
-        }
+        Value::Array(a) => put_array(h, a),
+    }
+}
+
+fn put_array(h: &mut Vec<u8>, a: &Array) {
+    h.extend_from_slice(&a.element_type().id().to_le_bytes());
+    h.extend_from_slice(&(a.len() as u64).to_le_bytes());
+    match a {
+        Array::U8(v) => h.extend_from_slice(v),
+        Array::I8(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::U16(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::I16(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::U32(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::I32(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::F32(v) => v
+            .iter()
+            .for_each(|x| h.extend_from_slice(&x.to_bits().to_le_bytes())),
+        Array::Bool(v) => v.iter().for_each(|&x| h.push(u8::from(x))),
+        Array::String(v) => v.iter().for_each(|s| put_str(h, s)),
+        Array::Array(v) => v.iter().for_each(|x| put_array(h, x)),
+        Array::U64(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::I64(v) => v.iter().for_each(|x| h.extend_from_slice(&x.to_le_bytes())),
+        Array::F64(v) => v
+            .iter()
+            .for_each(|x| h.extend_from_slice(&x.to_bits().to_le_bytes())),
     }
 }

@@ -39,7 +39,7 @@ fn dump_type(v: &Value) -> String {
         Value::F64(_) => "FLOAT64",
     };
     match v {
-        Value::Array(a) => format!("ARRAY/{}", a.first().map(scalar).unwrap_or("?")),
+        Value::Array(a) => format!("ARRAY/{}", a.get(0).as_ref().map(scalar).unwrap_or("?")),
         v => scalar(v).to_owned(),
     }
 }
@@ -68,7 +68,7 @@ fn check_value(key: &str, ours: &Value, entry: &Json) {
                 match ours {
                     Value::String(s) => assert_eq!(format!("'{s}'"), theirs, "{key}"),
                     Value::F32(x) => {
-                        assert_eq!(f64::from(*x), theirs.parse::<f64>().unwrap(), "{key}")
+                        assert_eq!(f64::from(x), theirs.parse::<f64>().unwrap(), "{key}")
                     }
                     v => assert_eq!(v.as_i64().unwrap().to_string(), theirs, "{key}"),
                 }

@@ -1,9 +1,11 @@
 //! Writer / reader round trips on random metadata and tensors, streaming, writer errors, and
 //! `.gpuidx` files.
 
+use std::borrow::Cow;
+
 use powerinfer_gguf::{
-    GgmlType, GgufFile, GgufWriter, GpuIndex, GpuIndexError, LayerGpuIndex, Magic, MetadataError,
-    Value, ValueType, WriteError,
+    Array, GgmlType, GgufFile, GgufWriter, GpuIndex, GpuIndexError, LayerGpuIndex, Magic,
+    MetadataError, Value, ValueType, WriteError,
 };
 
 /// splitmix64.
@@ -64,17 +66,25 @@ fn value(rng: &mut Rng, depth: usize) -> Value {
     let n = rng.below(6);
     if rng.below(3) == 0 {
         // Arrays of arrays: inner arrays may each have their own element type.
-        Value::Array((0..n).map(|_| value_array(rng, depth - 1)).collect())
+        arr((0..n).map(|_| value_array(rng, depth - 1)).collect())
     } else {
         let ty = rng.below(12);
-        Value::Array((0..n).map(|_| scalar(rng, ty)).collect())
+        let items: Vec<Value> = (0..n).map(|_| scalar(rng, ty)).collect();
+        // Empty arrays keep their element type too.
+        let elem = scalar(rng, ty).value_type();
+        Value::Array(Array::from_values(elem, items).unwrap())
     }
+}
+
+/// A homogeneous array value (element type of the first item, `u8` when empty).
+fn arr(items: Vec<Value>) -> Value {
+    Value::Array(Array::from_values_inferred(items).unwrap())
 }
 
 fn value_array(rng: &mut Rng, depth: usize) -> Value {
     match value(rng, depth.max(1)) {
         v @ Value::Array(_) => v,
-        v => Value::Array(vec![v]),
+        v => arr(vec![v]),
     }
 }
 
@@ -225,12 +235,12 @@ fn float_bits_are_preserved() {
     let nan32 = f32::from_bits(0x7fc0_1234);
     let nan64 = f64::from_bits(0xfff8_0000_0000_beef);
     w.add_kv("a", Value::F32(nan32)).unwrap();
-    w.add_kv("b", Value::Array(vec![Value::F64(nan64), Value::F64(-0.0)]))
+    w.add_kv("b", arr(vec![Value::F64(nan64), Value::F64(-0.0)]))
         .unwrap();
     let f = GgufFile::from_bytes(w.write_to_vec().unwrap()).unwrap();
     assert_eq!(f.get_f32("a").unwrap().to_bits(), 0x7fc0_1234);
-    match f.get_array("b").unwrap() {
-        [Value::F64(x), Value::F64(z)] => {
+    match f.get_array("b").unwrap().as_f64_slice().unwrap() {
+        [x, z] => {
             assert_eq!(x.to_bits(), nan64.to_bits());
             assert_eq!(z.to_bits(), (-0.0f64).to_bits());
         }
@@ -326,7 +336,7 @@ fn writer_rejects_bad_input() {
         Err(WriteError::DuplicateKey { .. })
     ));
     assert!(matches!(
-        w.add_kv("m", Value::Array(vec![Value::U8(1), Value::I8(1)])),
+        w.add_array("m", ValueType::U8, vec![Value::U8(1), Value::I8(1)]),
         Err(WriteError::MixedArray {
             first: "u8",
             other: "i8",
@@ -335,7 +345,7 @@ fn writer_rejects_bad_input() {
     ));
     let mut deep = Value::U8(0);
     for _ in 0..=powerinfer_gguf::MAX_ARRAY_DEPTH {
-        deep = Value::Array(vec![deep]);
+        deep = arr(vec![deep]);
     }
     assert!(matches!(
         w.add_kv("d", deep),
@@ -380,7 +390,7 @@ fn writer_rejects_bad_input() {
     ));
     // Empty arrays: u8 by default, or the type asked for.
     let mut w = GgufWriter::new(Magic::Gguf);
-    w.add_kv("e", Value::Array(vec![])).unwrap();
+    w.add_kv("e", arr(vec![])).unwrap();
     w.add_array("s", ValueType::String, vec![]).unwrap();
     assert!(matches!(
         w.add_array("x", ValueType::U32, vec![Value::I32(1)]),
@@ -388,7 +398,9 @@ fn writer_rejects_bad_input() {
     ));
     let bytes = w.write_to_vec().unwrap();
     let f = GgufFile::from_bytes(bytes.clone()).unwrap();
-    assert_eq!(f.get_array("s").unwrap(), &[]);
+    assert_eq!(f.get_array("s").unwrap(), &Array::empty(ValueType::String));
+    assert_eq!(f.get_array("e").unwrap(), &Array::U8(vec![]));
+    assert!(f.get_strings("e").unwrap().is_empty());
     // The element type id follows the key, its type id (9) and precedes the count.
     let at = bytes.windows(1).position(|w| w == b"s").unwrap() + 1 + 4;
     assert_eq!(&bytes[at..at + 4], &8u32.to_le_bytes());
@@ -405,9 +417,17 @@ fn metadata_getters() {
     w.add_kv("gemma3.eps", Value::F64(1e-6)).unwrap();
     w.add_kv("gemma3.flag", Value::Bool(true)).unwrap();
     w.add_kv("gemma3.name", Value::from("x")).unwrap();
-    w.add_kv("ints", Value::Array(vec![Value::U8(1), Value::U8(200)]))
+    w.add_kv("ints", Value::Array(vec![1u8, 200].into()))
         .unwrap();
-    w.add_kv("big_ints", Value::Array(vec![Value::U64(1 << 33)]))
+    w.add_kv("big_ints", Value::Array(vec![1u64 << 33].into()))
+        .unwrap();
+    w.add_kv("i32s", Value::Array(vec![-5i32, 7].into()))
+        .unwrap();
+    w.add_kv("f32s", Value::Array(vec![0.5f32, -2.0].into()))
+        .unwrap();
+    w.add_kv("f64s", Value::Array(vec![0.25f64].into()))
+        .unwrap();
+    w.add_kv("strs", Value::Array(vec!["a", "", "ü"].into()))
         .unwrap();
     let f = GgufFile::from_bytes(w.write_to_vec().unwrap()).unwrap();
     assert_eq!(f.arch_key("block_count"), "gemma3.block_count");
@@ -438,7 +458,23 @@ fn metadata_getters() {
         f.get_u32("nope"),
         Err(MetadataError::Missing { key: "nope".into() })
     );
-    assert_eq!(f.get_i32_array("ints"), Ok(vec![1, 200]));
+    assert_eq!(f.get_i32_array("ints").unwrap().as_ref(), &[1, 200]);
+    // Matching element types are borrowed, others converted.
+    assert!(matches!(
+        f.get_i32_array("i32s"),
+        Ok(Cow::Borrowed(&[-5, 7]))
+    ));
+    assert!(matches!(
+        f.get_f32_array("f32s"),
+        Ok(Cow::Borrowed(&[0.5, -2.0]))
+    ));
+    assert!(matches!(f.get_f32_array("f64s"), Ok(Cow::Owned(ref v)) if v == &[0.25]));
+    assert_eq!(f.get_str_array("strs").unwrap(), ["a", "", "ü"]);
+    let strs = f.get_strings("strs").unwrap();
+    assert_eq!(strs.iter().collect::<Vec<_>>(), ["a", "", "ü"]);
+    assert_eq!((&strs[2], strs.get(3), strs.len()), ("ü", None, 3));
+    assert_eq!(strs.as_packed_str(), "aü");
+    assert_eq!(f.get_array("strs").unwrap().str_at(0), Some("a"));
     assert!(matches!(
         f.get_i32_array("big_ints"),
         Err(MetadataError::OutOfRange { .. })

@@ -27,11 +27,14 @@ mod pretok;
 mod spm;
 mod stream;
 mod unicode_tables;
+mod vocab;
 
 use std::collections::{HashMap, HashSet};
 
-use powerinfer_gguf::{GgufFile, Value};
+use powerinfer_gguf::{Array, GgufFile, StringArray, Value};
+
 use thiserror::Error;
+use vocab::Vocab;
 
 pub use pretok::PreTokenizer;
 pub use stream::StreamDecoder;
@@ -139,8 +142,8 @@ pub struct TokenizerData {
     pub model: String,
     /// `tokenizer.ggml.pre` (BPE only).
     pub pre: Option<String>,
-    /// `tokenizer.ggml.tokens`: the piece of each id.
-    pub tokens: Vec<String>,
+    /// `tokenizer.ggml.tokens`: the piece of each id, packed in one buffer.
+    pub tokens: StringArray,
     /// `tokenizer.ggml.scores` (empty: all 0).
     pub scores: Vec<f32>,
     /// `tokenizer.ggml.token_type` (empty: all normal).
@@ -285,10 +288,10 @@ impl SpecialTrie {
 #[derive(Clone)]
 pub struct Tokenizer {
     kind: TokenizerKind,
-    tokens: Vec<String>,
+    /// Pieces by id and ids by piece.
+    vocab: Vocab,
     scores: Vec<f32>,
     attrs: Vec<u8>,
-    token_to_id: HashMap<String, u32>,
     merges: bpe::Merges,
     /// SPM byte-fallback token of each byte.
     byte_tokens: Box<[Option<u32>; 256]>,
@@ -364,32 +367,31 @@ impl Tokenizer {
         }
 
         // Empty pieces get a placeholder, as in llama.cpp, so every id has a distinct text.
-        let tokens: Vec<String> = tokens
-            .into_iter()
-            .enumerate()
-            .map(|(i, t)| {
+        let tokens = if tokens.iter().any(str::is_empty) {
+            let mut named = StringArray::with_capacity(n, tokens.as_packed_str().len());
+            for (i, t) in tokens.iter().enumerate() {
                 if t.is_empty() {
-                    format!("[EMPTY_{i}]")
+                    named.push(&format!("[EMPTY_{i}]"));
                 } else {
-                    t
+                    named.push(t);
                 }
-            })
-            .collect();
-        let mut token_to_id = HashMap::with_capacity(n);
-        for (i, t) in tokens.iter().enumerate() {
-            if let Some(first) = token_to_id.insert(t.clone(), i as u32) {
-                return Err(TokenizerError::DuplicateToken {
-                    text: t.clone(),
-                    first,
-                    second: i as u32,
-                });
             }
-        }
-        let scores = if scores.is_empty() {
-            vec![0.0; n]
+            named
         } else {
-            scores[..n].to_vec()
+            tokens
         };
+        let vocab = Vocab::new(tokens).map_err(|d| TokenizerError::DuplicateToken {
+            text: d.text,
+            first: d.first,
+            second: d.second,
+        })?;
+        let mut scores = scores;
+        if scores.is_empty() {
+            scores = vec![0.0; n];
+        } else {
+            scores.truncate(n);
+            scores.shrink_to_fit();
+        }
         let mut attrs: Vec<u8> = if token_types.is_empty() {
             vec![ATTR_NORMAL; n]
         } else {
@@ -411,7 +413,7 @@ impl Tokenizer {
         let pad = in_range(pad);
         let mut eot = in_range(eot);
         let mut eom = in_range(eom);
-        let lookup = |name: &str| token_to_id.get(name).copied();
+        let lookup = |name: &str| vocab.id(name);
         if eot.is_none() {
             eot = EOT_NAMES.iter().filter_map(|s| lookup(s)).min();
         }
@@ -457,15 +459,10 @@ impl Tokenizer {
         let mut byte_tokens = Box::new([None; 256]);
         if kind == TokenizerKind::Spm {
             for (b, slot) in byte_tokens.iter_mut().enumerate() {
-                *slot = token_to_id
-                    .get(&format!("<0x{b:02X}>"))
-                    .copied()
-                    .or_else(|| {
-                        let one = [b as u8];
-                        std::str::from_utf8(&one)
-                            .ok()
-                            .and_then(|s| token_to_id.get(s).copied())
-                    });
+                *slot = vocab.id(&format!("<0x{b:02X}>")).or_else(|| {
+                    let one = [b as u8];
+                    std::str::from_utf8(&one).ok().and_then(|s| vocab.id(s))
+                });
             }
         }
 
@@ -473,25 +470,20 @@ impl Tokenizer {
         let mut specials: Vec<u32> = (0..n as u32)
             .filter(|&i| attrs[i as usize] & (ATTR_CONTROL | ATTR_USER_DEFINED | ATTR_UNKNOWN) != 0)
             .collect();
-        specials.sort_by(|&a, &b| {
-            tokens[b as usize]
-                .len()
-                .cmp(&tokens[a as usize].len())
-                .then(a.cmp(&b))
-        });
+        let text_len = |id: u32| vocab.text(id as usize).map_or(0, str::len);
+        specials.sort_by(|&a, &b| text_len(b).cmp(&text_len(a)).then(a.cmp(&b)));
         let mut trie = SpecialTrie::default();
         let mut special_rank = HashMap::with_capacity(specials.len());
         for (rank, &id) in specials.iter().enumerate() {
-            trie.insert(tokens[id as usize].as_bytes(), id);
+            trie.insert(vocab.text(id as usize).unwrap_or("").as_bytes(), id);
             special_rank.insert(id, rank);
         }
 
         let mut tok = Tokenizer {
             kind,
-            tokens,
+            vocab,
             scores,
             attrs,
-            token_to_id,
             merges,
             byte_tokens,
             piece_bytes: Vec::new(),
@@ -519,20 +511,24 @@ impl Tokenizer {
     }
 
     fn build_piece_cache(&mut self) {
-        let mut bytes = Vec::with_capacity(self.tokens.len() * 6);
-        let mut offsets = Vec::with_capacity(self.tokens.len() + 1);
+        let n = self.vocab.len();
+        let mut bytes = Vec::with_capacity(n * 6);
+        let mut offsets = Vec::with_capacity(n + 1);
         offsets.push(0);
-        for id in 0..self.tokens.len() {
+        for id in 0..n {
             self.render_piece(id, &mut bytes);
             offsets.push(bytes.len());
         }
+        bytes.shrink_to_fit();
         self.piece_bytes = bytes;
         self.piece_offsets = offsets;
     }
 
     /// llama.cpp's token_to_piece with special tokens rendered.
     fn render_piece(&self, id: usize, out: &mut Vec<u8>) {
-        let text = &self.tokens[id];
+        let Some(text) = self.vocab.text(id) else {
+            return;
+        };
         let attr = self.attrs[id];
         if attr & (ATTR_UNKNOWN | ATTR_CONTROL | ATTR_USER_DEFINED) != 0 {
             out.extend_from_slice(text.as_bytes());
@@ -564,7 +560,18 @@ impl Tokenizer {
 
     /// Number of tokens in the vocabulary.
     pub fn vocab_size(&self) -> usize {
-        self.tokens.len()
+        self.vocab.len()
+    }
+
+    /// Heap bytes held by the per-token tables: the packed vocabulary and its index, scores,
+    /// attributes and the decoded-piece cache (merge rules and special-token tables, which
+    /// are small next to these, are not counted).
+    pub fn heap_bytes(&self) -> usize {
+        self.vocab.heap_bytes()
+            + self.scores.capacity() * std::mem::size_of::<f32>()
+            + self.attrs.capacity()
+            + self.piece_bytes.capacity()
+            + self.piece_offsets.capacity() * std::mem::size_of::<usize>()
     }
 
     /// Number of BPE merge rules (0 for SentencePiece vocabularies).
@@ -574,12 +581,12 @@ impl Tokenizer {
 
     /// The raw vocabulary entry of `id` (e.g. `"▁the"`, `"Ġthe"`, `"<s>"`).
     pub fn token_text(&self, id: u32) -> Option<&str> {
-        self.tokens.get(id as usize).map(String::as_str)
+        self.vocab.text(id as usize)
     }
 
     /// The id of an exact vocabulary entry.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.token_to_id.get(text).copied()
+        self.vocab.id(text)
     }
 
     /// The merge score of `id` (SentencePiece vocabularies; 0 when absent).
@@ -711,7 +718,7 @@ impl Tokenizer {
             }
             TokenizerKind::Bpe(pre) => {
                 let mut scratch = bpe::Scratch::default();
-                let lookup = |s: &str| self.token_to_id.get(s).copied();
+                let lookup = |s: &str| self.vocab.id(s);
                 for f in fragments {
                     match f {
                         Fragment::Text(s, e) => {
@@ -803,7 +810,7 @@ impl Tokenizer {
     /// character (see [`StreamDecoder`]). Out-of-range ids give nothing.
     pub fn token_to_piece(&self, id: u32, special: bool) -> &[u8] {
         let i = id as usize;
-        if i >= self.tokens.len() {
+        if i >= self.vocab.len() {
             return &[];
         }
         if !special && self.attrs[i] & (ATTR_CONTROL | ATTR_UNKNOWN) != 0 {
@@ -847,7 +854,7 @@ impl std::fmt::Debug for Tokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Tokenizer")
             .field("kind", &self.kind)
-            .field("vocab_size", &self.tokens.len())
+            .field("vocab_size", &self.vocab.len())
             .field("n_merges", &self.merges.len())
             .field("n_special", &self.special_rank.len())
             .field("bos", &self.bos)
@@ -863,7 +870,7 @@ impl std::fmt::Debug for Tokenizer {
 
 impl spm::SpmVocab for Tokenizer {
     fn piece_id(&self, piece: &str) -> Option<u32> {
-        self.token_to_id.get(piece).copied()
+        self.vocab.id(piece)
     }
     fn score(&self, id: u32) -> f32 {
         self.scores[id as usize]
@@ -924,7 +931,7 @@ fn meta_str(file: &GgufFile, key: &'static str) -> Result<Option<String>, Tokeni
 fn meta_array<'a>(
     file: &'a GgufFile,
     key: &'static str,
-) -> Result<Option<&'a [Value]>, TokenizerError> {
+) -> Result<Option<&'a Array>, TokenizerError> {
     match file.get(key) {
         None => Ok(None),
         Some(Value::Array(a)) => Ok(Some(a)),
@@ -935,19 +942,20 @@ fn meta_array<'a>(
     }
 }
 
-fn str_array(file: &GgufFile, key: &'static str) -> Result<Vec<String>, TokenizerError> {
-    let Some(a) = meta_array(file, key)? else {
-        return Ok(Vec::new());
-    };
-    a.iter()
-        .map(|v| match v {
-            Value::String(s) => Ok(s.clone()),
-            _ => Err(TokenizerError::WrongType {
-                key,
-                expected: "an array of strings",
-            }),
-        })
-        .collect()
+/// A string array (absent: empty; an empty array of another element type also reads as empty).
+fn str_array<'a>(
+    file: &'a GgufFile,
+    key: &'static str,
+) -> Result<Option<&'a StringArray>, TokenizerError> {
+    match meta_array(file, key)? {
+        None => Ok(None),
+        Some(Array::String(s)) => Ok(Some(s)),
+        Some(a) if a.is_empty() => Ok(None),
+        Some(_) => Err(TokenizerError::WrongType {
+            key,
+            expected: "an array of strings",
+        }),
+    }
 }
 
 /// Reads the `tokenizer.ggml.*` keys of a GGUF file into [`TokenizerData`].
@@ -960,34 +968,30 @@ pub fn data_from_gguf(file: &GgufFile) -> Result<TokenizerData, TokenizerError> 
     if file.get(TOKENS).is_none() {
         return Err(TokenizerError::MissingKey(TOKENS));
     }
-    let tokens = str_array(file, TOKENS)?;
+    let tokens = str_array(file, TOKENS)?.cloned().unwrap_or_default();
     let scores = match meta_array(file, SCORES)? {
         None => Vec::new(),
-        Some(a) => a
-            .iter()
-            .map(|v| match v {
-                Value::F32(x) => Ok(*x),
-                Value::I32(x) => Ok(*x as f32),
-                _ => Err(TokenizerError::WrongType {
-                    key: SCORES,
-                    expected: "an array of f32",
-                }),
-            })
-            .collect::<Result<_, _>>()?,
+        Some(Array::F32(v)) => v.clone(),
+        Some(Array::I32(v)) => v.iter().map(|&x| x as f32).collect(),
+        Some(a) if a.is_empty() => Vec::new(),
+        Some(_) => {
+            return Err(TokenizerError::WrongType {
+                key: SCORES,
+                expected: "an array of f32",
+            });
+        }
     };
     let token_types = match meta_array(file, TYPES)? {
         None => Vec::new(),
-        Some(a) => a
-            .iter()
-            .map(|v| match v {
-                Value::I32(x) => Ok(*x),
-                Value::U32(x) => Ok(*x as i32),
-                _ => Err(TokenizerError::WrongType {
-                    key: TYPES,
-                    expected: "an array of i32",
-                }),
-            })
-            .collect::<Result<_, _>>()?,
+        Some(Array::I32(v)) => v.clone(),
+        Some(Array::U32(v)) => v.iter().map(|&x| x as i32).collect(),
+        Some(a) if a.is_empty() => Vec::new(),
+        Some(_) => {
+            return Err(TokenizerError::WrongType {
+                key: TYPES,
+                expected: "an array of i32",
+            });
+        }
     };
     Ok(TokenizerData {
         model,
@@ -995,7 +999,9 @@ pub fn data_from_gguf(file: &GgufFile) -> Result<TokenizerData, TokenizerError> 
         tokens,
         scores,
         token_types,
-        merges: str_array(file, "tokenizer.ggml.merges")?,
+        merges: str_array(file, "tokenizer.ggml.merges")?
+            .map(|m| m.iter().map(str::to_owned).collect())
+            .unwrap_or_default(),
         bos: meta_u32(file, "tokenizer.ggml.bos_token_id")?,
         eos: meta_u32(file, "tokenizer.ggml.eos_token_id")?,
         eot: meta_u32(file, "tokenizer.ggml.eot_token_id")?,
@@ -1040,7 +1046,7 @@ mod tests {
         }
         Tokenizer::from_parts(TokenizerData {
             model: "llama".into(),
-            tokens,
+            tokens: tokens.into(),
             scores,
             token_types: types,
             ..Default::default()
@@ -1092,6 +1098,35 @@ mod tests {
         assert_eq!(t.decode(&t.encode("ab", true, false), true), "<s>ab");
     }
 
+    /// Gemma 3's 262,144-token vocabulary stays compact (about 13 bytes a token for text,
+    /// offsets, index, score, attribute and decoded piece), and the GGUF metadata holding it
+    /// is compact too.
+    #[test]
+    fn gemma_vocabulary_heap_is_small() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../models/gemma-3-270m-q4_k_m.gguf");
+        let Ok(file) = GgufFile::open(&path) else {
+            eprintln!("skipped: {} not found", path.display());
+            return;
+        };
+        let t = Tokenizer::from_gguf(&file).unwrap();
+        assert_eq!(t.vocab_size(), 262_144);
+        let heap = t.heap_bytes();
+        let meta: usize = file
+            .metadata()
+            .iter()
+            .filter_map(|(_, v)| v.as_array())
+            .map(Array::heap_bytes)
+            .sum();
+        eprintln!("gemma tokenizer heap {heap} bytes, metadata arrays {meta} bytes");
+        assert!(heap < 16 << 20, "tokenizer heap {heap} bytes");
+        assert!(meta < 12 << 20, "metadata arrays {meta} bytes");
+        assert_eq!(
+            t.token_id("<start_of_turn>").and_then(|i| t.token_text(i)),
+            Some("<start_of_turn>")
+        );
+    }
+
     #[test]
     fn debug_is_a_summary() {
         let d = format!("{:?}", spm_vocab());
@@ -1109,7 +1144,7 @@ mod tests {
         );
         let dup = TokenizerData {
             model: "llama".into(),
-            tokens: vec!["a".into(), "b".into(), "a".into()],
+            tokens: vec!["a", "b", "a"].into(),
             ..Default::default()
         };
         assert!(matches!(
@@ -1123,7 +1158,7 @@ mod tests {
         let bpe = TokenizerData {
             model: "gpt2".into(),
             pre: Some("no-such-pre".into()),
-            tokens: vec!["a".into()],
+            tokens: vec!["a"].into(),
             merges: vec!["a a".into()],
             ..Default::default()
         };
@@ -1133,7 +1168,7 @@ mod tests {
         ));
         let short = TokenizerData {
             model: "llama".into(),
-            tokens: vec!["a".into(), "b".into()],
+            tokens: vec!["a", "b"].into(),
             scores: vec![0.0],
             ..Default::default()
         };

@@ -13,7 +13,7 @@ use super::Tokenizer;
 /// # let mut tokens: Vec<String> = (0..=255u8).map(|b| format!("<0x{b:02X}>")).collect();
 /// # tokens.push("▁hi".into());
 /// # let tok = Tokenizer::from_parts(TokenizerData {
-/// #     model: "llama".into(), tokens, token_types: [vec![6; 256], vec![1]].concat(),
+/// #     model: "llama".into(), tokens: tokens.into(), token_types: [vec![6; 256], vec![1]].concat(),
 /// #     add_bos: Some(false), ..Default::default() }).unwrap();
 /// let mut dec = StreamDecoder::new(false);
 /// assert_eq!(dec.push(&tok, 0xE2), "");          // first byte of "€"

@@ -26,6 +26,7 @@ fn touch(f: &GgufFile) {
             f.get_str(k),
             f.get_array(k),
             f.get_str_array(k),
+            f.get_strings(k),
             f.get_f32_array(k),
         );
         let _ = f.get_i32_array(k);
