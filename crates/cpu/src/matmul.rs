@@ -37,6 +37,10 @@ const MATMUL_TILE_ACT_BYTES: usize = 128 * 1024;
 /// Weight bytes per matmul tile (its rows stay in L1/L2 while they meet the tile's tokens).
 const MATMUL_TILE_WEIGHT_BYTES: usize = 16 * 1024;
 
+/// Tokens per multi-token kernel call in `matmul` (the kernels take 4 at a time with AVX2,
+/// 8 with AVX-512 VNNI).
+const GEMM_TOKENS: usize = 8;
+
 /// A ggml weight matrix borrowed from memory (usually a memory-mapped model file).
 ///
 /// Layout: `rows` consecutive rows, each `cols` elements of `ty` (ggml `ne[0] = cols`,
@@ -325,6 +329,62 @@ pub fn matvec_quantized(
     Ok(())
 }
 
+/// Several [`matvec_quantized`] products as one pool job: `jobs[i] = (w, acts, y)` gives
+/// `y = w * acts` (one token each), exactly as separate calls would, bit for bit.
+///
+/// For the decode step's independent products of one input (Q, K and V; gate and up): one
+/// hand-off to the pool's threads instead of one per matrix, and the threads balance across
+/// all the matrices' rows. Every job is checked as [`matvec_quantized`] checks it before any
+/// work starts.
+pub fn matvec_quantized_many(
+    pool: &ThreadPool,
+    jobs: &mut [(&Matrix, &ActBuffer, &mut [f32])],
+) -> Result<(), CpuError> {
+    // (kernels, row bytes, rows per chunk, activations) per job, all checked up front.
+    let mut plan = Vec::with_capacity(jobs.len());
+    let mut total = 0usize;
+    let mut n_chunks = 0usize;
+    for (w, acts, y) in jobs.iter() {
+        let rb = w.validate()?;
+        let k = acts.kernels_for(w)?;
+        check_len("matvec token count", 1, acts.n_tokens)?;
+        check_len("matvec output length (matrix rows)", w.rows, y.len())?;
+        let act = acts.token(0).ok_or(CpuError::EmptyActivations)?;
+        let chunk_rows = (MATVEC_CHUNK_BYTES / rb.max(1)).max(1);
+        total = total.saturating_add(w.data.len());
+        n_chunks += w.rows.div_ceil(chunk_rows);
+        plan.push((k, rb, chunk_rows, act));
+    }
+    if pool.n_threads() == 1 || total <= MATVEC_INLINE_BYTES {
+        for ((w, _, y), &(k, rb, _, act)) in jobs.iter_mut().zip(&plan) {
+            dot_rows(k, w, rb, act, 0, y);
+        }
+        return Ok(());
+    }
+    let outs: Vec<(&Matrix, SharedSlice<f32>)> = jobs
+        .iter_mut()
+        .map(|(w, _, y)| (*w, SharedSlice::new(y)))
+        .collect();
+    pool.for_each_chunk(n_chunks, 1, |range| {
+        for mut c in range {
+            for ((w, out), &(k, rb, chunk_rows, act)) in outs.iter().zip(&plan) {
+                let n = w.rows.div_ceil(chunk_rows);
+                if c < n {
+                    let rows = c * chunk_rows..((c + 1) * chunk_rows).min(w.rows);
+                    let first = rows.start;
+                    // SAFETY: chunk `c` of this job is handed to exactly one thread, and the
+                    // chunks of one job cover disjoint row ranges of its output.
+                    let part = unsafe { out.slice_mut(rows) };
+                    dot_rows(k, w, rb, act, first, part);
+                    break;
+                }
+                c -= n;
+            }
+        }
+    });
+    Ok(())
+}
+
 /// `y[i] = dot(w[first_row + i], acts[token])` for `i in 0..y.len()`, on the calling thread.
 ///
 /// A building block for other schedulers (and for comparing them): [`matvec_quantized`] is this
@@ -375,7 +435,9 @@ fn dot_rows(k: &TypeKernels, w: &Matrix, rb: usize, act: &[u8], first: usize, y:
 /// `x` holds `n_tokens` rows of `w.cols` floats (row-major) and `y` receives `n_tokens` rows of
 /// `w.rows` floats. Every element equals what [`matvec`] gives for that token, bit for bit.
 /// All tokens are quantized once, then the work is split into tiles of several rows times
-/// several tokens, so each weight row is read from memory once per tile of tokens.
+/// several tokens, so each weight row is read from memory once per tile of tokens. Where
+/// `powerinfer_quant::gemm` has a multi-token kernel for the type (x86 AVX2 / AVX-512 VNNI),
+/// each weight block is decoded once per group of tokens; its results are the `vec_dot` ones.
 pub fn matmul(
     pool: &ThreadPool,
     w: &Matrix,
@@ -432,6 +494,7 @@ pub fn matmul_quantized(
     let n_row_tiles = rows.div_ceil(tile_rows);
     let n_tiles = n_token_tiles * n_row_tiles;
     let cols = w.cols;
+    let gemm = powerinfer_quant::gemm::gemm_for(k);
     let out = SharedSlice::new(y);
     let tile = |t_idx: usize| {
         // Row-tile major: consecutive tiles share weight rows, which stay in cache.
@@ -441,6 +504,28 @@ pub fn matmul_quantized(
         let t0 = tt * tile_tokens;
         let t1 = (t0 + tile_tokens).min(n_tokens);
         let acts_tile = &acts.data[t0 * acts.row_bytes..t1 * acts.row_bytes];
+        if let Some(gemm) = gemm {
+            // Multi-token kernel: each weight block decoded once for a group of tokens, every
+            // result bit for bit the `vec_dot` one.
+            // Token groups outside, rows inside: the group's activations stay in L1 and each
+            // token's outputs are written to consecutive addresses.
+            let mut buf = [0f32; GEMM_TOKENS];
+            for g0 in (t0..t1).step_by(GEMM_TOKENS) {
+                let g1 = (g0 + GEMM_TOKENS).min(t1);
+                let a = &acts_tile[(g0 - t0) * acts.row_bytes..(g1 - t0) * acts.row_bytes];
+                for r in r0..r1 {
+                    let row = &w.data[r * rb..(r + 1) * rb];
+                    let part = &mut buf[..g1 - g0];
+                    gemm(cols, row, a, acts.row_bytes, part);
+                    for (t, &v) in (g0..g1).zip(part.iter()) {
+                        // SAFETY: element (t, r) belongs to exactly one tile, and each tile
+                        // index is handed to exactly one thread by `for_each_chunk`.
+                        unsafe { out.write(t * rows + r, v) };
+                    }
+                }
+            }
+            return;
+        }
         for r in r0..r1 {
             let row = &w.data[r * rb..(r + 1) * rb];
             for (t, act) in (t0..t1).zip(acts_tile.chunks_exact(acts.row_bytes)) {
@@ -453,4 +538,104 @@ pub fn matmul_quantized(
     };
     pool.for_each_chunk(n_tiles, 1, |range| range.for_each(tile));
     Ok(())
+}
+
+#[cfg(test)]
+mod matvec_many_tests {
+    use super::*;
+
+    /// xorshift64 for test data.
+    fn rng(seed: &mut u64) -> u64 {
+        *seed ^= *seed << 13;
+        *seed ^= *seed >> 7;
+        *seed ^= *seed << 17;
+        *seed
+    }
+
+    /// A random `rows x cols` matrix of `ty` (quantized from random floats).
+    fn random(ty: GgmlType, rows: usize, cols: usize, seed: &mut u64) -> Vec<u8> {
+        let x: Vec<f32> = (0..rows * cols)
+            .map(|_| (rng(seed) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
+        let rb = checked_row_bytes(ty, cols).unwrap();
+        let mut out = vec![0u8; rows * rb];
+        for (src, dst) in x.chunks_exact(cols).zip(out.chunks_exact_mut(rb)) {
+            powerinfer_quant::quantize_row(ty, src, dst).unwrap();
+        }
+        out
+    }
+
+    #[test]
+    fn many_equals_separate_matvecs_bit_for_bit() {
+        let mut seed = 0x1234_5678u64;
+        let cols = 576;
+        // Awkward row counts, mixed types (two activation buffers), big enough to use the pool.
+        let specs = [
+            (GgmlType::Q4_1, 577),
+            (GgmlType::Q8_0, 193),
+            (GgmlType::Q4_1, 61),
+        ];
+        let data: Vec<Vec<u8>> = specs
+            .iter()
+            .map(|&(ty, rows)| random(ty, rows, cols, &mut seed))
+            .collect();
+        let ws: Vec<Matrix> = specs
+            .iter()
+            .zip(&data)
+            .map(|(&(ty, rows), d)| Matrix::new(ty, rows, cols, d).unwrap())
+            .collect();
+        let x: Vec<f32> = (0..cols)
+            .map(|_| (rng(&mut seed) >> 40) as f32 / (1u64 << 24) as f32 - 0.5)
+            .collect();
+        let mut a41 = ActBuffer::new();
+        a41.quantize(GgmlType::Q4_1, &x, cols, 1).unwrap();
+        let mut a80 = ActBuffer::new();
+        a80.quantize(GgmlType::Q8_0, &x, cols, 1).unwrap();
+        let acts = [&a41, &a80, &a41];
+        for threads in [1, 2, 3] {
+            let pool = ThreadPool::new(threads);
+            let mut want: Vec<Vec<f32>> = specs.iter().map(|&(_, r)| vec![0.0; r]).collect();
+            for ((w, a), y) in ws.iter().zip(acts).zip(want.iter_mut()) {
+                matvec_quantized(&pool, w, a, y).unwrap();
+            }
+            let mut got: Vec<Vec<f32>> = specs.iter().map(|&(_, r)| vec![f32::NAN; r]).collect();
+            let [g0, g1, g2] = &mut got[..] else {
+                unreachable!()
+            };
+            let mut jobs = [
+                (&ws[0], acts[0], &mut g0[..]),
+                (&ws[1], acts[1], &mut g1[..]),
+                (&ws[2], acts[2], &mut g2[..]),
+            ];
+            matvec_quantized_many(&pool, &mut jobs).unwrap();
+            for (g, w) in got.iter().zip(&want) {
+                let gb: Vec<u32> = g.iter().map(|v| v.to_bits()).collect();
+                let wb: Vec<u32> = w.iter().map(|v| v.to_bits()).collect();
+                assert_eq!(gb, wb, "{threads} threads");
+            }
+        }
+    }
+
+    #[test]
+    fn many_checks_every_job_first() {
+        let mut seed = 7u64;
+        let d = random(GgmlType::Q8_0, 4, 64, &mut seed);
+        let w = Matrix::new(GgmlType::Q8_0, 4, 64, &d).unwrap();
+        let mut a = ActBuffer::new();
+        a.quantize(GgmlType::Q8_0, &[0.5; 64], 64, 1).unwrap();
+        let mut wrong = ActBuffer::new();
+        wrong.quantize(GgmlType::Q4_1, &[0.5; 64], 64, 1).unwrap();
+        let (mut y0, mut y1) = (vec![f32::NAN; 4], vec![0.0; 3]);
+        let pool = ThreadPool::new(2);
+        // Wrong output length in the second job: error, and the first job untouched.
+        let r = matvec_quantized_many(&pool, &mut [(&w, &a, &mut y0[..]), (&w, &a, &mut y1[..])]);
+        assert!(matches!(r, Err(CpuError::ShapeMismatch { .. })), "{r:?}");
+        assert!(y0.iter().all(|v| v.is_nan()));
+        let mut y1 = [0.0; 4];
+        let r = matvec_quantized_many(&pool, &mut [(&w, &wrong, &mut y1[..])]);
+        assert!(
+            matches!(r, Err(CpuError::WeightTypeMismatch { .. })),
+            "{r:?}"
+        );
+    }
 }

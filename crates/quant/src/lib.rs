@@ -38,6 +38,7 @@
 
 pub mod blocks;
 mod dispatch;
+pub mod gemm;
 #[cfg(target_arch = "aarch64")]
 mod neon;
 pub mod scalar;

@@ -131,6 +131,7 @@ fn dots_match_ggml_cpu() {
     let fx = fixture();
     let n = fx.v["n"].as_u64().unwrap() as usize;
     let mut count = 0;
+    let mut exact = 0;
     for e in fx.v["dot"].as_array().unwrap() {
         let t = ty(&e["type"]);
         let at = ty(&e["act_type"]);
@@ -157,6 +158,17 @@ fn dots_match_ggml_cpu() {
         let tol = 3e-6 * mag + 1e-30;
         for k in all_kernels(t) {
             let got = (k.vec_dot)(n, &w, &a);
+            if k.name != "scalar" && GGML_EXACT_SIMD.contains(&t) {
+                // These SIMD kernels sum in exactly ggml-cpu's x86 order (per-block FMA into 8
+                // float lanes, the same integer lanes, ggml's final horizontal sum).
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{t}/{} w_row {wr}: ours {got}, ggml {want} (must be bit-exact)",
+                    k.name
+                );
+                exact += 1;
+            }
             assert!(
                 ((got - want) as f64).abs() <= tol,
                 "{t}/{} w_row {wr}: ours {got}, ggml {want} (tol {tol})",
@@ -166,4 +178,20 @@ fn dots_match_ggml_cpu() {
         }
     }
     assert!(count >= 50, "{count}");
+    if cfg!(target_arch = "x86_64") && std::is_x86_feature_detected!("avx2") {
+        assert!(exact >= 5 * GGML_EXACT_SIMD.len(), "{exact}");
+    }
 }
+
+/// Weight types whose x86 SIMD dot products reproduce ggml-cpu's (AVX2 / AVX-512 build) bit
+/// for bit. The others (Q5_K, F16, BF16, F32, every scalar reference) differ only in float
+/// summation order and are held to the tolerance above.
+const GGML_EXACT_SIMD: [GgmlType; 7] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q5_1,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];

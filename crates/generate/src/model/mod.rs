@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use half::f16;
+use powerinfer_cpu::matmul::matvec_quantized_many;
 use powerinfer_cpu::ops::{self, AttnParams, AttnPrecision, AttnScratch, RopeKind};
 
 /// Micro-batches of at least this many tokens use f32 attention numerics (ggml's tiled kernel).
@@ -474,11 +475,32 @@ impl Model {
         let wv = a.wv.matrix(bytes)?;
         let xn = &sc.xn[..n * d];
         sc.acts_a.quantize(wq.ty, xn, d, n)?;
-        mm(pool, &wq, &sc.acts_a, n, &mut sc.q[..n * q_dim])?;
-        let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wk.ty, xn, d, n)?;
-        mm(pool, &wk, acts, n, &mut sc.k[..n * k_dim])?;
-        let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wv.ty, xn, d, n)?;
-        mm(pool, &wv, acts, n, &mut sc.v[..n * v_dim])?;
+        if n == 1 && (wv.ty == wq.ty || wv.ty == wk.ty) {
+            // Decode: Q, K and V in one pool job (at most two activation types).
+            if wk.ty != wq.ty {
+                sc.acts_b.quantize(wk.ty, xn, d, n)?;
+            }
+            let ak = if wk.ty == wq.ty {
+                &sc.acts_a
+            } else {
+                &sc.acts_b
+            };
+            let av = if wv.ty == wq.ty { &sc.acts_a } else { ak };
+            matvec_quantized_many(
+                pool,
+                &mut [
+                    (&wq, &sc.acts_a, &mut sc.q[..q_dim]),
+                    (&wk, ak, &mut sc.k[..k_dim]),
+                    (&wv, av, &mut sc.v[..v_dim]),
+                ],
+            )?;
+        } else {
+            mm(pool, &wq, &sc.acts_a, n, &mut sc.q[..n * q_dim])?;
+            let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wk.ty, xn, d, n)?;
+            mm(pool, &wk, acts, n, &mut sc.k[..n * k_dim])?;
+            let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wv.ty, xn, d, n)?;
+            mm(pool, &wv, acts, n, &mut sc.v[..n * v_dim])?;
+        }
         add_bias(&mut sc.q[..n * q_dim], a.bq.as_deref());
         add_bias(&mut sc.k[..n * k_dim], a.bk.as_deref());
         add_bias(&mut sc.v[..n * v_dim], a.bv.as_deref());
@@ -629,9 +651,28 @@ impl Model {
                 let wd = f.down.matrix(bytes)?;
                 let xn = &sc.xn[..n * d];
                 sc.acts_a.quantize(wg.ty, xn, d, n)?;
-                mm(pool, &wg, &sc.acts_a, n, &mut sc.gate[..n * ff])?;
-                let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wu.ty, xn, d, n)?;
-                mm(pool, &wu, acts, n, &mut sc.up[..n * ff])?;
+                if n == 1 {
+                    // Decode: gate and up in one pool job.
+                    if wu.ty != wg.ty {
+                        sc.acts_b.quantize(wu.ty, xn, d, n)?;
+                    }
+                    let au = if wu.ty == wg.ty {
+                        &sc.acts_a
+                    } else {
+                        &sc.acts_b
+                    };
+                    matvec_quantized_many(
+                        pool,
+                        &mut [
+                            (&wg, &sc.acts_a, &mut sc.gate[..ff]),
+                            (&wu, au, &mut sc.up[..ff]),
+                        ],
+                    )?;
+                } else {
+                    mm(pool, &wg, &sc.acts_a, n, &mut sc.gate[..n * ff])?;
+                    let acts = requant(&mut sc.acts_a, &mut sc.acts_b, wu.ty, xn, d, n)?;
+                    mm(pool, &wu, acts, n, &mut sc.up[..n * ff])?;
+                }
                 let (g, u) = (&mut sc.gate[..n * ff], &sc.up[..n * ff]);
                 match f.act {
                     Activation::Silu => ops::swiglu_inplace(g, u)?,

@@ -1,0 +1,55 @@
+//! The multi-token (gemm) path of `matmul` against one `vec_dot` per output, over shapes that
+//! span several token tiles and row tiles, with token counts that leave partial kernel groups.
+
+mod matmul_common;
+
+use matmul_common::{Rng, random_weights};
+use powerinfer_cpu::{ActBuffer, Matrix, ThreadPool, matmul_quantized};
+use powerinfer_gguf::GgmlType;
+use powerinfer_quant::gemm::gemm_for;
+use powerinfer_quant::kernels;
+
+#[test]
+fn gemm_matmul_matches_vec_dot_per_output() {
+    let pools: Vec<ThreadPool> = [1, 2, 3].into_iter().map(ThreadPool::new).collect();
+    let mut rng = Rng::new(0x6e33_0001);
+    let cases = [
+        (GgmlType::Q4_0, 4096, 23, 37),
+        (GgmlType::Q4_1, 4096, 23, 37),
+        (GgmlType::Q5_0, 4096, 23, 37),
+        (GgmlType::Q8_0, 4096, 23, 37),
+        (GgmlType::Q5_0, 96, 131, 6),
+        (GgmlType::Q4_K, 4096, 19, 33),
+        (GgmlType::Q6_K, 4096, 19, 33),
+        (GgmlType::Q4_K, 512, 67, 9),
+        (GgmlType::Q6_K, 768, 5, 2),
+    ];
+    for (ty, cols, rows, n_tokens) in cases {
+        let k = kernels(ty).unwrap();
+        let data = random_weights(ty, rows * cols, &mut rng);
+        let w = Matrix::new(ty, rows, cols, &data).unwrap();
+        let x = rng.activations(cols * n_tokens);
+        let mut acts = ActBuffer::new();
+        acts.quantize_with(k, &x, cols, n_tokens).unwrap();
+        let mut want = vec![0f32; rows * n_tokens];
+        for t in 0..n_tokens {
+            for r in 0..rows {
+                want[t * rows + r] = (k.vec_dot)(cols, w.row(r).unwrap(), acts.token(t).unwrap());
+            }
+        }
+        for pool in &pools {
+            let mut y = vec![f32::NAN; rows * n_tokens];
+            matmul_quantized(pool, &w, &acts, &mut y).unwrap();
+            for (i, (a, b)) in y.iter().zip(&want).enumerate() {
+                assert_eq!(
+                    a.to_bits(),
+                    b.to_bits(),
+                    "{ty} {} (gemm: {}) {rows}x{cols}, {n_tokens} tokens, {} threads, output {i}",
+                    k.name,
+                    gemm_for(k).is_some(),
+                    pool.n_threads()
+                );
+            }
+        }
+    }
+}

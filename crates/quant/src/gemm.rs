@@ -1,0 +1,76 @@
+//! Multi-token dot products for prompt processing ("gemm" tiles).
+//!
+//! A [`GemmFn`] computes the dot products of one weight row with several tokens' quantized
+//! activations, decoding each weight block once and using it for all of them (the single-row
+//! `vec_dot` kernels re-decode every block for every token). Each result is **bit for bit**
+//! what the [`TypeKernels::vec_dot`] kernel it was obtained for ([`gemm_for`]) gives for that
+//! token: the integer block sums are the same integers and the float accumulation of every
+//! token follows the single-row kernel operation for operation, so batched prompt processing
+//! and token-by-token decoding agree exactly.
+//!
+//! ```
+//! use powerinfer_quant::{GgmlType, gemm::gemm_for, kernels, quantize_row, row_bytes};
+//!
+//! let n = 256;
+//! let k = kernels(GgmlType::Q8_0).unwrap();
+//! let mut w = vec![0u8; row_bytes(GgmlType::Q8_0, n).unwrap()];
+//! quantize_row(GgmlType::Q8_0, &vec![0.5f32; n], &mut w)?;
+//! let arb = row_bytes(k.act_ty, n).unwrap();
+//! let mut acts = vec![0u8; 3 * arb];
+//! for (t, a) in acts.chunks_exact_mut(arb).enumerate() {
+//!     (k.quantize_act)(&vec![t as f32; n], a);
+//! }
+//! if let Some(gemm) = gemm_for(k) {
+//!     let mut out = [0.0f32; 3];
+//!     gemm(n, &w, &acts, arb, &mut out);
+//!     for (t, a) in acts.chunks_exact(arb).enumerate() {
+//!         assert_eq!(out[t].to_bits(), (k.vec_dot)(n, &w, a).to_bits());
+//!     }
+//! }
+//! # Ok::<(), powerinfer_quant::QuantError>(())
+//! ```
+
+use crate::TypeKernels;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "gemm_x86.rs"]
+mod x86;
+
+/// `out[j] = vec_dot(n, w, &acts[j * act_stride..])` for every `j in 0..out.len()`.
+///
+/// `n` is the row length in elements (a multiple of the weight type's block size), `w` one
+/// weight row (at least its `row_bytes`), `acts` the tokens' activations in the weight type's
+/// vec_dot type, token `j` starting at byte `j * act_stride`. Like `vec_dot`, a hot-path
+/// function pointer without per-call checks: buffers too short make it panic (never read out
+/// of bounds).
+pub type GemmFn = fn(n: usize, w: &[u8], acts: &[u8], act_stride: usize, out: &mut [f32]);
+
+/// A multi-token kernel whose every output equals `k.vec_dot`'s bit for bit, if this build and
+/// CPU have one for `k` (x86-64 AVX2 kernels of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K; the
+/// AVX-512 VNNI Q4_0 / Q8_0 dots compute the same integers, so they are covered too).
+pub fn gemm_for(k: &TypeKernels) -> Option<GemmFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::gemm_for(k.ty, k.act_ty, k.name)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        None
+    }
+}
+
+/// Every multi-token kernel usable on this CPU for `k`, with its instruction set ("avx2",
+/// "avx512vnni"), each bit for bit equal to `k.vec_dot` (for tests and benchmarks;
+/// [`gemm_for`] picks the best).
+pub fn gemm_variants(k: &TypeKernels) -> Vec<(&'static str, GemmFn)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::variants(k.ty, k.act_ty, k.name)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        Vec::new()
+    }
+}

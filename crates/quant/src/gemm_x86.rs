@@ -1,0 +1,545 @@
+//! x86-64 multi-token kernels (AVX2, and AVX-512 VNNI / VL). Each mirrors the single-row dot
+//! of its type (in `x86.rs`) operation for operation per token, with the weight decoding
+//! hoisted out of the token loop; the VNNI builds use `vpdpbusd` where the integers are the
+//! same, and 8 tokens per call (32 vector registers).
+
+use crate::GgmlType;
+use crate::gemm::GemmFn;
+use std::arch::x86_64::*;
+
+/// Tokens per kernel call: 4 accumulators plus the decoded block fit the 16 ymm registers.
+const NT: usize = 4;
+
+/// Tokens per call of the AVX-512 VNNI kernels (32 vector registers).
+const NT_VNNI: usize = 8;
+
+fn has_avx2() -> bool {
+    is_x86_feature_detected!("avx2")
+        && is_x86_feature_detected!("fma")
+        && is_x86_feature_detected!("f16c")
+}
+
+fn has_vnni() -> bool {
+    has_avx2()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// The AVX2 kernel for these kernels, if any.
+fn avx2_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
+    use GgmlType as T;
+    if !has_avx2() {
+        return None;
+    }
+    let f: GemmFn = match (ty, act_ty, name) {
+        (T::Q4_0, T::Q8_0, "avx2" | "avx512vnni") => gemm_q4_0,
+        (T::Q8_0, T::Q8_0, "avx2" | "avx512vnni") => gemm_q8_0,
+        (T::Q5_0, T::Q8_0, "avx2" | "avx512vnni") => gemm_q5_0,
+        (T::Q4_1, T::Q8_1, "avx2" | "avx512vnni") => gemm_q4_1,
+        (T::Q4_K, T::Q8_K, "avx2") => gemm_q4_k,
+        (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k,
+        _ => return None,
+    };
+    Some(f)
+}
+
+/// The AVX-512 VNNI kernel for these kernels, if any (same integers, so same results).
+fn vnni_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
+    use GgmlType as T;
+    if !has_vnni() {
+        return None;
+    }
+    let f: GemmFn = match (ty, act_ty, name) {
+        (T::Q4_0, T::Q8_0, "avx2" | "avx512vnni") => gemm_q4_0_vnni,
+        (T::Q8_0, T::Q8_0, "avx2" | "avx512vnni") => gemm_q8_0_vnni,
+        (T::Q5_0, T::Q8_0, "avx2" | "avx512vnni") => gemm_q5_0_vnni,
+        (T::Q4_1, T::Q8_1, "avx2" | "avx512vnni") => gemm_q4_1_vnni,
+        (T::Q4_K, T::Q8_K, "avx2") => gemm_q4_k_vnni,
+        (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k_vnni,
+        _ => return None,
+    };
+    Some(f)
+}
+
+/// The best kernel: VNNI where the dispatcher runs at that level (`POWERINFER_SIMD=avx2` caps
+/// this too), else AVX2.
+pub(super) fn gemm_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
+    if crate::simd_level() == "avx512vnni"
+        && let Some(f) = vnni_for(ty, act_ty, name)
+    {
+        return Some(f);
+    }
+    avx2_for(ty, act_ty, name)
+}
+
+/// Every usable kernel, named.
+pub(super) fn variants(ty: GgmlType, act_ty: GgmlType, name: &str) -> Vec<(&'static str, GemmFn)> {
+    let mut v = Vec::new();
+    if let Some(f) = avx2_for(ty, act_ty, name) {
+        v.push(("avx2", f));
+    }
+    if let Some(f) = vnni_for(ty, act_ty, name) {
+        v.push(("avx512vnni", f));
+    }
+    v
+}
+
+/// Runs `$kern::<$nt>` over groups of `$nt` tokens and `$kern::<1>` over the rest.
+macro_rules! driver {
+    ($name:ident, $kern:ident) => {
+        driver!($name, $kern, NT);
+    };
+    ($name:ident, $kern:ident, $nt:expr) => {
+        fn $name(n: usize, w: &[u8], acts: &[u8], stride: usize, out: &mut [f32]) {
+            let mut t = 0;
+            while t + $nt <= out.len() {
+                // SAFETY: handed out by `gemm_for` / `variants` only after the kernel's target
+                // features were detected at run time.
+                let r = unsafe { $kern::<{ $nt }>(n, w, &acts[t * stride..], stride) };
+                out[t..t + $nt].copy_from_slice(&r);
+                t += $nt;
+            }
+            while t < out.len() {
+                // SAFETY: as above.
+                let r = unsafe { $kern::<1>(n, w, &acts[t * stride..], stride) };
+                out[t] = r[0];
+                t += 1;
+            }
+        }
+    };
+}
+
+driver!(gemm_q4_0, q4_0_avx2);
+driver!(gemm_q8_0, q8_0_avx2);
+driver!(gemm_q5_0, q5_0_avx2);
+driver!(gemm_q4_1, q4_1_avx2);
+driver!(gemm_q4_k, q4_k_avx2);
+driver!(gemm_q6_k, q6_k_avx2);
+driver!(gemm_q4_0_vnni, q4_0_vnni, NT_VNNI);
+driver!(gemm_q8_0_vnni, q8_0_vnni, NT_VNNI);
+driver!(gemm_q5_0_vnni, q5_0_vnni, NT_VNNI);
+driver!(gemm_q4_1_vnni, q4_1_vnni, NT_VNNI);
+driver!(gemm_q4_k_vnni, q4_k_vnni, NT_VNNI);
+driver!(gemm_q6_k_vnni, q6_k_vnni, NT_VNNI);
+
+/// `[f(0), .., f(N - 1)]` as a plain loop (closures would not inherit the target features, and
+/// `std::array::from_fn` did not inline into the kernels).
+macro_rules! arr {
+    ($n:expr, $init:expr, |$j:ident| $e:expr) => {{
+        let mut a = [$init; $n];
+        for $j in 0..$n {
+            a[$j] = $e;
+        }
+        a
+    }};
+}
+
+// ---------------------------------------------------------------------------------------------
+// helpers (the same operations as the single-row kernels use)
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_ps(v: __m256) -> f32 {
+    let lo = _mm256_castps256_ps128(v);
+    let hi = _mm256_extractf128_ps(v, 1);
+    let s = _mm_add_ps(lo, hi);
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Loads 32 bytes; panics if `b` is shorter than `off + 32`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load32(b: &[u8], off: usize) -> __m256i {
+    let s = &b[off..off + 32];
+    // SAFETY: `s` is exactly 32 readable bytes; unaligned load.
+    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+}
+
+/// 16 packed nibble bytes -> 32 bytes: low nibbles (elements 0..16), then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn nibbles32(b: &[u8], off: usize) -> __m256i {
+    let s = &b[off..off + 16];
+    // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
+    let t = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
+    let v = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
+/// 32 bits -> 32 bytes, 0xFF where the bit is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bits32(b: &[u8], off: usize) -> __m256i {
+    let x = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+    let shuf = _mm256_set_epi64x(
+        0x0303030303030303,
+        0x0202020202020202,
+        0x0101010101010101,
+        0x0000000000000000,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x as i32), shuf);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// Unsigned bytes x signed bytes -> 8 i32 sums as floats.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_u8_f32(ax: __m256i, sy: __m256i) -> __m256 {
+    let dot = _mm256_maddubs_epi16(ax, sy);
+    _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
+}
+
+/// The two f16 at `b[off..off + 4]` as f32 lanes 0 and 1.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn h2x2(b: &[u8], off: usize) -> __m128 {
+    let v = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
+    _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32))
+}
+
+#[inline]
+fn rd_f32(b: &[u8], off: usize) -> f32 {
+    f32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
+}
+
+// ---------------------------------------------------------------------------------------------
+// 32-element formats with Q8_0 activations: sum_b (dx * dy) * sum(qx * qy), 8-lane accumulator
+
+/// A kernel for a format of 32-element blocks with an f16 scale first and signed values
+/// (`$decode` turns block `$x` into 32 i8), against `N` tokens of Q8_0 activations:
+/// `acc += (dx * dy) * sum(qx * qy)` per block, as the single-row kernels compute it.
+macro_rules! q8_family {
+    ($name:ident, $feat:literal, $mul:ident, $wsz:expr, |$x:ident| $decode:block) => {
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let nb = n / 32;
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 34 * nb]);
+            let w = &w[..nb * $wsz];
+            for (g, wc) in w.chunks($wsz * 8).enumerate() {
+                // `dx * dy` of up to 8 blocks per token, converted 8 at a time.
+                let mut dd: [[f32; 8]; N] =
+                    arr!(N, [0f32; 8], |j| dd8(wc, $wsz, &ys[j][g * 8 * 34..], 34));
+                // Keep the products in memory: each is then broadcast by a load instead of
+                // being extracted from a register (two shuffles per block and token).
+                std::hint::black_box(&mut dd);
+                for (i, $x) in wc.chunks_exact($wsz).enumerate() {
+                    let qx: __m256i = $decode;
+                    let ax = _mm256_sign_epi8(qx, qx);
+                    let yo = 34 * (8 * g + i);
+                    for j in 0..N {
+                        let d = _mm256_set1_ps(dd[j][i]);
+                        let sy = _mm256_sign_epi8(load32(ys[j], yo + 2), qx);
+                        acc[j] = _mm256_fmadd_ps(d, $mul(ax, sy), acc[j]);
+                    }
+                }
+            }
+            arr!(N, 0f32, |j| hsum_ps(acc[j]))
+        }
+    };
+}
+
+/// `f16 d_x * f16 d_y` for up to 8 consecutive block pairs, 8 conversions at a time.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dd8(w: &[u8], wsz: usize, a: &[u8], asz: usize) -> [f32; 8] {
+    let mut hx = [0u16; 8];
+    let mut hy = [0u16; 8];
+    for (i, (x, y)) in w
+        .chunks_exact(wsz)
+        .zip(a.chunks_exact(asz))
+        .take(8)
+        .enumerate()
+    {
+        hx[i] = u16::from_le_bytes([x[0], x[1]]);
+        hy[i] = u16::from_le_bytes([y[0], y[1]]);
+    }
+    let mut out = [0f32; 8];
+    // SAFETY: `hx`/`hy` are 16 readable bytes each, `out` 32 writable bytes; unaligned ops.
+    unsafe {
+        let vx = _mm256_cvtph_ps(_mm_loadu_si128(hx.as_ptr().cast()));
+        let vy = _mm256_cvtph_ps(_mm_loadu_si128(hy.as_ptr().cast()));
+        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(vx, vy));
+    }
+    out
+}
+
+/// Unsigned bytes x signed bytes -> 8 i32 sums as floats, with `vpdpbusd`: the same integers
+/// as [`mul_u8_f32`] whenever `maddubs` does not saturate (never with weights of at most 7
+/// bits, nor with Q8 weights and activations that avoid -128 pairs, as ggml's quantizers do).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn mul_u8_f32_vnni(ax: __m256i, sy: __m256i) -> __m256 {
+    _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy))
+}
+
+macro_rules! q4_0_decode {
+    ($x:ident) => {
+        _mm256_sub_epi8(nibbles32($x, 2), _mm256_set1_epi8(8))
+    };
+}
+macro_rules! q5_0_decode {
+    ($x:ident) => {{
+        let hi = _mm256_andnot_si256(bits32($x, 2), _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles32($x, 6), hi)
+    }};
+}
+
+q8_family!(q4_0_avx2, "avx2,fma,f16c", mul_u8_f32, 18, |x| {
+    q4_0_decode!(x)
+});
+q8_family!(q8_0_avx2, "avx2,fma,f16c", mul_u8_f32, 34, |x| {
+    load32(x, 2)
+});
+q8_family!(q5_0_avx2, "avx2,fma,f16c", mul_u8_f32, 22, |x| {
+    q5_0_decode!(x)
+});
+q8_family!(
+    q4_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    mul_u8_f32_vnni,
+    18,
+    |x| { q4_0_decode!(x) }
+);
+q8_family!(
+    q8_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    mul_u8_f32_vnni,
+    34,
+    |x| { load32(x, 2) }
+);
+q8_family!(
+    q5_0_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    mul_u8_f32_vnni,
+    22,
+    |x| {
+        // Elements whose fifth bit is clear are nibble - 16: set their high nibble.
+        let qh = u32::from_le_bytes([x[2], x[3], x[4], x[5]]);
+        let hi = _mm256_maskz_mov_epi8(!qh, _mm256_set1_epi8(0xF0u8 as i8));
+        _mm256_or_si256(nibbles32(x, 6), hi)
+    }
+);
+
+/// Q4_1 (unsigned nibbles, `dx * dy` and `mx * sy` per block) against Q8_1 activations.
+macro_rules! q4_1_kernel {
+    ($name:ident, $feat:literal, $mul:ident) => {
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut summs = [_mm_setzero_ps(); N];
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
+            for (b, x) in w.chunks_exact(20).take(n / 32).enumerate() {
+                let hx = h2x2(x, 0);
+                let qx = nibbles32(x, 4);
+                let yo = 36 * b;
+                for j in 0..N {
+                    let y = &ys[j][yo..yo + 36];
+                    // [dx * dy, mx * sy]
+                    let p = _mm_mul_ps(hx, h2x2(y, 0));
+                    summs[j] = _mm_add_ps(summs[j], p);
+                    let d = _mm256_broadcastss_ps(p);
+                    acc[j] = _mm256_fmadd_ps(d, $mul(qx, load32(y, 4)), acc[j]);
+                }
+            }
+            arr!(N, 0f32, |j| hsum_ps(acc[j])
+                + _mm_cvtss_f32(_mm_movehdup_ps(summs[j])))
+        }
+    };
+}
+
+q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32);
+q4_1_kernel!(
+    q4_1_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    mul_u8_f32_vnni
+);
+
+// ---------------------------------------------------------------------------------------------
+// K-quants with Q8_K activations
+
+/// Q4_K: the 8 six-bit scales (low 128 bits) and 8 mins (high 128 bits) as i16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k4_scales_mins(sc: &[u8]) -> __m256i {
+    let r = |i: usize| u32::from_le_bytes([sc[i], sc[i + 1], sc[i + 2], sc[i + 3]]);
+    let (u0, u1, u2) = (r(0), r(4), r(8));
+    let scales_lo = u0 & 0x3f3f_3f3f;
+    let scales_hi = (u2 & 0x0f0f_0f0f) | (((u0 >> 6) & 0x0303_0303) << 4);
+    let mins_lo = u1 & 0x3f3f_3f3f;
+    let mins_hi = ((u2 >> 4) & 0x0f0f_0f0f) | (((u1 >> 6) & 0x0303_0303) << 4);
+    let v = _mm_set_epi32(
+        mins_hi as i32,
+        mins_lo as i32,
+        scales_hi as i32,
+        scales_lo as i32,
+    );
+    _mm256_cvtepu8_epi16(v)
+}
+
+/// 16 x i16 lanes all equal to 16-bit lane `j` of each 128-bit half of `v`.
+macro_rules! bcast16 {
+    ($v:expr, $j:expr) => {
+        _mm256_shuffle_epi8(
+            $v,
+            _mm256_set1_epi16((((2 * $j + 1) << 8) | (2 * $j)) as i16),
+        )
+    };
+}
+
+/// `sum_j mins[j] * (bsum[2j] + bsum[2j+1])` as 4 i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn k4_mins_dot(sm: __m256i, y: &[u8]) -> __m128i {
+    let bsums = load32(y, 260);
+    let pairs = _mm_hadd_epi16(
+        _mm256_castsi256_si128(bsums),
+        _mm256_extracti128_si256(bsums, 1),
+    );
+    _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pairs)
+}
+
+/// The Q4_K kernel, compiled for each instruction set (`$feat`): the same operations, but
+/// AVX-512VL's 32 vector registers hold more tokens' accumulators.
+macro_rules! q4_k_kernel {
+    ($name:ident, $feat:literal) => {
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let mut accm = [_mm_setzero_ps(); N];
+            let m4 = _mm256_set1_epi8(0x0F);
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
+            for (b, x) in w.chunks_exact(144).take(n / 256).enumerate() {
+                let yo = 292 * b;
+                let y: [&[u8]; N] = arr!(N, &[][..], |j| &ys[j][yo..yo + 292]);
+                let dm = h2x2(x, 0);
+                let dx = _mm_cvtss_f32(dm);
+                let mx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                let sm = k4_scales_mins(&x[4..16]);
+                for j in 0..N {
+                    let yd = rd_f32(y[j], 0);
+                    let dmin = mx * yd;
+                    let mins = _mm_cvtepi32_ps(k4_mins_dot(sm, y[j]));
+                    accm[j] = _mm_fmadd_ps(_mm_set1_ps(dmin), mins, accm[j]);
+                }
+                let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+                let mut sumi = [_mm256_setzero_si256(); N];
+                macro_rules! chunk {
+                    ($c:expr) => {{
+                        let q4 = load32(x, 16 + 32 * $c);
+                        let lo = _mm256_and_si256(q4, m4);
+                        let hi = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                        let sl = bcast16!(sc, 2 * $c);
+                        let sh = bcast16!(sc, 2 * $c + 1);
+                        for j in 0..N {
+                            let pl = _mm256_maddubs_epi16(lo, load32(y[j], 4 + 64 * $c));
+                            let ph = _mm256_maddubs_epi16(hi, load32(y[j], 4 + 64 * $c + 32));
+                            let pl = _mm256_madd_epi16(sl, pl);
+                            let ph = _mm256_madd_epi16(sh, ph);
+                            sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(pl, ph));
+                        }
+                    }};
+                }
+                chunk!(0);
+                chunk!(1);
+                chunk!(2);
+                chunk!(3);
+                for j in 0..N {
+                    let d = dx * rd_f32(y[j], 0);
+                    acc[j] =
+                        _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+                }
+            }
+            arr!(N, 0f32, |j| {
+                let m = _mm_add_ps(accm[j], _mm_movehl_ps(accm[j], accm[j]));
+                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
+                hsum_ps(acc[j]) - _mm_cvtss_f32(m)
+            })
+        }
+    };
+}
+
+q4_k_kernel!(q4_k_avx2, "avx2,fma,f16c");
+q4_k_kernel!(
+    q4_k_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);
+
+/// The Q6_K kernel, compiled for each instruction set (`$feat`): the same operations, but
+/// AVX-512VL's 32 vector registers hold more tokens' accumulators.
+macro_rules! q6_k_kernel {
+    ($name:ident, $feat:literal) => {
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+            let mut acc = [_mm256_setzero_ps(); N];
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m2 = _mm256_set1_epi8(3);
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
+            for (b, x) in w.chunks_exact(210).take(n / 256).enumerate() {
+                let yo = 292 * b;
+                let y: [&[u8]; N] = arr!(N, &[][..], |j| &ys[j][yo..yo + 292]);
+                // d is the block's last two bytes: load 206..210, take lane 1.
+                let dx = _mm_cvtss_f32(_mm_movehdup_ps(h2x2(x, 206)));
+                let sc = &x[192..208];
+                // SAFETY: `sc` is exactly 16 readable bytes; unaligned load.
+                let sc16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc.as_ptr().cast()) });
+                let mut sumi = [_mm256_setzero_si256(); N];
+                for h in 0..2 {
+                    let qa = load32(x, 64 * h);
+                    let qb = load32(x, 64 * h + 32);
+                    let qh = load32(x, 128 + 32 * h);
+                    let hpart = |s: i32| -> __m256i {
+                        let v = match s {
+                            0 => qh,
+                            2 => _mm256_srli_epi16(qh, 2),
+                            4 => _mm256_srli_epi16(qh, 4),
+                            _ => _mm256_srli_epi16(qh, 6),
+                        };
+                        _mm256_slli_epi16(_mm256_and_si256(v, m2), 4)
+                    };
+                    let v = [
+                        _mm256_or_si256(_mm256_and_si256(qa, m4), hpart(0)),
+                        _mm256_or_si256(_mm256_and_si256(qb, m4), hpart(2)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qa, 4), m4), hpart(4)),
+                        _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(qb, 4), m4), hpart(6)),
+                    ];
+                    let s8 = if h == 0 {
+                        _mm256_permute2x128_si256(sc16, sc16, 0x00)
+                    } else {
+                        _mm256_permute2x128_si256(sc16, sc16, 0x11)
+                    };
+                    for (k, vk) in v.iter().enumerate() {
+                        let lo = (((4 * k + 1) << 8) | (4 * k)) as i16;
+                        let hi = (((4 * k + 3) << 8) | (4 * k + 2)) as i16;
+                        let mask = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+                        let scv = _mm256_shuffle_epi8(s8, mask);
+                        for j in 0..N {
+                            let p = _mm256_maddubs_epi16(*vk, load32(y[j], 4 + 128 * h + 32 * k));
+                            sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(p, scv));
+                        }
+                    }
+                }
+                for j in 0..N {
+                    // Remove the +32 offset: 32 * sum_j scale_j * bsum_j.
+                    let bsum = load32(y[j], 260);
+                    let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsum), 5);
+                    let s = _mm256_sub_epi32(sumi[j], off);
+                    let d = dx * rd_f32(y[j], 0);
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(s), acc[j]);
+                }
+            }
+            arr!(N, 0f32, |j| hsum_ps(acc[j]))
+        }
+    };
+}
+
+q6_k_kernel!(q6_k_avx2, "avx2,fma,f16c");
+q6_k_kernel!(
+    q6_k_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
+);

@@ -1,0 +1,120 @@
+//! Multi-token kernels (`gemm`) against the single-row `vec_dot` they stand in for: every
+//! output must be bit for bit the same, on awkward sizes and token counts.
+
+use powerinfer_quant::gemm::{gemm_for, gemm_variants};
+use powerinfer_quant::{GgmlType, all_kernels, quantize_row, row_bytes};
+
+struct SplitMix(u64);
+impl SplitMix {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [-1, 1), now and then scaled up to make outliers.
+    fn f(&mut self) -> f32 {
+        let u = (self.next() >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+        if self.next().is_multiple_of(61) {
+            u * 40.0
+        } else {
+            u
+        }
+    }
+}
+
+const TYPES: [GgmlType; 6] = [
+    GgmlType::Q4_0,
+    GgmlType::Q4_1,
+    GgmlType::Q5_0,
+    GgmlType::Q8_0,
+    GgmlType::Q4_K,
+    GgmlType::Q6_K,
+];
+
+/// (block bytes, bytes of scales before the quants) of the 32-element formats.
+fn quant_bytes(ty: GgmlType) -> Option<(usize, usize)> {
+    match ty {
+        GgmlType::Q4_0 => Some((18, 2)),
+        GgmlType::Q4_1 => Some((20, 4)),
+        GgmlType::Q5_0 => Some((22, 2)),
+        GgmlType::Q8_0 => Some((34, 2)),
+        _ => None,
+    }
+}
+
+#[test]
+fn gemm_matches_vec_dot_bit_for_bit() {
+    let mut rng = SplitMix(0x5EED_2026);
+    let mut checked = 0usize;
+    for ty in TYPES {
+        for k in all_kernels(ty) {
+            assert_eq!(gemm_for(&k).is_some(), !gemm_variants(&k).is_empty());
+            for (gname, gemm) in gemm_variants(&k) {
+                for blocks in [1usize, 2, 3, 7, 9, 16, 17] {
+                    let n = blocks * ty.block_size();
+                    let rb = row_bytes(ty, n).unwrap();
+                    let arb = row_bytes(k.act_ty, n).unwrap();
+                    for n_tok in [1usize, 2, 3, 4, 5, 7, 8, 9, 13] {
+                        // Several weight rows, activations with a stride larger than a row.
+                        let stride = arb + 5;
+                        let mut acts = vec![0u8; n_tok * stride];
+                        for a in acts.chunks_exact_mut(stride) {
+                            let x: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                            (k.quantize_act)(&x, &mut a[..arb]);
+                        }
+                        for _ in 0..3 {
+                            let wf: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                            let mut w = vec![0u8; rb];
+                            quantize_row(ty, &wf, &mut w).unwrap();
+                            // Every bit pattern of the quants (the scales stay those quantized).
+                            if let Some((bsz, skip)) = quant_bytes(ty) {
+                                for b in w.chunks_exact_mut(bsz) {
+                                    for v in &mut b[skip..] {
+                                        *v = rng.next() as u8;
+                                    }
+                                }
+                            }
+                            let mut out = vec![f32::NAN; n_tok];
+                            gemm(n, &w, &acts, stride, &mut out);
+                            for (t, o) in out.iter().enumerate() {
+                                let a = &acts[t * stride..t * stride + arb];
+                                let want = (k.vec_dot)(n, &w, a);
+                                assert_eq!(
+                                    o.to_bits(),
+                                    want.to_bits(),
+                                    "{ty:?} {} ({gname}) n={n} tokens={n_tok} t={t}: {o} vs {want}",
+                                    k.name
+                                );
+                                checked += 1;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2")
+        && std::is_x86_feature_detected!("fma")
+        && std::is_x86_feature_detected!("f16c")
+    {
+        // Every type above has an AVX2 multi-token kernel.
+        assert!(checked >= TYPES.len() * 4 * 9 * 3);
+    }
+    let _ = checked;
+}
+
+#[test]
+fn no_gemm_for_scalar_or_unsupported() {
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_K,
+        GgmlType::F32,
+        GgmlType::Q5_K,
+    ] {
+        let k = powerinfer_quant::scalar_kernels(ty).unwrap();
+        assert!(gemm_for(k).is_none(), "{ty:?}");
+    }
+}
