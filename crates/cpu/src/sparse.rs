@@ -611,16 +611,10 @@ mod avx2 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::arch::is_x86_feature_detected!("avx2")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    std::arch::is_x86_feature_detected!("avx2")
 }
 
 #[inline]
