@@ -177,9 +177,208 @@ pub fn silu(x: f32) -> f32 {
     x / (1.0 + (-x).exp())
 }
 
-/// [`silu`] in place.
+/// SiLU in place, split like ggml's `ggml_vec_silu_f32` (AVX-512 build): each full block of
+/// [`SILU_BLOCK`] elements uses [`silu_poly`], the remaining tail elements use [`silu`].
 pub fn silu_inplace(x: &mut [f32]) {
-    x.iter_mut().for_each(|v| *v = silu(*v));
+    let body = x.len() / SILU_BLOCK * SILU_BLOCK;
+    let (head, tail) = x.split_at_mut(body);
+    silu_body_inplace(head);
+    tail.iter_mut().for_each(|v| *v = silu(*v));
+}
+
+/// Block width of ggml's vectorised SiLU/SwiGLU body in an AVX-512 build (16 lanes); the elements
+/// past the last full block take the scalar libm path ([`silu`]).
+pub const SILU_BLOCK: usize = 16;
+
+const EXP_SHIFT: f32 = 12_582_912.0; // 0x1.8p23
+const EXP_LOG2E: u32 = 0x3fb8_aa3b; // 0x1.715476p+0
+const EXP_LN2_HI: u32 = 0x3f31_7200; // 0x1.62e4p-1
+const EXP_LN2_LO: u32 = 0x35bf_be8e; // 0x1.7f7d1cp-20
+const EXP_C0: u32 = 0x3f7f_fff6; // 0x1.ffffecp-1
+const EXP_C1: u32 = 0x3eff_fedb; // 0x1.fffdb6p-2
+const EXP_C2: u32 = 0x3e2a_af33; // 0x1.555e66p-3
+const EXP_C3: u32 = 0x3d2b_9f17; // 0x1.573e2ep-5
+const EXP_C4: u32 = 0x3c07_2010; // 0x1.0e4020p-7
+
+/// ggml's vectorised `expf` (the AVX-512 `ggml_v_expf`, adapted from Arm's optimized routines),
+/// evaluated for one lane with the same operation sequence and roundings: fused multiply-adds
+/// where ggml fuses, `j * 2^n` rounded once (like `vscalefps`). Error up to about 2.5 ulp;
+/// results overflow to `inf` above ~88.72 and flush to `0` below ~-103.97.
+#[inline]
+pub fn expf_poly(x: f32) -> f32 {
+    let z = x.mul_add(f32::from_bits(EXP_LOG2E), EXP_SHIFT);
+    let n = z - EXP_SHIFT;
+    let b = (-n).mul_add(
+        f32::from_bits(EXP_LN2_LO),
+        (-n).mul_add(f32::from_bits(EXP_LN2_HI), x),
+    );
+    let u = b * b;
+    let j = f32::from_bits(EXP_C4)
+        .mul_add(b, f32::from_bits(EXP_C3))
+        .mul_add(u, f32::from_bits(EXP_C2).mul_add(b, f32::from_bits(EXP_C1)))
+        .mul_add(u, f32::from_bits(EXP_C0).mul_add(b, 1.0));
+    if n.abs() > 192.0 {
+        return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+    }
+    if n.is_nan() {
+        return f32::NAN;
+    }
+    // `j * 2^n` with a single rounding: exact in f64 for |n| <= 192, then rounded to f32.
+    (f64::from(j) * 2f64.powi(n as i32)) as f32
+}
+
+/// SiLU with ggml's vectorised expf: `x / (1 + expf_poly(0 - x))`, the per-lane arithmetic of
+/// `ggml_v_silu` in an AVX-512 build.
+#[inline]
+pub fn silu_poly(x: f32) -> f32 {
+    x / (1.0 + expf_poly(0.0 - x))
+}
+
+fn silu_body_inplace(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f_dq() {
+        // SAFETY: AVX-512F/DQ were detected at runtime; the slice length is a multiple of 16.
+        unsafe { avx512::silu_inplace(x) };
+        return;
+    }
+    x.iter_mut().for_each(|v| *v = silu_poly(*v));
+}
+
+fn swiglu_body(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f_dq() {
+        // SAFETY: AVX-512F/DQ were detected at runtime; all three slices have the same length,
+        // a multiple of 16.
+        unsafe { avx512::swiglu(gate, up, out) };
+        return;
+    }
+    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+        *o = silu_poly(g) * u;
+    }
+}
+
+fn swiglu_body_inplace(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512f_dq() {
+        // SAFETY: AVX-512F/DQ were detected at runtime; both slices have the same length, a
+        // multiple of 16.
+        unsafe { avx512::swiglu_inplace(gate, up) };
+        return;
+    }
+    for (g, &u) in gate.iter_mut().zip(up) {
+        *g = silu_poly(*g) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512f_dq() -> bool {
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| {
+        std::arch::is_x86_feature_detected!("avx512f")
+            && std::arch::is_x86_feature_detected!("avx512dq")
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::*;
+    use std::arch::x86_64::*;
+
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn splat(bits: u32) -> __m512 {
+        _mm512_set1_ps(f32::from_bits(bits))
+    }
+
+    /// 16-lane `ggml_v_expf` (AVX-512 branch).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn expf(x: __m512) -> __m512 {
+        let r = _mm512_set1_ps(EXP_SHIFT);
+        let z = _mm512_fmadd_ps(x, splat(EXP_LOG2E), r);
+        let n = _mm512_sub_ps(z, r);
+        let b = _mm512_fnmadd_ps(
+            n,
+            splat(EXP_LN2_LO),
+            _mm512_fnmadd_ps(n, splat(EXP_LN2_HI), x),
+        );
+        let d = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_abs_ps(n), _mm512_set1_ps(192.0));
+        let u = _mm512_mul_ps(b, b);
+        let j = _mm512_fmadd_ps(
+            _mm512_fmadd_ps(
+                _mm512_fmadd_ps(splat(EXP_C4), b, splat(EXP_C3)),
+                u,
+                _mm512_fmadd_ps(splat(EXP_C2), b, splat(EXP_C1)),
+            ),
+            u,
+            _mm512_fmadd_ps(splat(EXP_C0), b, _mm512_set1_ps(1.0)),
+        );
+        let res = _mm512_scalef_ps(j, n);
+        if d == 0 {
+            return res;
+        }
+        let zero = _mm512_setzero_ps();
+        let alt = _mm512_mask_blend_ps(
+            _mm512_cmp_ps_mask::<_CMP_LE_OQ>(n, zero),
+            _mm512_set1_ps(f32::INFINITY),
+            zero,
+        );
+        _mm512_mask_blend_ps(d, res, alt)
+    }
+
+    /// 16-lane `ggml_v_silu`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn silu(x: __m512) -> __m512 {
+        let neg_x = _mm512_sub_ps(_mm512_setzero_ps(), x);
+        _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0), expf(neg_x)))
+    }
+
+    /// # Safety
+    /// Requires AVX-512F/DQ; `x.len()` must be a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub(super) unsafe fn silu_inplace(x: &mut [f32]) {
+        for c in x.chunks_exact_mut(16) {
+            // SAFETY: `c` holds exactly 16 f32s.
+            unsafe { _mm512_storeu_ps(c.as_mut_ptr(), silu(_mm512_loadu_ps(c.as_ptr()))) };
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX-512F/DQ; equal lengths, a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub(super) unsafe fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) {
+        for ((o, g), u) in out
+            .chunks_exact_mut(16)
+            .zip(gate.chunks_exact(16))
+            .zip(up.chunks_exact(16))
+        {
+            // SAFETY: each chunk holds exactly 16 f32s.
+            unsafe {
+                let v = _mm512_mul_ps(
+                    silu(_mm512_loadu_ps(g.as_ptr())),
+                    _mm512_loadu_ps(u.as_ptr()),
+                );
+                _mm512_storeu_ps(o.as_mut_ptr(), v);
+            }
+        }
+    }
+
+    /// # Safety
+    /// Requires AVX-512F/DQ; equal lengths, a multiple of 16.
+    #[target_feature(enable = "avx512f,avx512dq")]
+    pub(super) unsafe fn swiglu_inplace(gate: &mut [f32], up: &[f32]) {
+        for (g, u) in gate.chunks_exact_mut(16).zip(up.chunks_exact(16)) {
+            // SAFETY: each chunk holds exactly 16 f32s.
+            unsafe {
+                let v = _mm512_mul_ps(
+                    silu(_mm512_loadu_ps(g.as_ptr())),
+                    _mm512_loadu_ps(u.as_ptr()),
+                );
+                _mm512_storeu_ps(g.as_mut_ptr(), v);
+            }
+        }
+    }
 }
 
 /// ReLU in place.
@@ -233,20 +432,26 @@ pub fn gelu_inplace(x: &mut [f32]) {
     x.iter_mut().for_each(|v| *v = gelu_with(t, *v));
 }
 
-/// SwiGLU: `out = silu(gate) * up`.
+/// SwiGLU: `out = silu(gate) * up`, bit-identical to ggml's `ggml_vec_swiglu_f32` in an AVX-512
+/// build: full blocks of [`SILU_BLOCK`] use [`silu_poly`], the tail uses libm [`silu`].
 pub fn swiglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), OpsError> {
     check_len("swiglu", "up", gate.len(), up.len())?;
     check_len("swiglu", "out", gate.len(), out.len())?;
-    for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
+    let body = gate.len() / SILU_BLOCK * SILU_BLOCK;
+    swiglu_body(&gate[..body], &up[..body], &mut out[..body]);
+    for ((o, &g), &u) in out[body..].iter_mut().zip(&gate[body..]).zip(&up[body..]) {
         *o = silu(g) * u;
     }
     Ok(())
 }
 
-/// SwiGLU in place: `gate = silu(gate) * up`.
+/// SwiGLU in place: `gate = silu(gate) * up`, with the same body/tail split as [`swiglu`].
 pub fn swiglu_inplace(gate: &mut [f32], up: &[f32]) -> Result<(), OpsError> {
     check_len("swiglu", "up", gate.len(), up.len())?;
-    for (g, &u) in gate.iter_mut().zip(up) {
+    let body = gate.len() / SILU_BLOCK * SILU_BLOCK;
+    let (head, tail) = gate.split_at_mut(body);
+    swiglu_body_inplace(head, &up[..body]);
+    for (g, &u) in tail.iter_mut().zip(&up[body..]) {
         *g = silu(*g) * u;
     }
     Ok(())
@@ -423,6 +628,42 @@ fn dot_scalar(a: &[f32], b: &[f32]) -> f32 {
         s += x * y;
     }
     s
+}
+
+/// Dot product of f16-representable values (stored as f32) in the summation order of ggml's
+/// `ggml_vec_dot_f16` in an AVX-512 build: four 16-lane accumulators over blocks of 64, reduced
+/// pairwise (`s0+s2`, `s1+s3`, then together), the 16 lanes summed like GCC's
+/// `_mm512_reduce_add_ps` (halves 8, 4, then `(l0+l2)+(l1+l3)`), the leftovers added in `f64`.
+/// Products of f16 values are exact in f32, so a plain multiply-add equals ggml's FMA.
+pub fn dot_f16_values_ggml(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let np = n / 64 * 64;
+    let mut acc = [[0.0f32; 16]; 4];
+    for (ca, cb) in a[..np].chunks_exact(64).zip(b[..np].chunks_exact(64)) {
+        for (j, accj) in acc.iter_mut().enumerate() {
+            for (l, v) in accj.iter_mut().enumerate() {
+                *v += ca[j * 16 + l] * cb[j * 16 + l];
+            }
+        }
+    }
+    let mut x = [0.0f32; 16];
+    for (l, v) in x.iter_mut().enumerate() {
+        *v = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
+    let mut t8 = [0.0f32; 8];
+    for (l, v) in t8.iter_mut().enumerate() {
+        *v = x[l + 8] + x[l];
+    }
+    let mut t4 = [0.0f32; 4];
+    for (l, v) in t4.iter_mut().enumerate() {
+        *v = t8[l + 4] + t8[l];
+    }
+    let r = (t4[0] + t4[2]) + (t4[1] + t4[3]);
+    let mut sum = f64::from(r);
+    for (x, y) in a[np..n].iter().zip(&b[np..n]) {
+        sum += f64::from(x * y);
+    }
+    sum as f32
 }
 
 /// `acc = f16(acc * scale)` element-wise: the accumulator holds f16-representable values.
@@ -862,7 +1103,12 @@ fn attention_unchecked(
             let _ = f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v);
             for hh in 0..n_h {
                 let h = h0 + hh;
-                let s = dot_f32_unchecked(&sc.q[h * dk..(h + 1) * dk], &sc.k) * p.scale;
+                let (qh, kh) = (&sc.q[h * dk..(h + 1) * dk], &sc.k[..]);
+                let s = if f16_acc {
+                    dot_f16_values_ggml(qh, kh)
+                } else {
+                    dot_f32_unchecked(qh, kh)
+                } * p.scale;
                 let m_old = sc.m[hh];
                 let mut ms = 1.0f32;
                 let mut vs = 1.0f32;

@@ -179,8 +179,15 @@ fn gated_helpers() {
         let mut gi = g.clone();
         swiglu_inplace(&mut gi, &u).unwrap();
         assert_eq!(gi, o);
+        // ggml's split: full 16-blocks through the polynomial expf, the tail through libm.
+        let body = n / SILU_BLOCK * SILU_BLOCK;
         for i in 0..n {
-            assert_eq!(o[i], silu(g[i]) * u[i]);
+            let s = if i < body {
+                silu_poly(g[i])
+            } else {
+                silu(g[i])
+            };
+            assert_eq!(o[i].to_bits(), (s * u[i]).to_bits(), "swiglu n={n} i={i}");
         }
         geglu(&g, &u, &mut o).unwrap();
         let mut gi = g.clone();
@@ -481,4 +488,122 @@ fn attention_head_ranges_match_whole_row() {
     }
     let mut part = vec![0.0; 24];
     assert!(attention_heads(&p, &q, 12, &k, &v, 9..10, &mut part, &mut sc).is_err());
+}
+
+/// Inputs covering ggml's expf regimes: ordinary values, the overflow/underflow edges, the
+/// subnormal range, |n| > 192 and special values.
+fn expf_inputs(r: &mut Rng) -> Vec<f32> {
+    let mut x = r.vec(3000, 20.0);
+    x.extend(r.vec(500, 110.0));
+    x.extend(r.vec(500, 300.0));
+    for v in [
+        0.0, -0.0, 1.0, -1.0, 88.3, 88.4, 88.72, 89.0, -87.3, -100.0, -103.9, -104.0, -133.0,
+        -140.0, 133.0, 200.0, -200.0, 1e30, -1e30,
+    ] {
+        x.push(v);
+    }
+    x.extend([f32::INFINITY, f32::NEG_INFINITY, f32::NAN]);
+    x
+}
+
+#[test]
+fn expf_poly_is_accurate() {
+    let mut r = Rng(11);
+    for v in expf_inputs(&mut r) {
+        let got = expf_poly(v);
+        let want = f64::from(v).exp();
+        if v.is_nan() {
+            assert!(got.is_nan());
+        } else if v > 88.73 {
+            assert_eq!(got, f32::INFINITY, "expf_poly({v})");
+        } else if v < -103.97 {
+            assert_eq!(got, 0.0, "expf_poly({v})");
+        } else if want >= f64::from(f32::MIN_POSITIVE) {
+            // normal results: within 3 ulp of the true value (ggml's routine is ~2.5 ulp at worst)
+            let ulp = 2f64.powi((want.log2().floor() as i32) - 23);
+            assert!(
+                (f64::from(got) - want).abs() <= 3.0 * ulp,
+                "expf_poly({v}) = {got}, want {want}"
+            );
+        } else {
+            // subnormal results: absolute error within a couple of subnormal steps
+            let step = 2f64.powi(-149);
+            assert!(
+                (f64::from(got) - want).abs() <= 2.0 * step + want * 4e-7,
+                "expf_poly({v}) = {got}, want {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn silu_vector_body_matches_scalar_reference_bitwise() {
+    // Whatever path runs the body (AVX-512 or scalar), it must equal the per-lane reference.
+    let mut r = Rng(12);
+    let x = expf_inputs(&mut r);
+    for n in [16usize, 17, 31, 48, 1000, x.len()] {
+        let xs = &x[x.len() - n..];
+        let mut y = xs.to_vec();
+        silu_inplace(&mut y);
+        let body = n / SILU_BLOCK * SILU_BLOCK;
+        for (i, (&got, &v)) in y.iter().zip(xs).enumerate() {
+            let want = if i < body { silu_poly(v) } else { silu(v) };
+            assert_eq!(got.to_bits(), want.to_bits(), "silu({v}) n={n} i={i}");
+        }
+        let u = r.vec(n, 3.0);
+        let mut o = vec![0.0; n];
+        swiglu(xs, &u, &mut o).unwrap();
+        for i in 0..n {
+            let s = if i < body {
+                silu_poly(xs[i])
+            } else {
+                silu(xs[i])
+            };
+            assert_eq!(o[i].to_bits(), (s * u[i]).to_bits(), "swiglu n={n} i={i}");
+        }
+    }
+    // the polynomial SiLU stays close to the exact one
+    for v in r.vec(2000, 30.0) {
+        let want = f64::from(v) / (1.0 + (-f64::from(v)).exp());
+        assert!((f64::from(silu_poly(v)) - want).abs() <= 1e-6 * (1.0 + want.abs()));
+    }
+}
+
+#[test]
+fn dot_f16_values_follows_ggml_avx512_order() {
+    // Products 2^24, 1, 1, -2^24 in lane 0 of the four 16-lane accumulators: ggml's reduction
+    // computes (2^24 + 1) + (1 - 2^24) = 1 in f32, a left-to-right sum gives 0, the exact sum is 2.
+    let mut a = vec![0.0f32; 64];
+    let mut b = vec![0.0f32; 64];
+    for (j, (x, y)) in [(4096.0, 4096.0), (1.0, 1.0), (1.0, 1.0), (-4096.0, 4096.0)]
+        .into_iter()
+        .enumerate()
+    {
+        a[j * 16] = x;
+        b[j * 16] = y;
+    }
+    assert_eq!(dot_f16_values_ggml(&a, &b), 1.0);
+    // close to the exact value on random f16 inputs of awkward lengths (leftovers included)
+    let mut r = Rng(13);
+    for n in [1usize, 5, 63, 64, 65, 100, 256, 300] {
+        let q = |v: Vec<f32>| -> Vec<f32> {
+            v.into_iter().map(|x| f16::from_f32(x).to_f32()).collect()
+        };
+        let (a, b) = (q(r.vec(n, 8.0)), q(r.vec(n, 3.0)));
+        let exact: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
+        let mag: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from((x * y).abs()))
+            .sum();
+        let got = f64::from(dot_f16_values_ggml(&a, &b));
+        assert!(
+            (got - exact).abs() <= 1e-6 * (1.0 + mag),
+            "n={n}: {got} vs {exact}"
+        );
+    }
 }
