@@ -666,6 +666,35 @@ pub fn dot_f16_values_ggml(a: &[f32], b: &[f32]) -> f32 {
     sum as f32
 }
 
+/// Four dot products of consecutive `k.len()`-long rows of `q` with `k`, each summed in exactly
+/// the order of [`dot_f32_unchecked`] (so each result is bit-identical to it).
+#[inline]
+fn dot_f32_x4(q: &[f32], k: &[f32]) -> [f32; 4] {
+    let n = k.len();
+    debug_assert!(q.len() >= 4 * n);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() && q.len() >= 4 * n {
+        // SAFETY: CPU features checked; q holds 4 rows of n values.
+        return unsafe { x86::dot4(q, k) };
+    }
+    [0, 1, 2, 3].map(|r| dot_f32_unchecked(&q[r * n..(r + 1) * n], k))
+}
+
+/// `acc[i] = acc[i] * ms + v[i] * vs`, with the multiply by `ms` skipped when `ms == 1.0`
+/// (an exact identity) and every product and sum rounded separately (no fused multiply-add).
+#[inline]
+fn scale_axpy_f32(acc: &mut [f32], ms: f32, v: &[f32], vs: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        // SAFETY: CPU features checked; the kernel processes min(acc.len(), v.len()) elements.
+        unsafe { x86::scale_axpy(acc, ms, v, vs) };
+        return;
+    }
+    for (a, &x) in acc.iter_mut().zip(v) {
+        *a = *a * ms + x * vs;
+    }
+}
+
 /// `acc = f16(acc * scale)` element-wise: the accumulator holds f16-representable values.
 #[inline]
 fn scale_round_f16(acc: &mut [f32], scale: f32) {
@@ -787,6 +816,150 @@ mod x86 {
             s += a[j] * b[j];
         }
         s
+    }
+
+    /// Horizontal sum of 8 lanes in the order used by [`dot`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(acc: __m256) -> f32 {
+        let hi = _mm256_extractf128_ps::<1>(acc);
+        let lo = _mm256_castps256_ps128(acc);
+        let s4 = _mm_add_ps(hi, lo);
+        let s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+        let s1 = _mm_add_ss(s2, _mm_shuffle_ps::<1>(s2, s2));
+        _mm_cvtss_f32(s1)
+    }
+
+    /// Four [`dot`]s of the rows `q[r * n..(r + 1) * n]` (`n = k.len()`) with `k`, interleaved
+    /// for instruction-level parallelism; each row's operations are exactly those of [`dot`].
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C and `q.len() >= 4 * k.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn dot4(q: &[f32], k: &[f32]) -> [f32; 4] {
+        let n = k.len();
+        assert!(q.len() >= 4 * n);
+        let mut a0 = [_mm256_setzero_ps(); 4];
+        let mut a1 = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        // SAFETY: every load reads 8 floats at k index < n, or q index < 4 * n <= q.len().
+        unsafe {
+            let qp = q.as_ptr();
+            let kp = k.as_ptr();
+            while i + 16 <= n {
+                let k0 = _mm256_loadu_ps(kp.add(i));
+                let k1 = _mm256_loadu_ps(kp.add(i + 8));
+                for r in 0..4 {
+                    let b = qp.add(r * n + i);
+                    a0[r] = _mm256_fmadd_ps(_mm256_loadu_ps(b), k0, a0[r]);
+                    a1[r] = _mm256_fmadd_ps(_mm256_loadu_ps(b.add(8)), k1, a1[r]);
+                }
+                i += 16;
+            }
+            while i + 8 <= n {
+                let k0 = _mm256_loadu_ps(kp.add(i));
+                for (r, a) in a0.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(r * n + i)), k0, *a);
+                }
+                i += 8;
+            }
+        }
+        let mut out = [0.0f32; 4];
+        for r in 0..4 {
+            let mut s = hsum(_mm256_add_ps(a0[r], a1[r]));
+            for j in i..n {
+                s += q[r * n + j] * k[j];
+            }
+            out[r] = s;
+        }
+        out
+    }
+
+    /// `acc = acc * ms + v * vs` (multiply by `ms` skipped when it is 1), unfused.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scale_axpy(acc: &mut [f32], ms: f32, v: &[f32], vs: f32) {
+        let n = acc.len().min(v.len());
+        let (vm, vv) = (_mm256_set1_ps(ms), _mm256_set1_ps(vs));
+        let scale = ms != 1.0;
+        let mut i = 0;
+        while i + 8 <= n {
+            // SAFETY: i + 8 <= n bounds both slices.
+            unsafe {
+                let p = acc.as_mut_ptr().add(i);
+                let mut a = _mm256_loadu_ps(p);
+                if scale {
+                    a = _mm256_mul_ps(a, vm);
+                }
+                let x = _mm256_mul_ps(_mm256_loadu_ps(v.as_ptr().add(i)), vv);
+                _mm256_storeu_ps(p, _mm256_add_ps(a, x));
+            }
+            i += 8;
+        }
+        for j in i..n {
+            let a = if scale { acc[j] * ms } else { acc[j] };
+            acc[j] = a + v[j] * vs;
+        }
+    }
+
+    /// `acc[d] = acc[d] * w[2j] + f32(v[j * stride + d]) * w[2j + 1]` for every key `j` in
+    /// turn (`j < w.len() / 2`), unfused, with 64 (then 8, then 1) accumulators held in
+    /// registers across all keys.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C and `v.len() >= (w.len() / 2 - 1) * stride + acc.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn accumulate_v(acc: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+        let n = acc.len();
+        let nk = w.len() / 2;
+        if nk == 0 {
+            return;
+        }
+        assert!(v.len() >= (nk - 1) * stride + n);
+        let vp = v.as_ptr() as *const u16;
+        let mut d = 0;
+        // SAFETY: every read is at row j < nk, column < n: inside `v` by the assert above;
+        // acc reads/writes are below n.
+        unsafe {
+            while d + 64 <= n {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for (r, x) in a.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(acc.as_ptr().add(d + 8 * r));
+                }
+                for j in 0..nk {
+                    let ms = _mm256_set1_ps(w[2 * j]);
+                    let vs = _mm256_set1_ps(w[2 * j + 1]);
+                    let row = vp.add(j * stride + d);
+                    for (r, x) in a.iter_mut().enumerate() {
+                        let h = _mm_loadu_si128(row.add(8 * r) as *const __m128i);
+                        let xv = _mm256_cvtph_ps(h);
+                        *x = _mm256_add_ps(_mm256_mul_ps(*x, ms), _mm256_mul_ps(xv, vs));
+                    }
+                }
+                for (r, x) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(d + 8 * r), *x);
+                }
+                d += 64;
+            }
+            while d + 8 <= n {
+                let mut x = _mm256_loadu_ps(acc.as_ptr().add(d));
+                for j in 0..nk {
+                    let ms = _mm256_set1_ps(w[2 * j]);
+                    let vs = _mm256_set1_ps(w[2 * j + 1]);
+                    let h = _mm_loadu_si128(vp.add(j * stride + d) as *const __m128i);
+                    x = _mm256_add_ps(_mm256_mul_ps(x, ms), _mm256_mul_ps(_mm256_cvtph_ps(h), vs));
+                }
+                _mm256_storeu_ps(acc.as_mut_ptr().add(d), x);
+                d += 8;
+            }
+        }
+        for (dd, a) in acc.iter_mut().enumerate().skip(d) {
+            for j in 0..nk {
+                *a = *a * w[2 * j] + v[j * stride + dd].to_f32() * w[2 * j + 1];
+            }
+        }
     }
 
     /// # Safety
@@ -915,6 +1088,8 @@ pub struct AttnScratch {
     acc: Vec<f32>,
     m: Vec<f32>,
     s: Vec<f32>,
+    /// f32 path: per head and key, the softmax rescale `ms` and weight `vs`.
+    w: Vec<f32>,
 }
 
 impl AttnScratch {
@@ -929,6 +1104,7 @@ impl AttnScratch {
             acc: vec![0.0; group * p.head_dim_v],
             m: vec![0.0; group],
             s: vec![0.0; group],
+            w: Vec::new(),
         }
     }
 
@@ -1098,14 +1274,38 @@ fn attention_unchecked(
         sc.acc[..n_h * dv].iter_mut().for_each(|a| *a = 0.0);
         sc.m[..n_h].iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
         sc.s[..n_h].iter_mut().for_each(|s| *s = 0.0);
+        #[cfg(target_arch = "x86_64")]
+        if !f16_acc && has_avx2_fma_f16c() {
+            f32_group_avx(p, pos, lo, g, h0, n_h, k, v, sc);
+            for hh in 0..n_h {
+                let o = (h0 + hh - heads.start) * dv;
+                let inv = if sc.s[hh] == 0.0 { 0.0 } else { 1.0 / sc.s[hh] };
+                for (o, &a) in out[o..o + dv]
+                    .iter_mut()
+                    .zip(&sc.acc[hh * dv..(hh + 1) * dv])
+                {
+                    *o = a * inv;
+                }
+            }
+            continue;
+        }
         for j in lo..=pos {
             let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
             let _ = f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v);
+            let mut dots4 = [0.0f32; 4];
             for hh in 0..n_h {
                 let h = h0 + hh;
                 let (qh, kh) = (&sc.q[h * dk..(h + 1) * dk], &sc.k[..]);
                 let s = if f16_acc {
                     dot_f16_values_ggml(qh, kh)
+                } else if hh % 4 == 0 && hh + 4 <= n_h {
+                    // four heads against the same key at once (same per-head order as the
+                    // one-head dot), kept for the next three heads
+                    let qs = &sc.q[h * dk..(h + 4) * dk];
+                    dots4 = dot_f32_x4(qs, kh);
+                    dots4[0]
+                } else if hh / 4 * 4 + 4 <= n_h {
+                    dots4[hh % 4]
                 } else {
                     dot_f32_unchecked(qh, kh)
                 } * p.scale;
@@ -1118,8 +1318,6 @@ fn attention_unchecked(
                     ms = (m_old - s).exp();
                     if f16_acc {
                         scale_round_f16(acc, ms);
-                    } else {
-                        acc.iter_mut().for_each(|a| *a *= ms);
                     }
                 } else {
                     vs = (s - m_old).exp();
@@ -1127,7 +1325,8 @@ fn attention_unchecked(
                 if f16_acc {
                     mad_round_f16(acc, &sc.v, vs);
                 } else {
-                    acc.iter_mut().zip(&sc.v).for_each(|(a, &x)| *a += x * vs);
+                    // `acc = acc * ms + v * vs`, each product rounded on its own (no FMA)
+                    scale_axpy_f32(acc, ms, &sc.v, vs);
                 }
                 sc.s[hh] = sc.s[hh] * ms + vs;
             }
@@ -1140,6 +1339,203 @@ fn attention_unchecked(
                 .zip(&sc.acc[hh * dv..(hh + 1) * dv])
             {
                 *o = a * inv;
+            }
+        }
+    }
+}
+
+/// The f32-precision attention of query heads `h0..h0 + n_h` (KV group `g`) over keys
+/// `lo..=pos`, leaving the unnormalised V sums in `sc.acc` and the softmax sums in `sc.s`.
+///
+/// Same operations per output element as the key-by-key loop of [`attention_unchecked`], in
+/// the same order; only the loop nest differs: scores and softmax factors are computed first,
+/// then each 64-wide slice of a head's V sum is accumulated over all keys in registers.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn f32_group_avx(
+    p: &AttnParams,
+    pos: usize,
+    lo: usize,
+    g: usize,
+    h0: usize,
+    n_h: usize,
+    k: &[f16],
+    v: &[f16],
+    sc: &mut AttnScratch,
+) {
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let (kd, vd) = (p.k_dim(), p.v_dim());
+    let nk = pos + 1 - lo;
+    if sc.w.len() < 2 * nk * n_h {
+        sc.w.resize(2 * nk * n_h, 0.0);
+    }
+    // scores, stored in the `vs` slots for now
+    for j in lo..=pos {
+        let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
+        let mut dots4 = [0.0f32; 4];
+        for hh in 0..n_h {
+            let h = h0 + hh;
+            let s = if hh % 4 == 0 && hh + 4 <= n_h {
+                dots4 = dot_f32_x4(&sc.q[h * dk..(h + 4) * dk], &sc.k);
+                dots4[0]
+            } else if hh / 4 * 4 + 4 <= n_h {
+                dots4[hh % 4]
+            } else {
+                dot_f32_unchecked(&sc.q[h * dk..(h + 1) * dk], &sc.k)
+            } * p.scale;
+            sc.w[(hh * nk + (j - lo)) * 2 + 1] = s;
+        }
+    }
+    for hh in 0..n_h {
+        let mut m = f32::NEG_INFINITY;
+        let mut sum = 0.0f32;
+        for jj in 0..nk {
+            let i = (hh * nk + jj) * 2;
+            let s = sc.w[i + 1];
+            let mut ms = 1.0f32;
+            let mut vs = 1.0f32;
+            if s > m {
+                ms = (m - s).exp();
+                m = s;
+            } else {
+                vs = (s - m).exp();
+            }
+            sc.w[i] = ms;
+            sc.w[i + 1] = vs;
+            sum = sum * ms + vs;
+        }
+        sc.s[hh] = sum;
+        let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
+        let vrows = &v[lo * vd + g * dv..];
+        // SAFETY: CPU features checked by the caller; `vrows` holds rows of `vd` values for keys
+        // `lo..=pos` (the cache was length-checked), each read at `g * dv + d < vd`.
+        unsafe { x86::accumulate_v(acc, &sc.w[hh * nk * 2..(hh + 1) * nk * 2], vrows, vd) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn f(&mut self) -> f32 {
+            // splitmix64
+            self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            (z >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+        }
+        fn vec(&mut self, n: usize) -> Vec<f32> {
+            (0..n).map(|_| self.f()).collect()
+        }
+    }
+
+    #[test]
+    fn dot_x4_is_bitwise_four_single_dots() {
+        let mut r = Rng(7);
+        for n in [1, 7, 8, 15, 16, 17, 31, 64, 100, 256] {
+            let q = r.vec(4 * n);
+            let k = r.vec(n);
+            let d = dot_f32_x4(&q, &k);
+            for (row, &got) in d.iter().enumerate() {
+                let want = dot_f32_unchecked(&q[row * n..(row + 1) * n], &k);
+                assert_eq!(got.to_bits(), want.to_bits(), "n {n} row {row}");
+            }
+        }
+    }
+
+    #[test]
+    fn scale_axpy_is_bitwise_unfused_reference() {
+        let mut r = Rng(11);
+        for n in [1, 5, 8, 13, 64, 259] {
+            for (ms, vs) in [(1.0f32, 0.37f32), (0.61, 1.0), (0.0, 1.0), (0.25, 0.9)] {
+                let mut acc = r.vec(n);
+                let v = r.vec(n);
+                let want: Vec<f32> = acc.iter().zip(&v).map(|(&a, &x)| a * ms + x * vs).collect();
+                scale_axpy_f32(&mut acc, ms, &v, vs);
+                for (i, (g, w)) in acc.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "n {n} ms {ms} vs {vs} at {i}");
+                }
+            }
+        }
+    }
+
+    /// The f32-precision attention of one head, key by key, in the operation order the
+    /// kernels must keep (ggml's tiled kernel): unfused `acc * ms + v * vs`.
+    fn key_by_key_f32(
+        p: &AttnParams,
+        q: &[f32],
+        pos: usize,
+        k: &[f16],
+        v: &[f16],
+        h: usize,
+    ) -> Vec<f32> {
+        let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+        let g = h / (p.n_head / p.n_head_kv);
+        let lo = p.window.map_or(0, |w| (pos + 1).saturating_sub(w));
+        let qh = &q[h * dk..(h + 1) * dk];
+        let (mut m, mut sum) = (f32::NEG_INFINITY, 0.0f32);
+        let mut acc = vec![0.0f32; dv];
+        for j in lo..=pos {
+            let kr: Vec<f32> = k[j * p.k_dim() + g * dk..][..dk]
+                .iter()
+                .map(|x| x.to_f32())
+                .collect();
+            let s = dot_f32_unchecked(qh, &kr) * p.scale;
+            let (mut ms, mut vs) = (1.0f32, 1.0f32);
+            if s > m {
+                ms = (m - s).exp();
+                m = s;
+                acc.iter_mut().for_each(|a| *a *= ms);
+            } else {
+                vs = (s - m).exp();
+            }
+            for (a, x) in acc.iter_mut().zip(&v[j * p.v_dim() + g * dv..][..dv]) {
+                *a += x.to_f32() * vs;
+            }
+            sum = sum * ms + vs;
+        }
+        let inv = if sum == 0.0 { 0.0 } else { 1.0 / sum };
+        acc.iter().map(|a| a * inv).collect()
+    }
+
+    /// Heads computed a group at a time (the four-head dot path, with a partial group of 1-3)
+    /// equal heads computed one by one, bit for bit, in the f32 precision.
+    #[test]
+    fn f32_attention_grouped_heads_equal_single_heads() {
+        let mut r = Rng(3);
+        for (n_head, n_head_kv, dk) in [(4, 1, 24), (6, 1, 16), (8, 2, 9), (5, 1, 33), (4, 1, 69)] {
+            let p = AttnParams {
+                n_head,
+                n_head_kv,
+                head_dim_k: dk,
+                head_dim_v: dk * 2 + 3,
+                scale: 0.3,
+                window: Some(5),
+                precision: AttnPrecision::F32,
+            };
+            let n_pos = 9;
+            let to16 = |x: Vec<f32>| x.into_iter().map(f16::from_f32).collect::<Vec<_>>();
+            let k = to16(r.vec(n_pos * p.k_dim()));
+            let v = to16(r.vec(n_pos * p.v_dim()));
+            let mut sc = AttnScratch::new(&p);
+            for pos in [0, 3, 8] {
+                let q: Vec<f32> = r.vec(p.q_dim()).iter().map(|x| x * 3.0).collect();
+                let mut whole = vec![0.0; p.out_dim()];
+                attention(&p, &q, pos, &k, &v, &mut whole, &mut sc).unwrap();
+                for h in 0..n_head {
+                    let mut one = vec![0.0; p.head_dim_v];
+                    attention_heads(&p, &q, pos, &k, &v, h..h + 1, &mut one, &mut sc).unwrap();
+                    let w = &whole[h * p.head_dim_v..(h + 1) * p.head_dim_v];
+                    let r = key_by_key_f32(&p, &q, pos, &k, &v, h);
+                    for ((a, b), c) in one.iter().zip(w).zip(&r) {
+                        assert_eq!(a.to_bits(), b.to_bits(), "head {h} pos {pos}");
+                        assert_eq!(a.to_bits(), c.to_bits(), "head {h} pos {pos} vs reference");
+                    }
+                }
             }
         }
     }
