@@ -8,9 +8,7 @@
 use powerinfer_cpu::ops::RopeKind;
 use powerinfer_gguf::GgufFile;
 
-use super::{
-    Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate,
-};
+use super::{Activation, Attention, ConfigDefaults, DenseFfn, Ffn, Layer, Loader, Parts, RopeSpec};
 use crate::error::ModelError;
 
 /// Every `SWA_PATTERN`-th layer is global.
@@ -20,30 +18,17 @@ const ROPE_BASE_LOCAL: f32 = 10000.0;
 
 pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
     let l = Loader { file };
-    let n_embd = l.arch_usize("embedding_length")?;
-    let n_head = l.arch_usize("attention.head_count")?;
-    let n_head_kv = l.arch_usize_or("attention.head_count_kv", n_head)?;
-    let head_dim_k = l.arch_usize_or("attention.key_length", n_embd / n_head.max(1))?;
-    let head_dim_v = l.arch_usize_or("attention.value_length", head_dim_k)?;
     let window = l.arch_usize_or("attention.sliding_window", 0)?;
-    let config = ModelConfig {
-        arch: super::Arch::Gemma3,
-        n_vocab: l.n_vocab(n_embd)?,
-        n_embd,
-        n_layer: l.arch_usize("block_count")?,
-        n_ff: l.arch_usize("feed_forward_length")?,
-        n_head,
-        n_head_kv,
-        head_dim_k,
-        head_dim_v,
-        n_ctx_train: l.arch_usize_or("context_length", 32768)?,
-        rms_eps: l.arch_f32_or("attention.layer_norm_rms_epsilon", 1e-6)?,
-        rope_dims: l.arch_usize_or("rope.dimension_count", head_dim_k)?,
-        rope_base: l.arch_f32_or("rope.freq_base", 1e6)?,
-        rope_freq_scale: l.rope_freq_scale()?,
-        sliding_window: (window > 0).then_some(window),
+    let defaults = ConfigDefaults {
+        n_ctx_train: 32768,
+        rms_eps: 1e-6,
+        rope_base: 1e6,
     };
-    validate(&config)?;
+    let config = l.config(
+        super::Arch::Gemma3,
+        defaults,
+        (window > 0).then_some(window),
+    )?;
     let c = &config;
     // llama.cpp: 1/sqrt(query_pre_attn_scalar) = 1/sqrt(head_dim) (27B: 1/sqrt(n_embd/n_head)),
     // applied to Q before attention; the score scale is then 1.

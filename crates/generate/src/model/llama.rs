@@ -5,9 +5,7 @@
 use powerinfer_cpu::ops::RopeKind;
 use powerinfer_gguf::GgufFile;
 
-use super::{
-    Activation, Attention, DenseFfn, Ffn, Layer, Loader, ModelConfig, Parts, RopeSpec, validate,
-};
+use super::{Activation, Attention, ConfigDefaults, DenseFfn, Ffn, Layer, Loader, Parts, RopeSpec};
 use crate::error::ModelError;
 
 pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
@@ -17,30 +15,12 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
             "per-dimension RoPE frequency factors (rope_freqs.weight, Llama 3.1 style) are not supported".into(),
         ));
     }
-    let n_embd = l.arch_usize("embedding_length")?;
-    let n_head = l.arch_usize("attention.head_count")?;
-    let n_head_kv = l.arch_usize_or("attention.head_count_kv", n_head)?;
-    let head_dim = n_embd.checked_div(n_head).unwrap_or(0);
-    let head_dim_k = l.arch_usize_or("attention.key_length", head_dim)?;
-    let head_dim_v = l.arch_usize_or("attention.value_length", head_dim)?;
-    let config = ModelConfig {
-        arch: super::Arch::Llama,
-        n_vocab: l.n_vocab(n_embd)?,
-        n_embd,
-        n_layer: l.arch_usize("block_count")?,
-        n_ff: l.arch_usize("feed_forward_length")?,
-        n_head,
-        n_head_kv,
-        head_dim_k,
-        head_dim_v,
-        n_ctx_train: l.arch_usize_or("context_length", 2048)?,
-        rms_eps: l.arch_f32_or("attention.layer_norm_rms_epsilon", 1e-5)?,
-        rope_dims: l.arch_usize_or("rope.dimension_count", head_dim_k)?,
-        rope_base: l.arch_f32_or("rope.freq_base", 10000.0)?,
-        rope_freq_scale: l.rope_freq_scale()?,
-        sliding_window: None,
+    let defaults = ConfigDefaults {
+        n_ctx_train: 2048,
+        rms_eps: 1e-5,
+        rope_base: 10000.0,
     };
-    validate(&config)?;
+    let config = l.config(super::Arch::Llama, defaults, None)?;
     let c = &config;
     let kq_scale = match l.arch_f32_or("attention.scale", 0.0)? {
         s if s > 0.0 => s,

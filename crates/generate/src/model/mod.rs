@@ -846,11 +846,57 @@ pub(crate) struct Parts {
 }
 
 /// Tensor look-ups with shape and type checks, shared by the architecture loaders.
+/// An architecture's fallbacks for optional hyper-parameter keys.
+pub(crate) struct ConfigDefaults {
+    /// `context_length`.
+    pub n_ctx_train: usize,
+    /// `attention.layer_norm_rms_epsilon`.
+    pub rms_eps: f32,
+    /// `rope.freq_base`.
+    pub rope_base: f32,
+}
+
 pub(crate) struct Loader<'a> {
     pub file: &'a GgufFile,
 }
 
 impl Loader<'_> {
+    /// The hyper-parameters every architecture reads the same way (llama.cpp's keys and
+    /// defaults: head sizes default to `n_embd / n_head`, KV heads to `n_head`), checked by
+    /// [`validate`]. `defaults` gives the architecture's own fallbacks for optional keys.
+    pub fn config(
+        &self,
+        arch: Arch,
+        defaults: ConfigDefaults,
+        sliding_window: Option<usize>,
+    ) -> Result<ModelConfig, ModelError> {
+        let n_embd = self.arch_usize("embedding_length")?;
+        let n_head = self.arch_usize("attention.head_count")?;
+        let n_head_kv = self.arch_usize_or("attention.head_count_kv", n_head)?;
+        let head_dim = n_embd.checked_div(n_head).unwrap_or(0);
+        let head_dim_k = self.arch_usize_or("attention.key_length", head_dim)?;
+        let head_dim_v = self.arch_usize_or("attention.value_length", head_dim)?;
+        let config = ModelConfig {
+            arch,
+            n_vocab: self.n_vocab(n_embd)?,
+            n_embd,
+            n_layer: self.arch_usize("block_count")?,
+            n_ff: self.arch_usize("feed_forward_length")?,
+            n_head,
+            n_head_kv,
+            head_dim_k,
+            head_dim_v,
+            n_ctx_train: self.arch_usize_or("context_length", defaults.n_ctx_train)?,
+            rms_eps: self.arch_f32_or("attention.layer_norm_rms_epsilon", defaults.rms_eps)?,
+            rope_dims: self.arch_usize_or("rope.dimension_count", head_dim_k)?,
+            rope_base: self.arch_f32_or("rope.freq_base", defaults.rope_base)?,
+            rope_freq_scale: self.rope_freq_scale()?,
+            sliding_window,
+        };
+        validate(&config)?;
+        Ok(config)
+    }
+
     pub fn has(&self, name: &str) -> bool {
         self.file.tensor(name).is_some()
     }
