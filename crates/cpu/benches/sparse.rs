@@ -197,6 +197,7 @@ fn sparse_ops(c: &mut Criterion) {
                     up: m(&l.up, N_FF, N_EMBD),
                     down_t: m(&l.down_t, N_FF, N_EMBD),
                     kind: FfnKind::Gated(Activation::Relu),
+                    round_coefficients: false,
                 };
                 sparse_ffn_with(&pool, &ffn, &x, &sets[i], &mut y_embd, &mut scratch).unwrap();
                 black_box(&y_embd);
@@ -249,6 +250,7 @@ fn sparse_ops(c: &mut Criterion) {
                 up: m(&l.up, N_FF, N_EMBD),
                 down_t: m(&l.down_t, N_FF, N_EMBD),
                 kind: FfnKind::Gated(Activation::Relu),
+                round_coefficients: false,
             };
             sparse_ffn_with(&pool, &ffn, &x, &sets[i], &mut y_embd, &mut scratch).unwrap();
             black_box(&y_embd);

@@ -1038,6 +1038,11 @@ pub enum AttnPrecision {
     /// ggml's tiled kernel (micro-batches of 64 queries or more): query, scores and the V sum
     /// in f32.
     F32,
+    /// llama.cpp before flash attention (late 2023, what the reference PowerInfer runs): scores
+    /// `K · f16(q)`, softmax through ggml's f16 exp table over a key range padded to 32, the
+    /// probabilities rounded to f16 and multiplied with V like a matrix product. Each dot
+    /// product in [`dot_f16_values_ggml`]'s order.
+    Legacy,
 }
 
 impl AttnParams {
@@ -1252,6 +1257,10 @@ fn attention_unchecked(
         return;
     }
     let qr = heads.start * dk..heads.end * dk;
+    if p.precision == AttnPrecision::Legacy {
+        legacy_attention(p, q, pos, k, v, heads, out, sc);
+        return;
+    }
     let f16_acc = p.precision == AttnPrecision::F16Accumulate;
     if f16_acc {
         // Q rounded to f16, as ggml's one-row kernel converts it to K's dot type.
@@ -1340,6 +1349,80 @@ fn attention_unchecked(
             {
                 *o = a * inv;
             }
+        }
+    }
+}
+
+/// [`AttnPrecision::Legacy`]: one query row, heads `heads`, keys `lo..=pos`.
+#[allow(clippy::too_many_arguments)]
+fn legacy_attention(
+    p: &AttnParams,
+    q: &[f32],
+    pos: usize,
+    k: &[f16],
+    v: &[f16],
+    heads: std::ops::Range<usize>,
+    out: &mut [f32],
+    sc: &mut AttnScratch,
+) {
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let group = p.n_head / p.n_head_kv;
+    let (kd, vd) = (p.k_dim(), p.v_dim());
+    let lo = match p.window {
+        Some(w) => (pos + 1).saturating_sub(w),
+        None => 0,
+    };
+    // llama.cpp attended a cache view padded to a multiple of 32 cells; the masked cells weigh
+    // exactly 0 but decide which part of ggml's dot product sums which element.
+    let n_kv = (pos + 1).div_ceil(32) * 32;
+    if sc.w.len() < 2 * n_kv {
+        sc.w.resize(2 * n_kv, 0.0);
+    }
+    let (probs, col) = sc.w.split_at_mut(n_kv);
+    let col = &mut col[..n_kv];
+    for h in heads.clone() {
+        let g = h / group;
+        let qh = &mut sc.q[..dk];
+        for (d, &x) in qh.iter_mut().zip(&q[h * dk..(h + 1) * dk]) {
+            *d = f16::from_f32(x).to_f32();
+        }
+        let mut max = f32::NEG_INFINITY;
+        for j in 0..n_kv {
+            probs[j] = if j < lo || j > pos {
+                f32::NEG_INFINITY
+            } else {
+                let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
+                let s = dot_f16_values_ggml(&sc.q[..dk], &sc.k) * p.scale;
+                max = max.max(s);
+                s
+            };
+        }
+        let mut sum = 0.0f64;
+        for pj in probs.iter_mut() {
+            if *pj == f32::NEG_INFINITY {
+                *pj = 0.0;
+            } else {
+                // ggml's table: exp of the f16-rounded argument, stored as f16
+                let x = f16::from_f32(*pj - max).to_f32();
+                let e = f16::from_f32(x.exp()).to_f32();
+                sum += f64::from(e);
+                *pj = e;
+            }
+        }
+        let inv = (1.0 / sum) as f32;
+        for pj in probs.iter_mut() {
+            *pj = f16::from_f32(*pj * inv).to_f32();
+        }
+        let o = &mut out[(h - heads.start) * dv..(h - heads.start + 1) * dv];
+        for (d, od) in o.iter_mut().enumerate() {
+            for (j, c) in col.iter_mut().enumerate() {
+                *c = if j <= pos {
+                    v[j * vd + g * dv + d].to_f32()
+                } else {
+                    0.0
+                };
+            }
+            *od = dot_f16_values_ggml(col, probs);
         }
     }
 }

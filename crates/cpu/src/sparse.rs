@@ -170,6 +170,9 @@ pub struct SparseFfn<'a> {
     pub down_t: Matrix<'a>,
     /// How gate and up combine.
     pub kind: FfnKind,
+    /// Round the coefficients `h` with [`round_coefficients`] before the axpy (as a dense down
+    /// product with 8-bit activations, and the reference PowerInfer, see them).
+    pub round_coefficients: bool,
 }
 
 /// Reusable buffers of the sparse operators (so that the decode path does not allocate once they
@@ -186,6 +189,10 @@ pub struct SparseScratch {
     gate_out: Vec<f32>,
     /// Up outputs of the dense-ish FFN path (`n_ff`).
     up_out: Vec<f32>,
+    /// A full `n_ff` coefficient vector for [`round_coefficients`].
+    full: Vec<f32>,
+    /// Quantized coefficients for [`round_coefficients`].
+    round: Vec<u8>,
 }
 
 impl SparseScratch {
@@ -289,6 +296,58 @@ fn prefetch(bytes: &[u8]) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = bytes;
+}
+
+/// Rounds FFN coefficients (the down projection's input `h`, one token's full `n_ff` vector,
+/// inactive neurons 0) to what a product with `down_ty` weights sees: quantized to the
+/// activation type paired with `down_ty` and back (8-bit blocks of 32 or 256 consecutive
+/// neurons, or f16). llama.cpp's dense down product and the reference PowerInfer's axpy (which
+/// quantizes `h` to Q8_0 for Q4_0 and to f16 for F16) both compute with these values. Whole
+/// blocks only: a tail shorter than a block keeps its exact values. `buf` is scratch.
+pub fn round_coefficients(
+    down_ty: GgmlType,
+    h: &mut [f32],
+    buf: &mut Vec<u8>,
+) -> Result<(), SparseError> {
+    const OP: &str = "round_coefficients";
+    let k = powerinfer_quant::kernels(down_ty).ok_or(SparseError::Cpu {
+        op: OP,
+        source: CpuError::UnsupportedType(down_ty),
+    })?;
+    if k.act_ty == GgmlType::F32 {
+        return Ok(());
+    }
+    let bs = k.act_ty.block_size();
+    let whole = h.len() / bs * bs;
+    if whole == 0 {
+        return Ok(());
+    }
+    buf.resize(whole / bs * k.act_ty.type_size(), 0);
+    (k.quantize_act)(&h[..whole], buf);
+    powerinfer_quant::dequantize_row(k.act_ty, buf, &mut h[..whole]).map_err(|_| SparseError::Cpu {
+        op: OP,
+        source: CpuError::UnsupportedType(k.act_ty),
+    })
+}
+
+/// [`round_coefficients`] on the compact values `scratch.vals` of the neurons in `active`.
+fn round_compact(
+    down_ty: GgmlType,
+    n_ff: usize,
+    active: &[u32],
+    scratch: &mut SparseScratch,
+) -> Result<(), SparseError> {
+    let full = &mut scratch.full;
+    full.clear();
+    full.resize(n_ff, 0.0);
+    for (&i, &v) in active.iter().zip(&scratch.vals) {
+        full[i as usize] = v;
+    }
+    round_coefficients(down_ty, full, &mut scratch.round)?;
+    for (&i, v) in active.iter().zip(scratch.vals.iter_mut()) {
+        *v = full[i as usize];
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -934,6 +993,9 @@ pub fn sparse_ffn_with(
                     }
                 }
             }));
+            if ffn.round_coefficients {
+                round_compact(ffn.down_t.ty, n_ff, active, scratch)?;
+            }
             axpy_compact(
                 pool,
                 down_k,
@@ -1007,6 +1069,9 @@ pub fn sparse_ffn_with(
                 unsafe { vals.write(p, coef_of(active[p])) };
             }
         });
+    }
+    if ffn.round_coefficients {
+        round_compact(ffn.down_t.ty, n_ff, active, scratch)?;
     }
     axpy_compact(
         pool,

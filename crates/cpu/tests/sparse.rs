@@ -2,8 +2,8 @@
 //! thread counts, for every weight type with CPU kernels.
 
 use powerinfer_cpu::sparse::{
-    Activation, FfnKind, SparseError, SparseFfn, reference, sparse_axpy, sparse_axpy_batch,
-    sparse_ffn, sparse_matmul, sparse_matvec,
+    Activation, FfnKind, SparseError, SparseFfn, reference, round_coefficients, sparse_axpy,
+    sparse_axpy_batch, sparse_ffn, sparse_matmul, sparse_matvec,
 };
 use powerinfer_cpu::{Matrix, ThreadPool, matvec};
 use powerinfer_gguf::GgmlType;
@@ -220,6 +220,7 @@ fn results_do_not_depend_on_thread_count() {
             up,
             down_t,
             kind: FfnKind::Gated(Activation::Relu),
+            round_coefficients: false,
         };
         let n_tok = 5;
         let x = rng.vec(n_embd * n_tok);
@@ -285,6 +286,7 @@ fn fused_ffn_equals_unfused_and_reference() {
                 up,
                 down_t,
                 kind,
+                round_coefficients: false,
             };
             for active in [rng.subset(n_ff, 0.4), (0..n_ff as u32).collect()] {
                 let mut out = vec![f32::NAN; n_embd];
@@ -319,6 +321,27 @@ fn fused_ffn_equals_unfused_and_reference() {
                     out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "{ty}/{up_ty} {kind:?}: fused differs from unfused"
+                );
+
+                // With rounded coefficients: the same as rounding h (inactive entries 0) by
+                // hand, then the axpy.
+                let rounded = SparseFfn {
+                    round_coefficients: true,
+                    ..ffn
+                };
+                let mut out_r = vec![f32::NAN; n_embd];
+                sparse_ffn(&pool, &rounded, &x, &active, &mut out_r).unwrap();
+                let mut hr = vec![0.0; n_ff];
+                for &i in &active {
+                    hr[i as usize] = h[i as usize];
+                }
+                round_coefficients(ty, &mut hr, &mut Vec::new()).unwrap();
+                let mut want_r = vec![0.0; n_embd];
+                sparse_axpy(&pool, &down_t, &hr, &active, &mut want_r).unwrap();
+                assert_eq!(
+                    out_r.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want_r.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{ty}/{up_ty} {kind:?}: fused with rounding differs"
                 );
 
                 // Scalar reference: coefficients then axpy in f64.
@@ -461,6 +484,7 @@ fn bad_inputs_are_typed_errors() {
         up: w,
         down_t: w,
         kind: FfnKind::DRelu,
+        round_coefficients: false,
     };
     assert!(matches!(
         sparse_ffn(&pool, &ffn, &x, &[1], &mut out),
@@ -519,4 +543,43 @@ fn axpy_decoding_is_exact_on_arbitrary_bytes() {
             );
         }
     }
+}
+
+/// `round_coefficients` equals quantizing to the weight type's activation type and back with
+/// the reference (de)quantizers, leaves a partial block's tail exact, and f32 untouched.
+#[test]
+fn coefficient_rounding_matches_quantize_dequantize() {
+    let mut rng = Rng(11);
+    for (ty, act) in [
+        (GgmlType::Q4_0, GgmlType::Q8_0),
+        (GgmlType::Q8_0, GgmlType::Q8_0),
+        (GgmlType::F16, GgmlType::F16),
+        (GgmlType::Q4_K, GgmlType::Q8_K),
+        (GgmlType::Q4_1, GgmlType::Q8_1),
+    ] {
+        let bs = act.block_size();
+        let n = 3 * bs + 7;
+        let h = rng.vec(n);
+        let mut got = h.clone();
+        round_coefficients(ty, &mut got, &mut Vec::new()).unwrap();
+        let whole = n / bs * bs;
+        let mut q = vec![0u8; whole / bs * act.type_size()];
+        powerinfer_quant::quantize_row(act, &h[..whole], &mut q).unwrap();
+        let mut want = vec![0.0; whole];
+        powerinfer_quant::dequantize_row(act, &q, &mut want).unwrap();
+        for i in 0..whole {
+            assert!(
+                (got[i] - want[i]).abs() <= 1e-6 * want[i].abs().max(1.0),
+                "{ty}: {i}: {} vs {}",
+                got[i],
+                want[i]
+            );
+        }
+        assert_eq!(&got[whole..], &h[whole..], "{ty}: tail changed");
+        assert_ne!(&got[..whole], &h[..whole], "{ty}: nothing rounded");
+    }
+    let h = rng.vec(64);
+    let mut got = h.clone();
+    round_coefficients(GgmlType::F32, &mut got, &mut Vec::new()).unwrap();
+    assert_eq!(got, h);
 }

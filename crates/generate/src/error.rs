@@ -19,7 +19,9 @@ pub enum ModelError {
     #[error("the file has no general.architecture key")]
     NoArchitecture,
     /// The architecture is not implemented.
-    #[error("unknown architecture {0:?} (supported: llama, gemma3)")]
+    #[error(
+        "unknown architecture {0:?} (supported: llama, gemma3; sparse PowerInfer files: llama, bamboo)"
+    )]
     UnknownArchitecture(String),
     /// A tensor the architecture needs is absent.
     #[error("missing tensor {0:?}")]
@@ -86,6 +88,9 @@ pub enum ModelError {
     /// A CPU operator failed.
     #[error(transparent)]
     Ops(#[from] OpsError),
+    /// A sparse FFN operator failed.
+    #[error(transparent)]
+    Sparse(#[from] powerinfer_cpu::sparse::SparseError),
     /// Dequantizing a tensor row failed.
     #[error("dequantizing tensor {name:?}: {msg}")]
     Dequantize {

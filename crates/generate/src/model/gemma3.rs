@@ -8,7 +8,9 @@
 use powerinfer_cpu::ops::RopeKind;
 use powerinfer_gguf::GgufFile;
 
-use super::{Activation, Attention, ConfigDefaults, DenseFfn, Ffn, Layer, Loader, Parts, RopeSpec};
+use powerinfer_cpu::sparse::{self, FfnKind};
+
+use super::{Activation, Attention, ConfigDefaults, Layer, Loader, Parts, RopeSpec};
 use crate::error::ModelError;
 
 /// Every `SWA_PATTERN`-th layer is global.
@@ -30,6 +32,17 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
         (window > 0).then_some(window),
     )?;
     let c = &config;
+    let sparse_file = file.magic() == powerinfer_gguf::Magic::Pwri;
+    let thresholds = if sparse_file {
+        super::sparse::layer_thresholds(file, c.n_layer)?
+    } else {
+        Vec::new()
+    };
+    let activity = if sparse_file {
+        super::sparse::activity_thresholds(file, c.n_layer)?
+    } else {
+        None
+    };
     // llama.cpp: 1/sqrt(query_pre_attn_scalar) = 1/sqrt(head_dim) (27B: 1/sqrt(n_embd/n_head)),
     // applied to Q before attention; the score scale is then 1.
     let q_scale = 1.0 / (c.head_dim_k as f32).sqrt();
@@ -73,12 +86,15 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
             kq_scale: 1.0,
             window: if global { None } else { c.sliding_window },
         };
-        let ffn = Ffn::Dense(DenseFfn {
-            gate: l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?,
-            up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
-            down: l.matrix(&p("ffn_down.weight"), c.n_ff, c.n_embd)?,
-            act: Activation::Gelu,
-        });
+        let ffn = super::sparse::load_gated_ffn(
+            &l,
+            i,
+            c,
+            Activation::Gelu,
+            FfnKind::Gated(sparse::Activation::Gelu),
+            &thresholds,
+            activity.as_deref(),
+        )?;
         layers.push(Layer {
             attn_norm: l.vector(&p("attn_norm.weight"), c.n_embd)?,
             attn,

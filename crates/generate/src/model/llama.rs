@@ -5,10 +5,14 @@
 use powerinfer_cpu::ops::RopeKind;
 use powerinfer_gguf::GgufFile;
 
-use super::{Activation, Attention, ConfigDefaults, DenseFfn, Ffn, Layer, Loader, Parts, RopeSpec};
+use powerinfer_cpu::sparse::{self, FfnKind};
+
+use super::{Activation, Arch, Attention, ConfigDefaults, Layer, Loader, Parts, RopeSpec};
 use crate::error::ModelError;
 
-pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
+/// Loads a `llama` file (dense GGUF or sparse PowerInfer), or a `bamboo` PowerInfer file
+/// (`arch`: the same tensors with a dReLU FFN).
+pub(crate) fn load(file: &GgufFile, arch: Arch) -> Result<Parts, ModelError> {
     let l = Loader { file };
     if l.has("rope_freqs.weight") {
         return Err(ModelError::InvalidConfig(
@@ -20,8 +24,25 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
         rms_eps: 1e-5,
         rope_base: 10000.0,
     };
-    let config = l.config(super::Arch::Llama, defaults, None)?;
+    let config = l.config(arch, defaults, None)?;
     let c = &config;
+    // PowerInfer's `llama` files are ReLU models (ReluLLaMA, ProSparse) unless ours name another
+    // activation; `bamboo` is dReLU.
+    let sparse_kind = match arch {
+        Arch::Bamboo => FfnKind::DRelu,
+        _ => FfnKind::Gated(sparse::Activation::Relu),
+    };
+    let sparse_file = file.magic() == powerinfer_gguf::Magic::Pwri;
+    let thresholds = if sparse_file {
+        super::sparse::layer_thresholds(file, c.n_layer)?
+    } else {
+        Vec::new()
+    };
+    let activity = if sparse_file {
+        super::sparse::activity_thresholds(file, c.n_layer)?
+    } else {
+        None
+    };
     let kq_scale = match l.arch_f32_or("attention.scale", 0.0)? {
         s if s > 0.0 => s,
         _ => 1.0 / (c.head_dim_k as f32).sqrt(),
@@ -55,12 +76,15 @@ pub(crate) fn load(file: &GgufFile) -> Result<Parts, ModelError> {
             kq_scale,
             window: None,
         };
-        let ffn = Ffn::Dense(DenseFfn {
-            gate: l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?,
-            up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
-            down: l.matrix(&p("ffn_down.weight"), c.n_ff, c.n_embd)?,
-            act: Activation::Silu,
-        });
+        let ffn = super::sparse::load_gated_ffn(
+            &l,
+            i,
+            c,
+            Activation::Silu,
+            sparse_kind,
+            &thresholds,
+            activity.as_deref(),
+        )?;
         layers.push(Layer {
             attn_norm: l.vector(&p("attn_norm.weight"), c.n_embd)?,
             attn,

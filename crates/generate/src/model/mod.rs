@@ -12,6 +12,7 @@
 
 pub mod gemma3;
 pub mod llama;
+pub mod sparse;
 
 use std::ops::Range;
 use std::path::Path;
@@ -32,6 +33,8 @@ use powerinfer_gguf::{GgmlType, GgufFile};
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
+use powerinfer_predictor::PredictorQuality;
+pub use sparse::{SparseFfn, SparseMode};
 
 /// The architectures this crate runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,6 +43,9 @@ pub enum Arch {
     Llama,
     /// `gemma3` (Gemma 3 text models).
     Gemma3,
+    /// `bamboo` (Bamboo-7B, PowerInfer files only): `llama` with a dReLU FFN,
+    /// `relu(gate·x) * relu(up·x)`.
+    Bamboo,
 }
 
 impl Arch {
@@ -48,6 +54,7 @@ impl Arch {
         match self {
             Arch::Llama => "llama",
             Arch::Gemma3 => "gemma3",
+            Arch::Bamboo => "bamboo",
         }
     }
 }
@@ -142,12 +149,23 @@ pub struct DenseFfn {
     pub act: Activation,
 }
 
-/// The feed-forward block of a layer. Only the dense form exists so far; sparse (predictor
-/// driven) and offloaded forms are meant to become further variants.
+/// The feed-forward block of a layer.
 #[derive(Debug, Clone)]
 pub enum Ffn {
     /// Every neuron computed.
     Dense(DenseFfn),
+    /// Neurons chosen per token by the layer's predictor (PowerInfer files).
+    Sparse(SparseFfn),
+}
+
+/// Sees what each layer's FFN receives and computes during [`Model::forward_observed`] (for
+/// activation profiling and predictor training).
+pub trait FfnObserver {
+    /// Called once per layer per micro-batch. `input`: the FFN's input rows, i.e. the
+    /// predictor's input (the residual stream before the FFN norm), `n_tokens x n_embd`
+    /// row-major. `hidden`: the down projection's input `h = act(gate·xn) * (up·xn)` (for sparse
+    /// layers exactly 0 for skipped neurons), `n_tokens x n_ff`.
+    fn observe(&mut self, layer: usize, n_tokens: usize, input: &[f32], hidden: &[f32]);
 }
 
 /// RoPE settings of one attention layer.
@@ -234,6 +252,11 @@ pub struct Model {
     output_norm: Vec<f32>,
     output: Weight,
     bos: Option<u32>,
+    sparse_mode: SparseMode,
+    threshold_override: Option<f32>,
+    /// PowerInfer files run with the attention numerics of the llama.cpp the reference forked
+    /// (no flash attention), so that their results match the reference's.
+    legacy_attention: bool,
 }
 
 impl std::fmt::Debug for Model {
@@ -257,11 +280,15 @@ impl Model {
             .ok_or(ModelError::NoArchitecture)?
             .to_owned();
         let parts = match arch.as_str() {
-            "llama" => llama::load(&file)?,
+            "llama" => llama::load(&file, Arch::Llama)?,
+            "bamboo" if file.magic() == powerinfer_gguf::Magic::Pwri => {
+                llama::load(&file, Arch::Bamboo)?
+            }
             "gemma3" => gemma3::load(&file)?,
             other => return Err(ModelError::UnknownArchitecture(other.to_owned())),
         };
         let bos = file.get_u32("tokenizer.ggml.bos_token_id").ok();
+        let legacy_attention = file.magic() == powerinfer_gguf::Magic::Pwri;
         Ok(Self {
             file,
             config: parts.config,
@@ -271,7 +298,57 @@ impl Model {
             output_norm: parts.output_norm,
             output: parts.output,
             bos,
+            sparse_mode: SparseMode::default(),
+            threshold_override: None,
+            legacy_attention,
         })
+    }
+
+    /// Uses the attention numerics of llama.cpp before flash attention (late 2023, what the
+    /// reference PowerInfer computes) instead of today's llama.cpp; on by default for PowerInfer
+    /// files, so that their results match the reference's.
+    pub fn set_legacy_attention(&mut self, on: bool) {
+        self.legacy_attention = on;
+    }
+
+    /// Whether any layer has a predictor-driven sparse FFN (a PowerInfer file).
+    pub fn is_sparse(&self) -> bool {
+        self.layers.iter().any(|l| matches!(l.ffn, Ffn::Sparse(_)))
+    }
+
+    /// How the sparse layers run (predicted neurons, or every neuron).
+    pub fn sparse_mode(&self) -> SparseMode {
+        self.sparse_mode
+    }
+
+    /// Sets how the sparse layers run (no effect on dense models).
+    pub fn set_sparse_mode(&mut self, mode: SparseMode) {
+        self.sparse_mode = mode;
+    }
+
+    /// Overrides every sparse layer's predictor threshold (`--sparse-threshold`); `None` goes
+    /// back to the file's (or `LLAMA_SPARSE_PRED_THRESHOLD`'s) values. A NaN is refused.
+    pub fn set_sparse_threshold(&mut self, threshold: Option<f32>) -> Result<(), ModelError> {
+        if let Some(t) = threshold
+            && t.is_nan()
+        {
+            return Err(ModelError::InvalidConfig(
+                "the sparse threshold is not a number".into(),
+            ));
+        }
+        self.threshold_override = threshold;
+        Ok(())
+    }
+
+    /// The predictor threshold each sparse layer uses now (`None` for dense layers).
+    pub fn sparse_thresholds(&self) -> Vec<Option<f32>> {
+        self.layers
+            .iter()
+            .map(|l| match &l.ffn {
+                Ffn::Sparse(f) => Some(self.threshold_override.unwrap_or(f.threshold)),
+                Ffn::Dense(_) => None,
+            })
+            .collect()
     }
 
     /// Hyper-parameters.
@@ -312,6 +389,7 @@ impl Model {
             n_ubatch: n_ubatch.clamp(1, n_ctx),
             scratch: Scratch::default(),
             logits: Vec::new(),
+            quality: None,
         })
     }
 
@@ -323,6 +401,30 @@ impl Model {
         state: &'s mut ModelState,
         tokens: &[u32],
         logits: Logits,
+    ) -> Result<&'s [f32], ModelError> {
+        self.forward_impl(pool, state, tokens, logits, None)
+    }
+
+    /// [`forward`](Self::forward) that shows every layer's FFN input and intermediate
+    /// activation to `observer` (profiling).
+    pub fn forward_observed<'s>(
+        &self,
+        pool: &ThreadPool,
+        state: &'s mut ModelState,
+        tokens: &[u32],
+        logits: Logits,
+        observer: &mut dyn FfnObserver,
+    ) -> Result<&'s [f32], ModelError> {
+        self.forward_impl(pool, state, tokens, logits, Some(observer))
+    }
+
+    fn forward_impl<'s>(
+        &self,
+        pool: &ThreadPool,
+        state: &'s mut ModelState,
+        tokens: &[u32],
+        logits: Logits,
+        mut observer: Option<&mut dyn FfnObserver>,
     ) -> Result<&'s [f32], ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyInput);
@@ -358,7 +460,13 @@ impl Model {
                 Logits::Last => OutRows::None,
                 Logits::All => OutRows::All(done),
             };
-            self.ubatch(pool, state, chunk, rows)?;
+            self.ubatch(
+                pool,
+                state,
+                chunk,
+                rows,
+                observer.as_mut().map(|o| &mut **o as &mut dyn FfnObserver),
+            )?;
             done += n;
         }
         Ok(&state.logits)
@@ -370,6 +478,7 @@ impl Model {
         st: &mut ModelState,
         tokens: &[u32],
         rows: OutRows,
+        mut observer: Option<&mut dyn FfnObserver>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let bytes = self.file.as_bytes();
@@ -417,7 +526,16 @@ impl Model {
 
         for (il, layer) in self.layers.iter().enumerate() {
             self.attention_block(pool, il, layer, &mut st.kv, sc, n, pos0)?;
-            self.ffn_block(pool, layer, sc, n)?;
+            let quality = st.quality.as_mut();
+            self.ffn_block(
+                pool,
+                il,
+                layer,
+                sc,
+                n,
+                quality,
+                observer.as_mut().map(|o| &mut **o as &mut dyn FfnObserver),
+            )?;
         }
         st.kv.set_len(pos0 + n);
 
@@ -555,7 +673,9 @@ impl Model {
             scale: a.kq_scale,
             window: a.window,
             // ggml switches to its tiled (f32) flash-attention kernel from 64 queries on
-            precision: if n >= TILED_ATTN_MIN_TOKENS {
+            precision: if self.legacy_attention {
+                AttnPrecision::Legacy
+            } else if n >= TILED_ATTN_MIN_TOKENS {
                 AttnPrecision::F32
             } else {
                 AttnPrecision::F16Accumulate
@@ -625,12 +745,16 @@ impl Model {
         Ok(())
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn ffn_block(
         &self,
         pool: &ThreadPool,
+        il: usize,
         layer: &Layer,
         sc: &mut Scratch,
         n: usize,
+        quality: Option<&mut PredictorQuality>,
+        observer: Option<&mut dyn FfnObserver>,
     ) -> Result<(), ModelError> {
         let c = &self.config;
         let bytes = self.file.as_bytes();
@@ -682,8 +806,37 @@ impl Model {
                         g.iter_mut().zip(u).for_each(|(a, b)| *a *= b);
                     }
                 }
+                if let Some(obs) = observer {
+                    obs.observe(il, n, &sc.x[..n * d], &sc.gate[..n * ff]);
+                }
                 sc.acts_a.quantize(wd.ty, &sc.gate[..n * ff], ff, n)?;
                 mm(pool, &wd, &sc.acts_a, n, &mut sc.o[..n * d])?;
+            }
+            Ffn::Sparse(f) => {
+                let ff = f.up.rows;
+                let call = sparse::SparseCall {
+                    pool,
+                    bytes,
+                    layer: il,
+                    n,
+                    n_embd: d,
+                    pred_in: &sc.x[..n * d],
+                    xn: &sc.xn[..n * d],
+                    mode: self.sparse_mode,
+                    threshold: self.threshold_override,
+                    want_hidden: observer.is_some(),
+                };
+                f.forward(
+                    &call,
+                    &mut sc.sparse,
+                    quality,
+                    &mut sc.gate,
+                    &mut sc.up,
+                    &mut sc.o[..n * d],
+                )?;
+                if let Some(obs) = observer {
+                    obs.observe(il, n, &sc.x[..n * d], &sc.gate[..n * ff]);
+                }
             }
         }
         if let Some(w) = &layer.post_ffn_norm {
@@ -750,6 +903,7 @@ pub struct ModelState {
     n_ubatch: usize,
     scratch: Scratch,
     logits: Vec<f32>,
+    quality: Option<PredictorQuality>,
 }
 
 impl ModelState {
@@ -782,6 +936,18 @@ impl ModelState {
     pub fn logits(&self) -> &[f32] {
         &self.logits
     }
+
+    /// Starts measuring the predictors against the true activations: from now on, sparse
+    /// layers compute every neuron (so the output is the dense one) and record, per layer and
+    /// token, how the predicted set compares with the neurons that really fired.
+    pub fn measure_predictors(&mut self, n_layer: usize) {
+        self.quality = Some(PredictorQuality::new(n_layer));
+    }
+
+    /// What [`measure_predictors`](Self::measure_predictors) has recorded so far.
+    pub fn predictor_quality(&self) -> Option<&PredictorQuality> {
+        self.quality.as_ref()
+    }
 }
 
 /// Per-call buffers, grown to the largest micro-batch seen, then reused (no allocation per
@@ -802,6 +968,7 @@ struct Scratch {
     acts_a: ActBuffer,
     acts_b: ActBuffer,
     attn: Vec<AttnScratch>,
+    sparse: sparse::SparseBuffers,
 }
 
 impl Scratch {

@@ -1,0 +1,406 @@
+//! Predictor-driven sparse FFN layers: PowerInfer (`PWRI`) files.
+//!
+//! A sparse layer holds the gate and up projections (one row per neuron), the transposed down
+//! projection `ffn_down_t` (row `i` = neuron `i`'s output vector) and the layer's predictor
+//! `p = fc2 · relu(fc1 · x)`. Per token the predictor runs on the FFN's input (the residual stream
+//! before the FFN norm), neurons with `p >= threshold` are computed and every other neuron
+//! contributes exactly zero.
+//!
+//! Decode uses the fused per-neuron operator of [`powerinfer_cpu::sparse`]; a prompt chunk
+//! predicts every token's set, then runs the gate and up products over the union of the sets
+//! (as a dense product where the union is most of the layer) and the batched axpy, so each
+//! token's result is bit-identical to decoding it alone.
+
+use powerinfer_cpu::sparse::{
+    self, FfnKind, SparseFfn as CpuSparseFfn, SparseScratch, sparse_axpy_batch, sparse_matmul_with,
+};
+use powerinfer_cpu::{ActBuffer, Matrix, ThreadPool};
+use powerinfer_gguf::GgufFile;
+use powerinfer_predictor::{PredictorQuality, THRESHOLD_ENV};
+
+use super::{Weight, mm};
+use crate::error::ModelError;
+
+/// Metadata key of the PowerInfer threshold (one value for every layer).
+pub const THRESHOLD_KEY: &str = "powerinfer.sparse_threshold";
+/// Metadata key of per-layer thresholds (f32 array, one per layer; ours, written by
+/// `powerinfer train-predictor`). Takes precedence over [`THRESHOLD_KEY`].
+pub const LAYER_THRESHOLDS_KEY: &str = "powerinfer.sparse_thresholds";
+/// Metadata key naming the gated FFN's activation (`relu`, `silu` or `gelu`; ours). Absent in the
+/// reference's files, whose `llama` models are ReLU.
+pub const FFN_ACTIVATION_KEY: &str = "powerinfer.ffn_activation";
+/// Metadata key of per-layer activity thresholds (`|h| > t` counts as active; ours, f32 array),
+/// used to measure predictor quality on non-ReLU models.
+pub const ACTIVATION_THRESHOLDS_KEY: &str = "powerinfer.activation_thresholds";
+
+/// At or above this share (percent) of a prompt chunk's neurons in the union of its tokens'
+/// active sets, gate and up run as dense products over every row (the multi-token kernels beat
+/// per-pair gathers there) and inactive entries are zeroed.
+const PROMPT_DENSE_UNION_PERCENT: usize = 50;
+
+/// How a model's sparse layers run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SparseMode {
+    /// Neurons chosen by the predictors (the default for PowerInfer files).
+    #[default]
+    Predicted,
+    /// Every neuron computed with the same activation (`--disable-sparse`): the dense reference
+    /// of a sparse file. (The reference PowerInfer's dense path uses SiLU for its ReLU `llama`
+    /// files; this one keeps the file's activation.)
+    Dense,
+}
+
+/// The sparse FFN of one layer.
+#[derive(Debug, Clone)]
+pub struct SparseFfn {
+    /// `ffn_gate` (absent for ungated kinds).
+    pub gate: Option<Weight>,
+    /// `ffn_up`.
+    pub up: Weight,
+    /// `ffn_down_t`: `n_ff` rows of `n_embd`.
+    pub down_t: Weight,
+    /// How gate and up combine.
+    pub kind: FfnKind,
+    /// Predictor first layer `fc1`: `H` rows of `n_embd`.
+    pub fc1: Weight,
+    /// Predictor second layer `fc2`: `n_ff` rows of `H`.
+    pub fc2: Weight,
+    /// `p >= threshold` marks a neuron active.
+    pub threshold: f32,
+    /// For quality measurement on non-ReLU models: a neuron is truly active when `|h| > t`.
+    pub activity_threshold: Option<f32>,
+}
+
+/// Reads the FFN activation of a sparse file, `default` when the key is absent.
+pub(crate) fn ffn_activation(
+    file: &GgufFile,
+    default: sparse::Activation,
+) -> Result<sparse::Activation, ModelError> {
+    if file.get(FFN_ACTIVATION_KEY).is_none() {
+        return Ok(default);
+    }
+    match file.get_str(FFN_ACTIVATION_KEY)? {
+        "relu" => Ok(sparse::Activation::Relu),
+        "silu" => Ok(sparse::Activation::Silu),
+        "gelu" => Ok(sparse::Activation::Gelu),
+        other => Err(ModelError::InvalidConfig(format!(
+            "{FFN_ACTIVATION_KEY} = {other:?} (expected relu, silu or gelu)"
+        ))),
+    }
+}
+
+/// Per-layer predictor thresholds: `LLAMA_SPARSE_PRED_THRESHOLD` if set (the reference's
+/// override), else the file's per-layer array, else its single value, else 0.
+pub(crate) fn layer_thresholds(file: &GgufFile, n_layer: usize) -> Result<Vec<f32>, ModelError> {
+    let env = std::env::var_os(THRESHOLD_ENV);
+    let single = match file.get(THRESHOLD_KEY) {
+        None => None,
+        Some(_) => Some(file.get_f32(THRESHOLD_KEY)?),
+    };
+    let t = powerinfer_predictor::resolve_threshold(single, None, env.as_deref())
+        .map_err(|e| ModelError::InvalidConfig(e.to_string()))?;
+    if t.source == powerinfer_predictor::ThresholdSource::Env {
+        return Ok(vec![t.value; n_layer]);
+    }
+    if file.get(LAYER_THRESHOLDS_KEY).is_some() {
+        let v = file.get_f32_array(LAYER_THRESHOLDS_KEY)?;
+        if v.len() != n_layer {
+            return Err(ModelError::InvalidConfig(format!(
+                "{LAYER_THRESHOLDS_KEY} has {} values for {n_layer} layers",
+                v.len()
+            )));
+        }
+        if let Some(bad) = v.iter().find(|x| x.is_nan()) {
+            return Err(ModelError::InvalidConfig(format!(
+                "{LAYER_THRESHOLDS_KEY} holds {bad}"
+            )));
+        }
+        return Ok(v.into_owned());
+    }
+    Ok(vec![t.value; n_layer])
+}
+
+/// Optional per-layer activity thresholds for quality measurement.
+pub(crate) fn activity_thresholds(
+    file: &GgufFile,
+    n_layer: usize,
+) -> Result<Option<Vec<f32>>, ModelError> {
+    if file.get(ACTIVATION_THRESHOLDS_KEY).is_none() {
+        return Ok(None);
+    }
+    let v = file.get_f32_array(ACTIVATION_THRESHOLDS_KEY)?;
+    if v.len() != n_layer {
+        return Err(ModelError::InvalidConfig(format!(
+            "{ACTIVATION_THRESHOLDS_KEY} has {} values for {n_layer} layers",
+            v.len()
+        )));
+    }
+    Ok(Some(v.into_owned()))
+}
+
+/// Buffers of the sparse layers, reused across calls.
+#[derive(Debug, Default)]
+pub(crate) struct SparseBuffers {
+    sparse: SparseScratch,
+    acts: ActBuffer,
+    hidden: Vec<f32>,
+    scores: Vec<f32>,
+    /// One active set per token of the micro-batch.
+    active: Vec<Vec<u32>>,
+    /// Gate pre-activations / activity scores for quality measurement.
+    truth: Vec<f32>,
+    all: Vec<u32>,
+    round: Vec<u8>,
+}
+
+/// The inputs of one sparse FFN call.
+pub(crate) struct SparseCall<'a> {
+    pub pool: &'a ThreadPool,
+    pub bytes: &'a [u8],
+    pub layer: usize,
+    pub n: usize,
+    pub n_embd: usize,
+    /// Predictor input rows (n x n_embd).
+    pub pred_in: &'a [f32],
+    /// Normalised FFN input rows (n x n_embd).
+    pub xn: &'a [f32],
+    pub mode: SparseMode,
+    /// Overrides every layer's threshold.
+    pub threshold: Option<f32>,
+    /// Whether the caller needs `h` in `gate_out` (an observer).
+    pub want_hidden: bool,
+}
+
+impl SparseFfn {
+    fn matrices<'b>(&self, bytes: &'b [u8]) -> Result<CpuSparseFfn<'b>, ModelError> {
+        Ok(CpuSparseFfn {
+            gate: match &self.gate {
+                Some(g) => Some(g.matrix(bytes)?),
+                None => None,
+            },
+            up: self.up.matrix(bytes)?,
+            down_t: self.down_t.matrix(bytes)?,
+            kind: self.kind,
+            round_coefficients: true,
+        })
+    }
+
+    /// Scores `p = fc2 · relu(fc1 · x)` for `n` rows into `b.scores` (n x n_ff).
+    fn predictor_scores(
+        &self,
+        pool: &ThreadPool,
+        bytes: &[u8],
+        x: &[f32],
+        n: usize,
+        b: &mut SparseBuffers,
+    ) -> Result<(), ModelError> {
+        let fc1 = self.fc1.matrix(bytes)?;
+        let fc2 = self.fc2.matrix(bytes)?;
+        let h = fc1.rows;
+        b.hidden.resize(n * h, 0.0);
+        b.scores.resize(n * fc2.rows, 0.0);
+        b.acts.quantize(fc1.ty, x, fc1.cols, n)?;
+        mm(pool, &fc1, &b.acts, n, &mut b.hidden)?;
+        b.hidden.iter_mut().for_each(|v| *v = v.max(0.0));
+        b.acts.quantize(fc2.ty, &b.hidden, h, n)?;
+        mm(pool, &fc2, &b.acts, n, &mut b.scores)?;
+        Ok(())
+    }
+
+    /// Runs the layer over `c.n` tokens: `out` (n x n_embd) receives the FFN output; `gate_out`
+    /// and `up_out` (n x n_ff each) are scratch, and `gate_out` holds `h` afterwards when
+    /// `c.want_hidden` (or a quality measurement) asked for it.
+    pub(crate) fn forward(
+        &self,
+        c: &SparseCall,
+        b: &mut SparseBuffers,
+        quality: Option<&mut PredictorQuality>,
+        gate_out: &mut [f32],
+        up_out: &mut [f32],
+        out: &mut [f32],
+    ) -> Result<(), ModelError> {
+        let n = c.n;
+        let n_ff = self.up.rows;
+        let m = self.matrices(c.bytes)?;
+        let measuring = quality.is_some();
+        // The active sets.
+        b.active.resize_with(n, Vec::new);
+        b.active.truncate(n);
+        if c.mode == SparseMode::Predicted || measuring {
+            self.predictor_scores(c.pool, c.bytes, c.pred_in, n, b)?;
+            let thr = c.threshold.unwrap_or(self.threshold);
+            for (t, set) in b.active.iter_mut().enumerate() {
+                set.clear();
+                let s = &b.scores[t * n_ff..(t + 1) * n_ff];
+                set.extend(
+                    s.iter()
+                        .enumerate()
+                        .filter(|&(_, &p)| p >= thr)
+                        .map(|(i, _)| i as u32),
+                );
+            }
+        }
+        if measuring || c.mode == SparseMode::Dense {
+            // Every neuron computed; the prediction (if any) is only compared with the truth.
+            b.all.clear();
+            b.all.extend(0..n_ff as u32);
+        }
+        let compute_all = measuring || c.mode == SparseMode::Dense;
+
+        if n == 1 && !compute_all && !c.want_hidden {
+            let set = &b.active[0];
+            sparse::sparse_ffn_with(c.pool, &m, c.xn, set, out, &mut b.sparse)?;
+            return Ok(());
+        }
+
+        // Unfused: gate and up over the union (or every row), h, batched axpy.
+        let sets: Vec<&[u32]> = if compute_all {
+            vec![&b.all[..]; n]
+        } else {
+            b.active.iter().map(|v| &v[..]).collect()
+        };
+        let union_len = if compute_all {
+            n_ff
+        } else {
+            union_size(&sets, n_ff)
+        };
+        let dense_products = union_len * 100 >= n_ff * PROMPT_DENSE_UNION_PERCENT;
+        let gate_out = &mut gate_out[..n * n_ff];
+        let up_out = &mut up_out[..n * n_ff];
+        let product = |w: &Matrix,
+                       y: &mut [f32],
+                       acts: &mut ActBuffer,
+                       scratch: &mut SparseScratch|
+         -> Result<(), ModelError> {
+            if dense_products {
+                acts.quantize(w.ty, c.xn, c.n_embd, n)?;
+                mm(c.pool, w, acts, n, y)?;
+            } else {
+                sparse_matmul_with(c.pool, w, c.xn, n, &sets, y, scratch)?;
+            }
+            Ok(())
+        };
+        if let Some(g) = &m.gate {
+            product(g, gate_out, &mut b.acts, &mut b.sparse)?;
+        }
+        product(&m.up, up_out, &mut b.acts, &mut b.sparse)?;
+
+        if let Some(q) = quality {
+            // Truth: ReLU-gated kinds are active where the gate is positive; others where
+            // |h| exceeds the activity threshold (0 when the file gives none).
+            b.truth.resize(n_ff, 0.0);
+            for t in 0..n {
+                let row = t * n_ff..(t + 1) * n_ff;
+                for (i, tv) in b.truth.iter_mut().enumerate() {
+                    let (g, u) = (gate_out[row.start + i], up_out[row.start + i]);
+                    let h = coefficient(self.kind, g, u);
+                    *tv = match self.kind {
+                        FfnKind::Gated(sparse::Activation::Relu) | FfnKind::DRelu => h.abs(),
+                        _ => h.abs() - self.activity_threshold.unwrap_or(0.0),
+                    };
+                }
+                q.record(c.layer, &b.active[t], &b.truth)
+                    .map_err(|e| ModelError::InvalidConfig(e.to_string()))?;
+            }
+        }
+
+        // h in gate_out, exactly zero outside each token's set.
+        for (t, set) in sets.iter().enumerate() {
+            let row = t * n_ff..(t + 1) * n_ff;
+            let (g, u) = (&mut gate_out[row.clone()], &up_out[row]);
+            let mut next = 0usize;
+            for &i in set.iter() {
+                let i = i as usize;
+                g[next..i].iter_mut().for_each(|v| *v = 0.0);
+                g[i] = coefficient(self.kind, g[i], u[i]);
+                next = i + 1;
+            }
+            g[next..].iter_mut().for_each(|v| *v = 0.0);
+            sparse::round_coefficients(self.down_t.ty, g, &mut b.round)?;
+        }
+        sparse_axpy_batch(c.pool, &m.down_t, gate_out, n, &sets, out)?;
+        Ok(())
+    }
+}
+
+/// `h` of one neuron from its gate and up pre-activations, as the fused operator computes it.
+#[inline]
+fn coefficient(kind: FfnKind, g: f32, u: f32) -> f32 {
+    match kind {
+        FfnKind::Plain(f) => f.apply(u),
+        FfnKind::Gated(f) => {
+            let a = f.apply(g);
+            if a == 0.0 { 0.0 } else { a * u }
+        }
+        FfnKind::DRelu => {
+            let a = g.max(0.0);
+            if a == 0.0 { 0.0 } else { a * u.max(0.0) }
+        }
+    }
+}
+
+fn union_size(sets: &[&[u32]], n_ff: usize) -> usize {
+    let mut seen = vec![false; n_ff];
+    let mut count = 0;
+    for s in sets {
+        for &i in s.iter() {
+            let i = i as usize;
+            if i < n_ff && !seen[i] {
+                seen[i] = true;
+                count += 1;
+            }
+        }
+    }
+    count
+}
+
+/// The gated FFN of layer `i`: dense (`ffn_gate`, `ffn_up`, `ffn_down`) in a GGUF file; sparse
+/// (`ffn_gate`, `ffn_up`, `ffn_down_t`, predictor `fc1`/`fc2`) in a PowerInfer file, whose FFN
+/// kind is `sparse_default` unless the file names its activation ([`FFN_ACTIVATION_KEY`]).
+pub(crate) fn load_gated_ffn(
+    l: &super::Loader,
+    i: usize,
+    c: &super::ModelConfig,
+    dense_act: super::Activation,
+    sparse_default: FfnKind,
+    thresholds: &[f32],
+    activity: Option<&[f32]>,
+) -> Result<super::Ffn, ModelError> {
+    let p = |s: &str| format!("blk.{i}.{s}");
+    if l.file.magic() != powerinfer_gguf::Magic::Pwri {
+        return Ok(super::Ffn::Dense(super::DenseFfn {
+            gate: l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?,
+            up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+            down: l.matrix(&p("ffn_down.weight"), c.n_ff, c.n_embd)?,
+            act: dense_act,
+        }));
+    }
+    let kind = match sparse_default {
+        FfnKind::Gated(a) => FfnKind::Gated(ffn_activation(l.file, a)?),
+        k => k,
+    };
+    let fc1_name = p("fc1.weight");
+    let h = match l.file.tensor(&fc1_name) {
+        Some(t) => match t.shape.as_slice() {
+            [cols, rows] if *cols == c.n_embd as u64 && *rows > 0 => *rows as usize,
+            other => {
+                return Err(ModelError::TensorShape {
+                    name: fc1_name,
+                    expected: vec![c.n_embd as u64, 0],
+                    found: other.to_vec(),
+                });
+            }
+        },
+        None => return Err(ModelError::MissingTensor(fc1_name)),
+    };
+    Ok(super::Ffn::Sparse(SparseFfn {
+        gate: Some(l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?),
+        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
+        kind,
+        fc1: l.matrix(&fc1_name, c.n_embd, h)?,
+        fc2: l.matrix(&p("fc2.weight"), h, c.n_ff)?,
+        threshold: thresholds[i],
+        activity_threshold: activity.map(|a| a[i]),
+    }))
+}
