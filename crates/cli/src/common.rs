@@ -22,6 +22,13 @@ pub struct ModelArgs {
     /// Prompt tokens per forward pass.
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
+    /// Sparse (PowerInfer) models: compute every neuron (the dense result of the same weights).
+    #[arg(long = "disable-sparse")]
+    pub disable_sparse: bool,
+    /// Sparse models: a neuron runs when its predictor score is at least this (default: the
+    /// file's, or LLAMA_SPARSE_PRED_THRESHOLD).
+    #[arg(long = "sparse-threshold", allow_negative_numbers = true)]
+    pub sparse_threshold: Option<f32>,
 }
 
 /// Sampling flags (llama.cpp's names and defaults).
@@ -99,6 +106,8 @@ pub fn load(args: &ModelArgs) -> Result<Llm, String> {
         n_threads: args.threads,
         n_ctx: args.ctx_size,
         n_batch: args.batch_size,
+        disable_sparse: args.disable_sparse,
+        sparse_threshold: args.sparse_threshold,
     };
     let llm = Llm::load_with_progress(&args.model, &opts, |done, total| {
         bar.set_length(total);
@@ -118,5 +127,39 @@ pub fn load(args: &ModelArgs) -> Result<Llm, String> {
         llm.n_ctx(),
         llm.pool().n_threads()
     );
+    let model = llm.model();
+    if model.is_sparse() {
+        let thr: Vec<f32> = model.sparse_thresholds().into_iter().flatten().collect();
+        let (lo, hi) = thr
+            .iter()
+            .fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &t| {
+                (a.min(t), b.max(t))
+            });
+        let thr = if lo == hi {
+            format!("{lo}")
+        } else {
+            format!("{lo}..{hi}")
+        };
+        if args.disable_sparse {
+            eprintln!("sparse model, run densely (--disable-sparse): every neuron computed");
+        } else {
+            eprintln!(
+                "sparse model: {} of {} layers with predictors, threshold {thr}",
+                model.sparse_thresholds().iter().flatten().count(),
+                model.config().n_layer
+            );
+        }
+    } else if args.disable_sparse || args.sparse_threshold.is_some() {
+        eprintln!("note: a dense model; --disable-sparse and --sparse-threshold have no effect");
+    }
+    if model
+        .file()
+        .get_bool("powerinfer.synthetic")
+        .unwrap_or(false)
+    {
+        eprintln!(
+            "note: a synthetic model (seeded random weights, for speed and scale only): its text is meaningless"
+        );
+    }
     Ok(llm)
 }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use powerinfer::generate::perplexity::perplexity;
+use powerinfer::generate::perplexity::perplexity_with_state;
 
 use crate::common::{ModelArgs, load};
 
@@ -16,6 +16,11 @@ pub struct PerplexityArgs {
     /// The text to score.
     #[arg(short = 'f', long = "file")]
     file: PathBuf,
+    /// Sparse models: also measure each layer's predictor against the neurons that really fire
+    /// (recall, precision) and print the table. Every neuron is then computed, so the perplexity
+    /// printed is the dense one.
+    #[arg(long = "predictor-quality")]
+    predictor_quality: bool,
 }
 
 /// Runs the subcommand. Windows of `-c` tokens (512 by default), BOS at the start of each, the
@@ -50,9 +55,23 @@ pub fn run(args: &PerplexityArgs) -> Result<(), String> {
         bar.set_position(done as u64);
         bar.set_message(format!("{ppl:.4}"));
     };
-    let r = perplexity(
-        llm.model(),
+    let model = llm.model();
+    if args.predictor_quality && !model.is_sparse() {
+        return Err(format!(
+            "{}: --predictor-quality needs a sparse (PowerInfer) model with predictors",
+            margs.model.display()
+        ));
+    }
+    let mut state = model
+        .new_state(n_ctx, margs.batch_size.max(1))
+        .map_err(|e| e.to_string())?;
+    if args.predictor_quality {
+        state.measure_predictors(model.config().n_layer);
+    }
+    let r = perplexity_with_state(
+        model,
         llm.pool(),
+        &mut state,
         &tokens,
         n_ctx,
         margs.batch_size,
@@ -61,6 +80,10 @@ pub fn run(args: &PerplexityArgs) -> Result<(), String> {
     )
     .map_err(|e| e.to_string())?;
     bar.finish_and_clear();
+    if let Some(q) = state.predictor_quality() {
+        println!("predictor quality (predicted vs truly active neurons, per layer):");
+        print!("{}", q.table());
+    }
     println!("scored {} tokens in {} windows", r.n_scored, r.n_chunks);
     println!("Final estimate: PPL = {:.4} +/- {:.5}", r.ppl, r.ppl_stderr);
     Ok(())

@@ -61,7 +61,7 @@ pub enum Error {
 }
 
 /// How to load a model.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct LoadOptions {
     /// Threads for computation; 0 means one per CPU.
     pub n_threads: usize,
@@ -69,6 +69,12 @@ pub struct LoadOptions {
     pub n_ctx: usize,
     /// Prompt tokens processed per forward call.
     pub n_batch: usize,
+    /// Sparse (PowerInfer) files: compute every neuron instead of the predicted ones
+    /// (`--disable-sparse`; the dense reference of the same weights). No effect on dense files.
+    pub disable_sparse: bool,
+    /// Sparse files: the predictor threshold for every layer (`--sparse-threshold`), overriding
+    /// `LLAMA_SPARSE_PRED_THRESHOLD` and the file's values.
+    pub sparse_threshold: Option<f32>,
 }
 
 impl Default for LoadOptions {
@@ -77,6 +83,8 @@ impl Default for LoadOptions {
             n_threads: 0,
             n_ctx: 0,
             n_batch: 512,
+            disable_sparse: false,
+            sparse_threshold: None,
         }
     }
 }
@@ -105,7 +113,11 @@ impl Llm {
         opts: &LoadOptions,
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Llm, Error> {
-        let model = Model::load(path)?;
+        let mut model = Model::load(path)?;
+        if opts.disable_sparse {
+            model.set_sparse_mode(powerinfer_generate::model::SparseMode::Dense);
+        }
+        model.set_sparse_threshold(opts.sparse_threshold)?;
         let file = model.file().clone();
         let tokenizer = Tokenizer::from_gguf(&file)?;
         let chat_template = ChatTemplate::from_gguf(&file).ok();
