@@ -66,6 +66,8 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         .forward(pool, &mut state, &[next_token()], Logits::Last)
         .map_err(|e| e.to_string())?;
     let (mut pp, mut tg) = (Vec::new(), Vec::new());
+    // Decode time by part of the layers, over all repetitions.
+    let (mut t_attn, mut t_pred, mut t_ffn) = (0.0f64, 0.0f64, 0.0f64);
     for _ in 0..args.reps {
         if args.n_prompt > 0 {
             let tokens: Vec<u32> = (0..args.n_prompt).map(|_| next_token()).collect();
@@ -78,6 +80,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         }
         if args.n_gen > 0 {
             state.clear();
+            state.reset_timings();
             let t = Instant::now();
             for _ in 0..args.n_gen {
                 let tok = next_token();
@@ -86,8 +89,14 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                     .map_err(|e| e.to_string())?;
             }
             tg.push(args.n_gen as f64 / t.elapsed().as_secs_f64());
+            let o = state.timings();
+            t_attn += o.attention.as_secs_f64();
+            t_pred += o.predictor.as_secs_f64();
+            t_ffn += o.ffn.as_secs_f64();
         }
     }
+    let layers = t_attn + t_pred + t_ffn;
+    let share = |x: f64| if layers > 0.0 { x / layers } else { 0.0 };
     let name = args.model.model.display().to_string();
     let threads = pool.n_threads();
     if args.json {
@@ -97,6 +106,9 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             "pp_tok_s": (!pp.is_empty()).then(|| median(pp.clone())),
             "tg_tok_s": (!tg.is_empty()).then(|| median(tg.clone())),
             "pp_samples": pp, "tg_samples": tg,
+            "tg_layer_time_share": {
+                "attention": share(t_attn), "predictor": share(t_pred), "ffn": share(t_ffn),
+            },
         });
         println!("{v}");
     } else {
@@ -117,6 +129,12 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 "| {name} | {threads} | tg{} | {:.2} |",
                 args.n_gen,
                 median(tg)
+            );
+            println!(
+                "\ndecode time in the layers: attention {:.1}%, predictors {:.1}%, FFN {:.1}%",
+                100.0 * share(t_attn),
+                100.0 * share(t_pred),
+                100.0 * share(t_ffn)
             );
         }
     }

@@ -390,6 +390,7 @@ impl Model {
             scratch: Scratch::default(),
             logits: Vec::new(),
             quality: None,
+            timings: OpTimings::default(),
         })
     }
 
@@ -525,7 +526,11 @@ impl Model {
         }
 
         for (il, layer) in self.layers.iter().enumerate() {
+            let t0 = std::time::Instant::now();
             self.attention_block(pool, il, layer, &mut st.kv, sc, n, pos0)?;
+            st.timings.attention += t0.elapsed();
+            let t1 = std::time::Instant::now();
+            sc.sparse.predictor_time = std::time::Duration::ZERO;
             let quality = st.quality.as_mut();
             self.ffn_block(
                 pool,
@@ -536,6 +541,9 @@ impl Model {
                 quality,
                 observer.as_mut().map(|o| &mut **o as &mut dyn FfnObserver),
             )?;
+            let pred = sc.sparse.predictor_time;
+            st.timings.predictor += pred;
+            st.timings.ffn += t1.elapsed().saturating_sub(pred);
         }
         st.kv.set_len(pos0 + n);
 
@@ -904,8 +912,20 @@ pub struct ModelState {
     scratch: Scratch,
     logits: Vec<f32>,
     quality: Option<PredictorQuality>,
+    timings: OpTimings,
 }
 
+/// Time spent in the parts of the layers since the state was made (or
+/// [`ModelState::reset_timings`]): wall-clock, all threads together.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpTimings {
+    /// Attention blocks (norm, projections, attention, output projection).
+    pub attention: std::time::Duration,
+    /// Predictors of sparse layers (scores and active sets).
+    pub predictor: std::time::Duration,
+    /// FFN blocks without their predictors.
+    pub ffn: std::time::Duration,
+}
 impl ModelState {
     /// The KV cache.
     pub fn kv_cache(&self) -> &KvCache {
@@ -942,6 +962,16 @@ impl ModelState {
     /// token, how the predicted set compares with the neurons that really fired.
     pub fn measure_predictors(&mut self, n_layer: usize) {
         self.quality = Some(PredictorQuality::new(n_layer));
+    }
+
+    /// Time spent in attention, predictors and FFNs so far.
+    pub fn timings(&self) -> OpTimings {
+        self.timings
+    }
+
+    /// Zeroes [`timings`](Self::timings).
+    pub fn reset_timings(&mut self) {
+        self.timings = OpTimings::default();
     }
 
     /// What [`measure_predictors`](Self::measure_predictors) has recorded so far.

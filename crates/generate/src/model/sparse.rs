@@ -151,6 +151,8 @@ pub(crate) struct SparseBuffers {
     truth: Vec<f32>,
     all: Vec<u32>,
     round: Vec<u8>,
+    /// Time the last call spent in the predictor.
+    pub(crate) predictor_time: std::time::Duration,
 }
 
 /// The inputs of one sparse FFN call.
@@ -227,6 +229,7 @@ impl SparseFfn {
         b.active.resize_with(n, Vec::new);
         b.active.truncate(n);
         if c.mode == SparseMode::Predicted || measuring {
+            let t0 = std::time::Instant::now();
             self.predictor_scores(c.pool, c.bytes, c.pred_in, n, b)?;
             let thr = c.threshold.unwrap_or(self.threshold);
             for (t, set) in b.active.iter_mut().enumerate() {
@@ -239,6 +242,7 @@ impl SparseFfn {
                         .map(|(i, _)| i as u32),
                 );
             }
+            b.predictor_time += t0.elapsed();
         }
         if measuring || c.mode == SparseMode::Dense {
             // Every neuron computed; the prediction (if any) is only compared with the truth.
