@@ -273,3 +273,126 @@ fn observed_forward_is_bit_identical() {
     assert_eq!(n, 3 * (g.prompt.len() + 8));
     assert_eq!(plain, observed);
 }
+
+/// The reference's Q4_0 file rewritten with `edit` applied to its metadata and tensors
+/// (`(name, type, shape, bytes)`), in memory.
+fn rewritten(
+    edit_kv: impl Fn(&str, &powerinfer_gguf::Value) -> Option<powerinfer_gguf::Value>,
+    edit_tensor: impl Fn(
+        &str,
+        powerinfer_gguf::GgmlType,
+        &[u64],
+    ) -> Option<(powerinfer_gguf::GgmlType, Vec<u64>)>,
+) -> Result<Model, powerinfer_generate::ModelError> {
+    rewritten_with(edit_kv, edit_tensor, Vec::new())
+}
+
+/// [`rewritten`] with extra metadata appended.
+fn rewritten_with(
+    edit_kv: impl Fn(&str, &powerinfer_gguf::Value) -> Option<powerinfer_gguf::Value>,
+    edit_tensor: impl Fn(
+        &str,
+        powerinfer_gguf::GgmlType,
+        &[u64],
+    ) -> Option<(powerinfer_gguf::GgmlType, Vec<u64>)>,
+    extra: Vec<(String, powerinfer_gguf::Value)>,
+) -> Result<Model, powerinfer_generate::ModelError> {
+    use powerinfer_gguf::{GgufFile, GgufWriter, Magic};
+    let f = GgufFile::open(fixture_dir().join("tiny-relu-llama.random-pred.q4_0.powerinfer.gguf"))
+        .unwrap();
+    let mut w = GgufWriter::new(Magic::Pwri);
+    for (k, v) in f.metadata() {
+        if let Some(v) = edit_kv(k, v) {
+            w.add_kv(k.clone(), v).unwrap();
+        }
+    }
+    for (k, v) in extra {
+        w.add_kv(k, v).unwrap();
+    }
+    for t in f.tensors() {
+        if let Some((ty, shape)) = edit_tensor(&t.name, t.ty, &t.shape) {
+            let n: u64 = shape.iter().product();
+            let bytes = powerinfer_quant::row_bytes(ty, n as usize).unwrap();
+            let mut data = f.tensor_data(t).to_vec();
+            data.resize(bytes, 0);
+            w.add_tensor(t.name.clone(), ty, &shape, data).unwrap();
+        }
+    }
+    let file = GgufFile::from_bytes(w.write_to_vec().unwrap()).unwrap();
+    Model::from_gguf(std::sync::Arc::new(file))
+}
+
+#[test]
+fn damaged_sparse_files_are_clear_errors() {
+    let keep_kv = |_: &str, v: &powerinfer_gguf::Value| Some(v.clone());
+    let keep = |_: &str, ty, shape: &[u64]| Some((ty, shape.to_vec()));
+    assert!(rewritten(keep_kv, keep).is_ok());
+
+    // A layer without its predictor.
+    let err = rewritten(keep_kv, |n: &str, ty, s: &[u64]| {
+        (n != "blk.1.fc2.weight").then(|| (ty, s.to_vec()))
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("blk.1.fc2.weight"), "{err}");
+
+    // fc2 whose hidden size does not match fc1's.
+    let err = rewritten(keep_kv, |n: &str, ty, s: &[u64]| {
+        Some(if n == "blk.0.fc2.weight" {
+            (ty, vec![64, s[1]])
+        } else {
+            (ty, s.to_vec())
+        })
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("blk.0.fc2.weight"), "{err}");
+
+    // The transposed down projection missing (a plain ffn_down is not enough in a PWRI file).
+    let err = rewritten(keep_kv, |n: &str, ty, s: &[u64]| {
+        (n != "blk.2.ffn_down_t.weight").then(|| (ty, s.to_vec()))
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("blk.2.ffn_down_t.weight"), "{err}");
+
+    // An architecture without a sparse implementation.
+    let err = rewritten(
+        |k, v| {
+            Some(if k == "general.architecture" {
+                powerinfer_gguf::Value::String("mpt".into())
+            } else {
+                v.clone()
+            })
+        },
+        keep,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("mpt"), "{err}");
+
+    // A threshold that is not a number (a string where a float belongs).
+    let err = rewritten(
+        |k, v| {
+            Some(if k == "powerinfer.sparse_threshold" {
+                powerinfer_gguf::Value::String("high".into())
+            } else {
+                v.clone()
+            })
+        },
+        keep,
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string().contains("powerinfer.sparse_threshold"),
+        "{err}"
+    );
+
+    // An unknown FFN activation name.
+    let err = rewritten_with(
+        keep_kv,
+        keep,
+        vec![(
+            "powerinfer.ffn_activation".into(),
+            powerinfer_gguf::Value::String("swish".into()),
+        )],
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("swish"), "{err}");
+}
