@@ -8,7 +8,8 @@
 //!
 //! Decode uses the fused per-neuron operator of [`powerinfer_cpu::sparse`]; a prompt chunk
 //! predicts every token's set, then runs the gate and up products over the union of the sets
-//! (as a dense product where the union is most of the layer) and the batched axpy, so each
+//! (each union row dotted with the tokens it is active for, or dense products where most pairs
+//! are active) and the batched axpy, so each
 //! token's result is bit-identical to decoding it alone.
 
 use powerinfer_cpu::sparse::{
@@ -33,10 +34,12 @@ pub const FFN_ACTIVATION_KEY: &str = "powerinfer.ffn_activation";
 /// used to measure predictor quality on non-ReLU models.
 pub const ACTIVATION_THRESHOLDS_KEY: &str = "powerinfer.activation_thresholds";
 
-/// At or above this share (percent) of a prompt chunk's neurons in the union of its tokens'
-/// active sets, gate and up run as dense products over every row (the multi-token kernels beat
-/// per-pair gathers there) and inactive entries are zeroed.
-const PROMPT_DENSE_UNION_PERCENT: usize = 50;
+/// At or above this mean share (percent) of active neurons per token in a prompt chunk, gate and
+/// up run as dense products over every row (the multi-token kernels beat per-pair dot products
+/// there) and inactive entries are zeroed; below it, each union row is dotted only with the
+/// tokens it is active for. (The union of a chunk's sets is most of the layer even at high
+/// sparsity, so the union's size does not decide this; the work per token does.)
+const PROMPT_DENSE_PERCENT: usize = 40;
 
 /// How a model's sparse layers run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -263,12 +266,8 @@ impl SparseFfn {
         } else {
             b.active.iter().map(|v| &v[..]).collect()
         };
-        let union_len = if compute_all {
-            n_ff
-        } else {
-            union_size(&sets, n_ff)
-        };
-        let dense_products = union_len * 100 >= n_ff * PROMPT_DENSE_UNION_PERCENT;
+        let pairs: usize = sets.iter().map(|s| s.len()).sum();
+        let dense_products = pairs * 100 >= n * n_ff * PROMPT_DENSE_PERCENT;
         let gate_out = &mut gate_out[..n * n_ff];
         let up_out = &mut up_out[..n * n_ff];
         let product = |w: &Matrix,
@@ -341,21 +340,6 @@ fn coefficient(kind: FfnKind, g: f32, u: f32) -> f32 {
             if a == 0.0 { 0.0 } else { a * u.max(0.0) }
         }
     }
-}
-
-fn union_size(sets: &[&[u32]], n_ff: usize) -> usize {
-    let mut seen = vec![false; n_ff];
-    let mut count = 0;
-    for s in sets {
-        for &i in s.iter() {
-            let i = i as usize;
-            if i < n_ff && !seen[i] {
-                seen[i] = true;
-                count += 1;
-            }
-        }
-    }
-    count
 }
 
 /// The gated FFN of layer `i`: dense (`ffn_gate`, `ffn_up`, `ffn_down`) in a GGUF file; sparse
