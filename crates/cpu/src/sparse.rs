@@ -496,6 +496,8 @@ fn axpy4(out: &mut [f32], a: [f32; 4], b: [&[f32]; 4]) {
 trait Block32 {
     /// Bytes per block.
     const TS: usize;
+    /// The format, for formats with a hand-written AVX2 accumulator (`None`: compiler-vectorized).
+    const SIMD: Option<GgmlType> = None;
     /// Decodes one block (`b.len() >= TS`).
     fn decode(b: &[u8], w: &mut [f32; 32]);
 }
@@ -508,6 +510,7 @@ fn f16_at(b: &[u8], off: usize) -> f32 {
 struct BQ4_0;
 impl Block32 for BQ4_0 {
     const TS: usize = 18;
+    const SIMD: Option<GgmlType> = Some(GgmlType::Q4_0);
     #[inline(always)]
     fn decode(b: &[u8], w: &mut [f32; 32]) {
         let d = f16_at(b, 0);
@@ -576,6 +579,7 @@ impl Block32 for BQ5_1 {
 struct BQ8_0;
 impl Block32 for BQ8_0 {
     const TS: usize = 34;
+    const SIMD: Option<GgmlType> = Some(GgmlType::Q8_0);
     #[inline(always)]
     fn decode(b: &[u8], w: &mut [f32; 32]) {
         let d = f16_at(b, 0);
@@ -636,7 +640,134 @@ fn decode_f16_impl(src: &[u8], dst: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
+    use std::arch::x86_64::*;
+
     use super::{Block32, acc_rows, decode_f16_impl, decode_rows};
+
+    /// `o[k] += a * (e[k] * d)` for the 4 groups of 8 lanes of one block, with the rounding of
+    /// [`acc_rows`]: the product `e * d` is exact, then one rounded multiply and one rounded add
+    /// (no FMA).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn acc_block(o: &mut [__m256; 4], e: [__m256; 4], d: f32, a: f32) {
+        let (dv, av) = (_mm256_set1_ps(d), _mm256_set1_ps(a));
+        for k in 0..4 {
+            let w = _mm256_mul_ps(e[k], dv);
+            o[k] = _mm256_add_ps(o[k], _mm256_mul_ps(av, w));
+        }
+    }
+
+    /// 16 signed bytes -> two groups of 8 f32 lanes.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn i8x16_to_f32(v: __m128i) -> [__m256; 2] {
+        [
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
+            _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v))),
+        ]
+    }
+
+    /// The f16 at `b[0..2]`.
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn f16_scalar(b: &[u8]) -> f32 {
+        let h = u16::from_le_bytes([b[0], b[1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+    }
+
+    /// [`acc_rows`] for Q4_0 with registers holding each output block across the rows: the
+    /// same values bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn acc_q4_0<const R: usize>(
+        out: &mut [f32],
+        a: &[f32; R],
+        rows: &[&[u8]; R],
+    ) {
+        let nb = out.len() / 32;
+        for r in rows {
+            assert!(r.len() >= nb * 18, "acc_q4_0: row shorter than the output");
+        }
+        let m4 = _mm_set1_epi8(0x0F);
+        let eight = _mm_set1_epi8(8);
+        for (blk, oc) in out.chunks_exact_mut(32).enumerate() {
+            // SAFETY: `oc` is 32 floats; unaligned loads.
+            let mut o = unsafe {
+                [
+                    _mm256_loadu_ps(oc.as_ptr()),
+                    _mm256_loadu_ps(oc.as_ptr().add(8)),
+                    _mm256_loadu_ps(oc.as_ptr().add(16)),
+                    _mm256_loadu_ps(oc.as_ptr().add(24)),
+                ]
+            };
+            for r in 0..R {
+                let b = &rows[r][blk * 18..blk * 18 + 18];
+                // SAFETY: `b[2..18]` is 16 readable bytes; unaligned load.
+                let q = unsafe { _mm_loadu_si128(b[2..].as_ptr().cast()) };
+                let lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
+                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), m4), eight);
+                let [e0, e1] = i8x16_to_f32(lo);
+                let [e2, e3] = i8x16_to_f32(hi);
+                acc_block(&mut o, [e0, e1, e2, e3], f16_scalar(b), a[r]);
+            }
+            // SAFETY: as for the loads.
+            unsafe {
+                _mm256_storeu_ps(oc.as_mut_ptr(), o[0]);
+                _mm256_storeu_ps(oc.as_mut_ptr().add(8), o[1]);
+                _mm256_storeu_ps(oc.as_mut_ptr().add(16), o[2]);
+                _mm256_storeu_ps(oc.as_mut_ptr().add(24), o[3]);
+            }
+        }
+    }
+
+    /// [`acc_rows`] for Q8_0, as [`acc_q4_0`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    pub(super) unsafe fn acc_q8_0<const R: usize>(
+        out: &mut [f32],
+        a: &[f32; R],
+        rows: &[&[u8]; R],
+    ) {
+        let nb = out.len() / 32;
+        for r in rows {
+            assert!(r.len() >= nb * 34, "acc_q8_0: row shorter than the output");
+        }
+        for (blk, oc) in out.chunks_exact_mut(32).enumerate() {
+            // SAFETY: `oc` is 32 floats; unaligned loads.
+            let mut o = unsafe {
+                [
+                    _mm256_loadu_ps(oc.as_ptr()),
+                    _mm256_loadu_ps(oc.as_ptr().add(8)),
+                    _mm256_loadu_ps(oc.as_ptr().add(16)),
+                    _mm256_loadu_ps(oc.as_ptr().add(24)),
+                ]
+            };
+            for r in 0..R {
+                let b = &rows[r][blk * 34..blk * 34 + 34];
+                // SAFETY: `b[2..34]` is 32 readable bytes; unaligned loads.
+                let (q0, q1) = unsafe {
+                    (
+                        _mm_loadu_si128(b[2..].as_ptr().cast()),
+                        _mm_loadu_si128(b[18..].as_ptr().cast()),
+                    )
+                };
+                let [e0, e1] = i8x16_to_f32(q0);
+                let [e2, e3] = i8x16_to_f32(q1);
+                acc_block(&mut o, [e0, e1, e2, e3], f16_scalar(b), a[r]);
+            }
+            // SAFETY: as for the loads.
+            unsafe {
+                _mm256_storeu_ps(oc.as_mut_ptr(), o[0]);
+                _mm256_storeu_ps(oc.as_mut_ptr().add(8), o[1]);
+                _mm256_storeu_ps(oc.as_mut_ptr().add(16), o[2]);
+                _mm256_storeu_ps(oc.as_mut_ptr().add(24), o[3]);
+            }
+        }
+    }
 
     /// [`decode_f16_impl`] compiled for AVX2.
     ///
@@ -673,15 +804,22 @@ mod avx2 {
 #[cfg(target_arch = "x86_64")]
 #[inline]
 fn has_avx2() -> bool {
-    std::arch::is_x86_feature_detected!("avx2")
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
 }
 
 #[inline]
 fn acc<B: Block32, const R: usize>(out: &mut [f32], a: &[f32; R], rows: &[&[u8]; R]) {
     #[cfg(target_arch = "x86_64")]
     if has_avx2() {
-        // SAFETY: AVX2 support was just detected.
-        unsafe { avx2::acc::<B, R>(out, a, rows) };
+        // SAFETY: AVX2 and F16C support were just detected; each `rows[r]` holds the blocks
+        // of `out.len() / 32` outputs (the callers' contract, checked by the asserts inside).
+        unsafe {
+            match B::SIMD {
+                Some(GgmlType::Q4_0) => avx2::acc_q4_0::<R>(out, a, rows),
+                Some(GgmlType::Q8_0) => avx2::acc_q8_0::<R>(out, a, rows),
+                _ => avx2::acc::<B, R>(out, a, rows),
+            }
+        }
         return;
     }
     acc_rows::<B, R>(out, a, rows)
@@ -1055,15 +1193,24 @@ pub fn sparse_ffn_with(
     } else {
         let chunk = (GATHER_CHUNK_BYTES / row_bytes).max(1);
         let vals = SharedSlice::new(&mut scratch.vals);
+        // Rows of neurons this far ahead are requested from memory while the current one is
+        // computed (scattered rows: the hardware prefetcher cannot guess them).
+        const AHEAD: usize = 2;
+        let fetch = |i: u32| {
+            let i = i as usize;
+            if let Some((g, rb, _)) = gate {
+                prefetch(&g.data[i * rb..(i + 1) * rb]);
+            }
+            prefetch(&up.data[i * up_rb..(i + 1) * up_rb]);
+        };
         pool.for_each_chunk(active.len(), chunk, |range| {
             let end = range.end;
+            for &i in active[range.clone()].iter().take(AHEAD) {
+                fetch(i);
+            }
             for p in range {
-                if p + 1 < end {
-                    let next = active[p + 1] as usize;
-                    if let Some((g, rb, _)) = gate {
-                        prefetch(&g.data[next * rb..(next + 1) * rb]);
-                    }
-                    prefetch(&up.data[next * up_rb..(next + 1) * up_rb]);
+                if p + AHEAD < end {
+                    fetch(active[p + AHEAD]);
                 }
                 // SAFETY: `for_each_chunk` hands each position to exactly one thread.
                 unsafe { vals.write(p, coef_of(active[p])) };

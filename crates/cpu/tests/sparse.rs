@@ -583,3 +583,43 @@ fn coefficient_rounding_matches_quantize_dequantize() {
     round_coefficients(GgmlType::F32, &mut got, &mut Vec::new()).unwrap();
     assert_eq!(got, h);
 }
+
+/// The axpy equals, bit for bit, the plain sequential f32 loop over the dequantized rows
+/// (`out[j] = out[j] + h_i * w_i[j]`, neurons ascending), for the formats with hand-written
+/// SIMD accumulators and the compiler-vectorized ones, with 1 and 3 threads.
+#[test]
+fn axpy_equals_sequential_f32_loop() {
+    let mut rng = Rng(21);
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q8_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::F16,
+    ] {
+        let (n_ff, n_embd) = (97, awkward_cols(ty, 13));
+        let d = random_matrix(&mut rng, ty, n_ff, n_embd);
+        let w = Matrix::new(ty, n_ff, n_embd, &d).unwrap();
+        let h = rng.vec(n_ff);
+        let active = rng.subset(n_ff, 0.5);
+        let mut want = vec![0.0f32; n_embd];
+        let mut row = vec![0.0f32; n_embd];
+        for &i in &active {
+            let i = i as usize;
+            let rb = d.len() / n_ff;
+            powerinfer_quant::dequantize_row(ty, &d[i * rb..(i + 1) * rb], &mut row).unwrap();
+            for (o, &x) in want.iter_mut().zip(&row) {
+                *o += h[i] * x;
+            }
+        }
+        for threads in [1, 3] {
+            let mut got = vec![f32::NAN; n_embd];
+            sparse_axpy(&ThreadPool::new(threads), &w, &h, &active, &mut got).unwrap();
+            assert_eq!(
+                got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{ty}, {threads} threads"
+            );
+        }
+    }
+}
