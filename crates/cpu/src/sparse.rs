@@ -125,7 +125,8 @@ pub enum SparseError {
 pub enum Activation {
     /// `max(x, 0)`.
     Relu,
-    /// `x / (1 + exp(-x))` ([`crate::ops::silu`]).
+    /// `x / (1 + exp(-x))` with ggml's vectorised exp ([`crate::ops::silu_poly`], what
+    /// llama.cpp's dense SwiGLU computes).
     Silu,
     /// GELU as llama.cpp computes it ([`crate::ops::gelu`]).
     Gelu,
@@ -137,7 +138,7 @@ impl Activation {
     pub fn apply(self, x: f32) -> f32 {
         match self {
             Activation::Relu => x.max(0.0),
-            Activation::Silu => crate::ops::silu(x),
+            Activation::Silu => crate::ops::silu_poly(x),
             Activation::Gelu => crate::ops::gelu(x),
         }
     }
