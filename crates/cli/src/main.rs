@@ -4,12 +4,18 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod batch;
 mod bench;
 mod chat;
 mod common;
+mod convert;
 mod inspect;
 mod perplexity;
+mod plan;
+mod quantize;
 mod run;
+mod serve;
+mod synth;
 
 /// Activation-sparse LLM inference.
 #[derive(Debug, Parser)]
@@ -31,6 +37,18 @@ enum Command {
     Perplexity(perplexity::PerplexityArgs),
     /// Show what a GGUF, PowerInfer (PWRI) or .gpuidx file holds.
     Inspect(inspect::InspectArgs),
+    /// Generate from many prompts (a JSONL file) with continuous batching.
+    Batch(batch::BatchArgs),
+    /// Serve an OpenAI-compatible HTTP API (chat and text completions, streaming).
+    Serve(serve::ServeArgs),
+    /// Write a synthetic PowerInfer model (random weights; for speed and scale tests only).
+    Synth(synth::SynthArgs),
+    /// Place hot FFN neurons on the GPU under a VRAM budget (writes a .gpuidx).
+    Plan(plan::PlanArgs),
+    /// Convert a Hugging Face LLaMA checkpoint (+ predictors) to a PWRI or GGUF file.
+    Convert(convert::ConvertArgs),
+    /// Quantize a GGUF or PWRI file (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, ...).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -41,6 +59,12 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Perplexity(args) => perplexity::run(args),
         Command::Inspect(args) => inspect::run(args),
+        Command::Batch(args) => batch::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Synth(args) => synth::run(args),
+        Command::Plan(args) => plan::run(args),
+        Command::Convert(args) => convert::run(args),
+        Command::Quantize(args) => quantize::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

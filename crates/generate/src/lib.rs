@@ -6,6 +6,7 @@
 //! - [`perplexity`](mod@perplexity): llama.cpp-compatible perplexity.
 //! - [`error`](mod@error): [`ModelError`].
 
+pub mod batch;
 pub mod chat;
 pub mod error;
 pub mod generation;

@@ -10,6 +10,7 @@
 //! Weights are never copied: each matrix is a byte range of the memory-mapped file, resolved to
 //! a [`Matrix`] when it is used. Only the small f32 vectors (norm weights, biases) are copied.
 
+mod batch;
 pub mod gemma3;
 pub mod llama;
 pub mod sparse;
@@ -33,6 +34,7 @@ use powerinfer_gguf::{GgmlType, GgufFile};
 
 use crate::error::ModelError;
 use crate::kv_cache::KvCache;
+pub use batch::BatchState;
 use powerinfer_predictor::PredictorQuality;
 pub use sparse::{SparseFfn, SparseMode};
 
@@ -582,11 +584,47 @@ impl Model {
         pos0: usize,
     ) -> Result<(), ModelError> {
         let c = &self.config;
+        let (k_dim, v_dim) = (kv.k_dim(), kv.v_dim());
+        self.attn_qkv(pool, layer, sc, n)?;
+        // store K, V
+        {
+            let (kc, vc) = kv.layer_mut(il);
+            ops::f32_to_f16(
+                &sc.k[..n * k_dim],
+                &mut kc[pos0 * k_dim..(pos0 + n) * k_dim],
+            )?;
+            ops::f32_to_f16(
+                &sc.v[..n * v_dim],
+                &mut vc[pos0 * v_dim..(pos0 + n) * v_dim],
+            )?;
+        }
+        let p = self.attn_params(layer, n);
+        let kc: &[f16] = &kv.keys(il)[..(pos0 + n) * k_dim];
+        let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
+        // work items: (token, group of heads); whole KV groups for prompts, single heads for decode
+        let heads_per_item = if n > 1 { c.n_head / c.n_head_kv } else { 1 };
+        self.attend(pool, &p, sc, n, heads_per_item, |t| (kc, vc, pos0 + t))?;
+        self.attn_out(pool, layer, sc, n)
+    }
+
+    /// Attention norm, Q/K/V projections of `n` rows (`sc.xn` -> `sc.q`, `sc.k`, `sc.v`), biases,
+    /// Q/K norms, RoPE from `sc.rope_tables` (row `t` of each table for row `t`), query scale.
+    fn attn_qkv(
+        &self,
+        pool: &ThreadPool,
+        layer: &Layer,
+        sc: &mut Scratch,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
         let bytes = self.file.as_bytes();
         let d = c.n_embd;
         let a = &layer.attn;
-        let (q_dim, k_dim, v_dim) = (c.n_head * c.head_dim_k, kv.k_dim(), kv.v_dim());
-        let out_dim = c.n_head * c.head_dim_v;
+        let (q_dim, k_dim, v_dim) = (
+            c.n_head * c.head_dim_k,
+            c.n_head_kv * c.head_dim_k,
+            c.n_head_kv * c.head_dim_v,
+        );
         for t in 0..n {
             ops::rms_norm(
                 &sc.x[t * d..(t + 1) * d],
@@ -661,38 +699,44 @@ impl Model {
         if a.q_scale != 1.0 {
             sc.q[..n * q_dim].iter_mut().for_each(|v| *v *= a.q_scale);
         }
-        // store K, V
-        {
-            let (kc, vc) = kv.layer_mut(il);
-            ops::f32_to_f16(
-                &sc.k[..n * k_dim],
-                &mut kc[pos0 * k_dim..(pos0 + n) * k_dim],
-            )?;
-            ops::f32_to_f16(
-                &sc.v[..n * v_dim],
-                &mut vc[pos0 * v_dim..(pos0 + n) * v_dim],
-            )?;
-        }
-        let p = AttnParams {
+        Ok(())
+    }
+
+    /// Attention settings of `layer` for a micro-batch of `n_tokens` queries.
+    fn attn_params(&self, layer: &Layer, n_tokens: usize) -> AttnParams {
+        let c = &self.config;
+        AttnParams {
             n_head: c.n_head,
             n_head_kv: c.n_head_kv,
             head_dim_k: c.head_dim_k,
             head_dim_v: c.head_dim_v,
-            scale: a.kq_scale,
-            window: a.window,
+            scale: layer.attn.kq_scale,
+            window: layer.attn.window,
             // ggml switches to its tiled (f32) flash-attention kernel from 64 queries on
             precision: if self.legacy_attention {
                 AttnPrecision::Legacy
-            } else if n >= TILED_ATTN_MIN_TOKENS {
+            } else if n_tokens >= TILED_ATTN_MIN_TOKENS {
                 AttnPrecision::F32
             } else {
                 AttnPrecision::F16Accumulate
             },
-        };
-        let kc: &[f16] = &kv.keys(il)[..(pos0 + n) * k_dim];
-        let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
-        // work items: (token, group of heads); whole KV groups for prompts, single heads for decode
-        let heads_per_item = if n > 1 { c.n_head / c.n_head_kv } else { 1 };
+        }
+    }
+
+    /// Attention of the `n` queries in `sc.q` into `sc.att`; `row(t)` gives query `t`'s keys,
+    /// values (F16 rows up to at least its position) and position.
+    fn attend<'k>(
+        &self,
+        pool: &ThreadPool,
+        p: &AttnParams,
+        sc: &mut Scratch,
+        n: usize,
+        heads_per_item: usize,
+        row: impl Fn(usize) -> (&'k [f16], &'k [f16], usize) + Sync,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let q_dim = c.n_head * c.head_dim_k;
+        let out_dim = c.n_head * c.head_dim_v;
         let items_per_token = c.n_head / heads_per_item;
         let n_items = n * items_per_token;
         let next = AtomicUsize::new(0);
@@ -717,10 +761,11 @@ impl Model {
                     // SAFETY: items are handed out once each by the atomic counter and their output
                     // ranges (token t, heads h0..h0+heads_per_item) are disjoint.
                     let o = unsafe { out.slice_mut(range) };
+                    let (kc, vc, pos) = row(t);
                     let r = ops::attention_heads(
-                        &p,
+                        p,
                         &q[t * q_dim..(t + 1) * q_dim],
-                        pos0 + t,
+                        pos,
                         kc,
                         vc,
                         h0..h0 + heads_per_item,
@@ -739,6 +784,22 @@ impl Model {
         if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Err(e.into());
         }
+        Ok(())
+    }
+
+    /// Output projection of `sc.att`, bias, post-norm and residual add into `sc.x`.
+    fn attn_out(
+        &self,
+        pool: &ThreadPool,
+        layer: &Layer,
+        sc: &mut Scratch,
+        n: usize,
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let bytes = self.file.as_bytes();
+        let d = c.n_embd;
+        let a = &layer.attn;
+        let out_dim = c.n_head * c.head_dim_v;
         let wo = a.wo.matrix(bytes)?;
         sc.acts_a
             .quantize(wo.ty, &sc.att[..n * out_dim], out_dim, n)?;

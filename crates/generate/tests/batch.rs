@@ -1,0 +1,394 @@
+//! Continuous batching on SmolLM2: every sequence of a batch equals the same generation run
+//! alone (token ids and text, bit-identical logits make them equal exactly), whatever joins or
+//! leaves the batch around it; cancellation, the bounded queue and request checks.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use powerinfer_cpu::ThreadPool;
+use powerinfer_generate::batch::{
+    BatchConfig, BatchEvent, BatchRequest, Scheduler, SubmitError, Submitter,
+};
+use powerinfer_generate::generation::{FinishReason, GenerateOptions, Generator};
+use powerinfer_generate::model::Logits;
+use powerinfer_generate::sampling::SamplerConfig;
+use powerinfer_generate::tokenizer::Tokenizer;
+use powerinfer_generate::{Model, ModelError, ModelState};
+
+fn smollm() -> Option<(Model, Tokenizer)> {
+    let dir = std::env::var_os("POWERINFER_MODELS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"));
+    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        eprintln!(
+            "skipping: {} absent (scripts/fetch-models.sh)",
+            path.display()
+        );
+        return None;
+    }
+    let model = Model::load(&path).expect("model loads");
+    let tok = Tokenizer::from_gguf(model.file()).expect("tokenizer");
+    Some((model, tok))
+}
+
+const N_CTX: usize = 256;
+
+#[derive(Debug, Clone, PartialEq)]
+struct Outcome {
+    ids: Vec<u32>,
+    text: String,
+    reason: FinishReason,
+}
+
+fn alone(
+    model: &Model,
+    tok: &Tokenizer,
+    pool: &ThreadPool,
+    prompt: &[u32],
+    opts: &GenerateOptions,
+) -> Outcome {
+    let mut g = Generator::new(model, tok, pool, N_CTX, 512).expect("generator");
+    let mut stream = g.generate(prompt, opts).expect("generate");
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    for t in stream.by_ref() {
+        let t = t.expect("token");
+        ids.push(t.id);
+        text.push_str(&t.text);
+    }
+    text.push_str(&stream.flush());
+    Outcome {
+        ids,
+        text,
+        reason: stream.finish_reason().expect("finished"),
+    }
+}
+
+/// Collects a sequence's events; `None` when it ended with an error.
+fn collect(rx: mpsc::Receiver<BatchEvent>) -> Option<Outcome> {
+    let mut ids = Vec::new();
+    let mut text = String::new();
+    let mut started = false;
+    for ev in rx {
+        match ev {
+            BatchEvent::Started { prompt_tokens } => {
+                assert!(prompt_tokens > 0);
+                started = true;
+            }
+            BatchEvent::Token(t) => {
+                assert!(started, "token before Started");
+                ids.push(t.id);
+                text.push_str(&t.text);
+            }
+            BatchEvent::Done(f) => {
+                assert_eq!(f.stats.generated_tokens, ids.len());
+                text.push_str(&f.tail);
+                return Some(Outcome {
+                    ids,
+                    text,
+                    reason: f.reason,
+                });
+            }
+            BatchEvent::Error(e) => {
+                eprintln!("sequence failed: {e}");
+                return None;
+            }
+        }
+    }
+    panic!("the event stream ended without Done or Error");
+}
+
+fn opts(max_tokens: usize, sampler: SamplerConfig, stop: &[&str]) -> GenerateOptions {
+    GenerateOptions {
+        max_tokens,
+        sampler,
+        stop: stop.iter().map(|s| s.to_string()).collect(),
+        stop_at_eog: true,
+    }
+}
+
+fn config(n_parallel: usize, max_queue: usize) -> BatchConfig {
+    BatchConfig {
+        n_parallel,
+        n_ctx: N_CTX,
+        n_batch: 512,
+        max_queue,
+    }
+}
+
+/// Runs `f` with a scheduler running on another thread; the scheduler stops when `f` returns
+/// (its submitter dropped) and its work is done.
+fn with_scheduler<R>(
+    model: &Model,
+    tok: &Tokenizer,
+    pool: &ThreadPool,
+    cfg: BatchConfig,
+    f: impl FnOnce(Submitter) -> R,
+) -> R {
+    let (sched, sub) = Scheduler::new(model, tok, pool, cfg).expect("scheduler");
+    std::thread::scope(|s| {
+        s.spawn(move || sched.run());
+        f(sub)
+    })
+}
+
+#[test]
+fn batched_sequences_equal_single_runs() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let sampled = SamplerConfig {
+        seed: 42,
+        ..Default::default()
+    };
+    // Different prompt lengths, limits and stops: sequences leave at different steps, and with
+    // three slots for six requests the later ones join a running batch.
+    let cases: Vec<(String, GenerateOptions)> = vec![
+        (
+            "The capital of France is".into(),
+            opts(14, SamplerConfig::greedy(), &[]),
+        ),
+        ("1, 2, 3, 4,".into(), opts(5, SamplerConfig::greedy(), &[])),
+        (
+            "Write a short poem about the sea.".into(),
+            opts(20, sampled, &[]),
+        ),
+        (
+            "Once upon a time".into(),
+            opts(9, SamplerConfig::greedy(), &[" the"]),
+        ),
+        (
+            "def fibonacci(n):".into(),
+            opts(16, SamplerConfig::greedy(), &[]),
+        ),
+        ("Hello".into(), opts(0, SamplerConfig::greedy(), &[])),
+    ];
+    let prompts: Vec<Vec<u32>> = cases
+        .iter()
+        .map(|(p, _)| tok.encode(p, true, true))
+        .collect();
+    let expected: Vec<Outcome> = cases
+        .iter()
+        .zip(&prompts)
+        .map(|((_, o), p)| alone(&model, &tok, &pool, p, o))
+        .collect();
+    assert_eq!(
+        expected[3].reason,
+        FinishReason::StopString,
+        "{:?}",
+        expected[3]
+    );
+    assert_eq!(expected[5].ids.len(), 0);
+    let got = with_scheduler(&model, &tok, &pool, config(3, 16), |sub| {
+        let rxs: Vec<_> = cases
+            .iter()
+            .zip(&prompts)
+            .map(|((_, o), p)| {
+                sub.submit_channel(BatchRequest::new(p.clone(), o.clone()))
+                    .expect("submit")
+            })
+            .collect();
+        let out: Vec<Outcome> = rxs.into_iter().map(|rx| collect(rx).expect("ok")).collect();
+        let m = sub.metrics();
+        assert_eq!(m.completed, cases.len() as u64);
+        assert_eq!(m.queued, 0);
+        assert_eq!(m.active, 0);
+        assert!(m.steps > 0);
+        out
+    });
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g, e, "case {i} ({:?})", cases[i].0);
+    }
+}
+
+#[test]
+fn cancelled_sequence_frees_its_slot_and_leaves_others_alone() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let keep = tok.encode("The quick brown fox", true, true);
+    let gone = tok.encode("Rust is a programming language that", true, true);
+    let o = opts(12, SamplerConfig::greedy(), &[]);
+    let expected = alone(&model, &tok, &pool, &keep, &o);
+    with_scheduler(&model, &tok, &pool, config(2, 4), |sub| {
+        let rx_keep = sub
+            .submit_channel(BatchRequest::new(keep.clone(), o.clone()))
+            .unwrap();
+        let rx_gone = sub
+            .submit_channel(BatchRequest::new(
+                gone.clone(),
+                opts(100, SamplerConfig::greedy(), &[]),
+            ))
+            .unwrap();
+        // Read two tokens of the second, then hang up.
+        let mut seen = 0;
+        for ev in rx_gone.iter() {
+            if matches!(ev, BatchEvent::Token(_)) {
+                seen += 1;
+                if seen == 2 {
+                    break;
+                }
+            }
+        }
+        drop(rx_gone);
+        assert_eq!(collect(rx_keep).unwrap(), expected);
+        // The freed slot serves the next request.
+        let third = sub
+            .submit_channel(BatchRequest::new(keep.clone(), o.clone()))
+            .unwrap();
+        assert_eq!(collect(third).unwrap(), expected);
+        let m = sub.metrics();
+        assert_eq!(m.cancelled, 1, "{m:?}");
+        assert_eq!(m.completed, 2, "{m:?}");
+        assert!(m.generated_tokens < 100 + 24, "{m:?}");
+    });
+}
+
+#[test]
+fn full_queue_refuses_and_bad_requests_are_rejected() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let (sched, sub) = Scheduler::new(&model, &tok, &pool, config(1, 2)).unwrap();
+    let p = tok.encode("Hi", true, true);
+    let o = opts(2, SamplerConfig::greedy(), &[]);
+    // The scheduler is not running yet: two requests wait, the third is refused.
+    let a = sub
+        .submit_channel(BatchRequest::new(p.clone(), o.clone()))
+        .unwrap();
+    let b = sub
+        .submit_channel(BatchRequest::new(p.clone(), o.clone()))
+        .unwrap();
+    let c = sub.submit_channel(BatchRequest::new(p.clone(), o.clone()));
+    assert!(matches!(c, Err(SubmitError::QueueFull(2))), "{c:?}");
+    assert_eq!(sub.metrics().rejected, 1);
+    assert_eq!(sub.metrics().queued, 2);
+
+    let bad = |prompt: Vec<u32>, o: GenerateOptions| {
+        let r = sub.submit_channel(BatchRequest::new(prompt, o));
+        assert!(matches!(r, Err(SubmitError::Invalid(_))), "{r:?}");
+    };
+    bad(Vec::new(), o.clone());
+    bad(vec![1; N_CTX + 1], o.clone());
+    bad(vec![u32::MAX], o.clone());
+    let mut nan = o.clone();
+    nan.sampler.temperature = f32::NAN;
+    bad(p.clone(), nan);
+    let mut top_p = o.clone();
+    top_p.sampler.top_p = 1.5;
+    bad(p.clone(), top_p);
+    assert_eq!(sub.metrics().queued, 2);
+
+    drop(sub);
+    std::thread::scope(|s| {
+        s.spawn(move || sched.run());
+        assert_eq!(collect(a).unwrap().ids.len(), 2);
+        assert_eq!(collect(b).unwrap().ids.len(), 2);
+    });
+}
+
+#[test]
+fn zero_sizes_are_config_errors() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(1);
+    for cfg in [
+        BatchConfig {
+            n_parallel: 0,
+            ..config(1, 1)
+        },
+        BatchConfig {
+            n_ctx: 0,
+            ..config(1, 1)
+        },
+        BatchConfig {
+            n_batch: 0,
+            ..config(1, 1)
+        },
+    ] {
+        assert!(Scheduler::new(&model, &tok, &pool, cfg).is_err(), "{cfg:?}");
+    }
+}
+
+/// `Model::forward_batch` gives every row exactly (bit for bit) the logits `Model::forward`
+/// gives that sequence alone, for rows at different positions, in batches of 1 to 3 rows.
+#[test]
+fn forward_batch_logits_equal_single_forward_bit_for_bit() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let prompts = [
+        "Hello there",
+        "The quick brown fox jumps over the lazy",
+        "1 2 3",
+    ];
+    let mut batched: Vec<ModelState> = Vec::new();
+    let mut alone: Vec<ModelState> = Vec::new();
+    let mut next: Vec<u32> = Vec::new();
+    for p in prompts {
+        let ids = tok.encode(p, true, true);
+        let mut a = model.new_state(64, 512).unwrap();
+        let mut b = model.new_state(64, 512).unwrap();
+        model.forward(&pool, &mut a, &ids, Logits::Last).unwrap();
+        let l = model.forward(&pool, &mut b, &ids, Logits::Last).unwrap();
+        next.push(argmax(l));
+        batched.push(a);
+        alone.push(b);
+    }
+    let mut batch = model.new_batch_state();
+    let n_vocab = model.config().n_vocab;
+    // Steps over all three rows, then over rows {0, 2}, then row 1 alone.
+    for rows in [vec![0, 1, 2], vec![0, 1, 2], vec![0, 2], vec![1]] {
+        let tokens: Vec<u32> = rows.iter().map(|&r| next[r]).collect();
+        let mut states: Vec<&mut ModelState> = batched
+            .iter_mut()
+            .enumerate()
+            .filter(|(i, _)| rows.contains(i))
+            .map(|(_, s)| s)
+            .collect();
+        let got = model
+            .forward_batch(&pool, &mut batch, &mut states, &tokens)
+            .unwrap()
+            .to_vec();
+        assert_eq!(got.len(), rows.len() * n_vocab);
+        for (i, &r) in rows.iter().enumerate() {
+            let want = model
+                .forward(&pool, &mut alone[r], &[next[r]], Logits::Last)
+                .unwrap();
+            let g = &got[i * n_vocab..(i + 1) * n_vocab];
+            assert!(
+                g.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r} differs"
+            );
+            assert_eq!(batched[r].pos(), alone[r].pos());
+            next[r] = argmax(g);
+        }
+    }
+    // Bad input: mismatched lengths, no rows, a token outside the vocabulary, a full context.
+    let mut states: Vec<&mut ModelState> = batched.iter_mut().collect();
+    assert!(
+        model
+            .forward_batch(&pool, &mut batch, &mut states, &[1])
+            .is_err()
+    );
+    assert!(matches!(
+        model.forward_batch(&pool, &mut batch, &mut [], &[]),
+        Err(ModelError::EmptyInput)
+    ));
+    assert!(matches!(
+        model.forward_batch(&pool, &mut batch, &mut states, &[1, 1, n_vocab as u32]),
+        Err(ModelError::TokenOutOfRange { .. })
+    ));
+    let mut full = model.new_state(1, 1).unwrap();
+    model.forward(&pool, &mut full, &[1], Logits::None).unwrap();
+    assert!(matches!(
+        model.forward_batch(&pool, &mut batch, &mut [&mut full], &[1]),
+        Err(ModelError::ContextOverflow { .. })
+    ));
+}
+
+fn argmax(l: &[f32]) -> u32 {
+    l.iter()
+        .enumerate()
+        .fold(
+            (0, f32::NEG_INFINITY),
+            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+        )
+        .0 as u32
+}
