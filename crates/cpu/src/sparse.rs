@@ -194,6 +194,8 @@ pub struct SparseScratch {
     full: Vec<f32>,
     /// Quantized coefficients for [`round_coefficients`].
     round: Vec<u8>,
+    /// Active neurons whose gate activation is non-zero (the dense-ish FFN path).
+    nonzero: Vec<u32>,
 }
 
 impl SparseScratch {
@@ -1113,10 +1115,25 @@ pub fn sparse_ffn_with(
         g_out.resize(n_ff, 0.0);
         u_out.resize(n_ff, 0.0);
         let r = (|| {
+            // Up only where the gate leaves something to multiply (the set may then be sparse
+            // enough to gather rather than stream).
+            let mut nz = std::mem::take(&mut scratch.nonzero);
+            nz.clear();
             if let Some((g, _, _)) = gate {
                 sparse_matvec_with(pool, g, x, active, &mut g_out, scratch)?;
+                nz.extend(active.iter().copied().filter(|&i| {
+                    let g = g_out[i as usize];
+                    match ffn.kind {
+                        FfnKind::Gated(f) => f.apply(g) != 0.0,
+                        _ => g > 0.0,
+                    }
+                }));
+            } else {
+                nz.extend_from_slice(active);
             }
-            sparse_matvec_with(pool, &ffn.up, x, active, &mut u_out, scratch)?;
+            let up_result = sparse_matvec_with(pool, &ffn.up, x, &nz, &mut u_out, scratch);
+            scratch.nonzero = nz;
+            up_result?;
             scratch.vals.clear();
             scratch.vals.extend(active.iter().map(|&i| {
                 let (g, u) = (g_out[i as usize], u_out[i as usize]);
