@@ -153,6 +153,14 @@ fn build_report(file: &GgufFile, args: &InspectArgs) -> Json {
                 );
             }
             out.insert("sparse".into(), Json::Object(sparse));
+        } else if let Some(d) = file
+            .get("general.description")
+            .and_then(Value::as_str)
+            .filter(|d| d.starts_with("Synthetic model"))
+        {
+            // The dense twin of a synthetic PowerInfer file (`powerinfer synth --dense`) has no
+            // powerinfer.* keys (llama.cpp must load it); its description says what it is.
+            out.insert("synthetic".into(), json!(d));
         }
     }
 
@@ -275,6 +283,9 @@ fn print_text(r: &Json, args: &InspectArgs) {
         if let Some(s) = sp.get("synthetic") {
             println!("SYNTHETIC     {}", compact(s));
         }
+    }
+    if let Some(s) = r.get("synthetic") {
+        println!("SYNTHETIC     {}", compact(s));
     }
     println!(
         "tensors       {} ({})",

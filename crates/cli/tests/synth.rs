@@ -115,6 +115,9 @@ fn synth_writes_both_files_deterministically() {
     assert!(j["sparse"]["synthetic"].is_string(), "{j}");
     let out = powerinfer(&["inspect", pi.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("SYNTHETIC"));
+    // The dense twin too (from its description: it carries no powerinfer.* keys).
+    let out = powerinfer(&["inspect", dense.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("SYNTHETIC"));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
