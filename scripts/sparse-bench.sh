@@ -80,3 +80,5 @@ for s in sorted(by):
           f'{de["pp_tok_s"]:.1f} | {sp["pp_tok_s"] / de["pp_tok_s"]:.2f}x |')
 print(f"\n({shape} {ty}, {threads} threads; tg = decode, pp = prompt)")
 EOF
+"$repo/scripts/plot-sparse-bench.py" "$out" "${out%.jsonl}.svg" "$shape $ty decode, $threads threads"
+echo "plot: ${out%.jsonl}.svg" >&2
