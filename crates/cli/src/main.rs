@@ -12,10 +12,12 @@ mod convert;
 mod inspect;
 mod perplexity;
 mod plan;
+mod profile;
 mod quantize;
 mod run;
 mod serve;
 mod synth;
+mod train;
 
 /// Activation-sparse LLM inference.
 #[derive(Debug, Parser)]
@@ -45,6 +47,10 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Place hot FFN neurons on the GPU under a VRAM budget (writes a .gpuidx).
     Plan(plan::PlanArgs),
+    /// Record which FFN neurons a model activates on calibration text (a profile).
+    Profile(profile::ProfileArgs),
+    /// Train neuron predictors on a profile and write a PowerInfer (PWRI) model.
+    TrainPredictor(train::TrainArgs),
     /// Convert a Hugging Face LLaMA checkpoint (+ predictors) to a PWRI or GGUF file.
     Convert(convert::ConvertArgs),
     /// Quantize a GGUF or PWRI file (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, ...).
@@ -63,6 +69,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve::run(args),
         Command::Synth(args) => synth::run(args),
         Command::Plan(args) => plan::run(args),
+        Command::Profile(args) => profile::run(args),
+        Command::TrainPredictor(args) => train::run(args),
         Command::Convert(args) => convert::run(args),
         Command::Quantize(args) => quantize::run(args),
     };

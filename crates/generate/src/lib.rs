@@ -13,6 +13,8 @@ pub mod generation;
 pub mod kv_cache;
 pub mod model;
 pub mod perplexity;
+pub mod profile;
+pub mod pwri;
 pub mod sampling;
 pub mod tokenizer;
 

@@ -15,8 +15,10 @@
 
 mod load;
 mod predictor;
+pub mod profile;
 mod quality;
 mod threshold;
+pub mod train;
 
 pub use load::{LoadError, file_threshold, load_layer, load_predictors, load_predictors_auto};
 pub use predictor::{
