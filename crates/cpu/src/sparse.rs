@@ -55,6 +55,18 @@ use crate::{ActBuffer, CpuError, Matrix};
 /// Weight bytes of active rows per chunk handed to a thread in the row-gather products.
 const GATHER_CHUNK_BYTES: usize = 16 * 1024;
 
+/// Large jobs are cut into about this many chunks per thread: long runs of rows per thread
+/// (small chunks alternating between threads made two threads slower than one on big matrices,
+/// and cut every prefetch run short at each chunk's end).
+const CHUNKS_PER_THREAD: usize = 8;
+
+/// Items per chunk for a job of `n_items` items of `item_bytes` each.
+fn chunk_items(n_items: usize, item_bytes: usize, n_threads: usize) -> usize {
+    (GATHER_CHUNK_BYTES / item_bytes.max(1))
+        .max(n_items / (n_threads.max(1) * CHUNKS_PER_THREAD))
+        .max(1)
+}
+
 /// Below this many bytes of active weight rows, an operator runs on the calling thread alone.
 const INLINE_BYTES: usize = 32 * 1024;
 
@@ -416,7 +428,7 @@ pub fn sparse_matvec_with(
     };
     let dot = |i: u32| -> f32 { (k.vec_dot)(cols, row(i), act) };
     if active.len() * 100 >= w.rows * DENSE_SWEEP_PERCENT && rb > 0 {
-        let chunk = (GATHER_CHUNK_BYTES / rb).max(1);
+        let chunk = chunk_items(w.rows, rb, pool.n_threads());
         let out = SharedSlice::new(y);
         // Dense-ish set: stream every row (sequential reads run at full memory bandwidth, which
         // scattered rows do not) and keep the active outputs.
@@ -440,7 +452,7 @@ pub fn sparse_matvec_with(
         }
         return Ok(());
     }
-    let chunk = (GATHER_CHUNK_BYTES / rb).max(1);
+    let chunk = chunk_items(active.len(), rb, pool.n_threads());
     let out = SharedSlice::new(y);
     pool.for_each_chunk(active.len(), chunk, |range| {
         let end = range.end;
@@ -1209,7 +1221,7 @@ pub fn sparse_ffn_with(
             *v = coef_of(i);
         }
     } else {
-        let chunk = (GATHER_CHUNK_BYTES / row_bytes).max(1);
+        let chunk = chunk_items(active.len(), row_bytes, pool.n_threads());
         let vals = SharedSlice::new(&mut scratch.vals);
         // Rows of neurons this far ahead are requested from memory while the current one is
         // computed (scattered rows: the hardware prefetcher cannot guess them).
