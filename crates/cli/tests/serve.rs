@@ -694,6 +694,10 @@ fn full_queue_answers_503_and_a_disconnect_frees_the_slot() {
 /// 8 concurrent clients send 200 requests of 32 tokens; every greedy answer must equal the
 /// single-sequence one. Prints aggregate tokens/s for `--parallel 8` and `--parallel 1`.
 #[test]
+// Ignored in CI: it is a throughput measurement (400 requests, 1-7 minutes depending on the
+// build), not a correctness check the other tests lack. Run by hand on a quiet machine, in
+// release: `cargo test --release -p powerinfer-cli --test serve load -- --ignored --nocapture`;
+// its figures are in docs/PERFORMANCE.md ("Serving").
 #[ignore = "load test: about a minute or two on 2 cores; run by hand with --ignored --nocapture"]
 fn load_8_clients_200_requests() {
     let Some(model) = smollm() else { return };

@@ -275,8 +275,8 @@ fn errors() {
     ));
 }
 
+/// Runs in CI (which fetches the models): 384 tokens of SmolLM2, a few seconds.
 #[test]
-#[ignore = "real model: a few seconds of SmolLM2 forward passes"]
 fn smollm2_profile() {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -322,6 +322,10 @@ fn smollm2_profile() {
     }
 }
 
+/// Ignored because it writes a 300 MB PWRI copy of Gemma 3 to the temp directory, too much disk
+/// and time for every CI run; run it by hand (`cargo test -p powerinfer-generate --test profile
+/// -- --ignored`) after changing `pwri` or the Gemma 3 loader. The tiny-model tests above cover
+/// the same code paths in CI.
 #[test]
 #[ignore = "real model: writes a 300 MB file"]
 fn gemma3_pwri_requantizes_and_loads() {
