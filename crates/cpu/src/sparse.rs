@@ -690,6 +690,44 @@ mod avx2 {
         _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
     }
 
+    /// The loop shared by the hand-written accumulators: each 32-float output block is held in
+    /// four registers while `$decode` turns block `$b` (`$ts` bytes, f16 scale first) of every
+    /// row into four groups of 8 lanes, which [`acc_block`] adds in row order.
+    macro_rules! acc_loop {
+        ($name:literal, $out:ident, $a:ident, $rows:ident, $ts:expr, |$b:ident| $decode:block) => {{
+            let nb = $out.len() / 32;
+            for r in $rows {
+                assert!(
+                    r.len() >= nb * $ts,
+                    concat!($name, ": row shorter than the output")
+                );
+            }
+            for (blk, oc) in $out.chunks_exact_mut(32).enumerate() {
+                // SAFETY: `oc` is 32 floats; unaligned loads.
+                let mut o = unsafe {
+                    [
+                        _mm256_loadu_ps(oc.as_ptr()),
+                        _mm256_loadu_ps(oc.as_ptr().add(8)),
+                        _mm256_loadu_ps(oc.as_ptr().add(16)),
+                        _mm256_loadu_ps(oc.as_ptr().add(24)),
+                    ]
+                };
+                for r in 0..R {
+                    let $b = &$rows[r][blk * $ts..(blk + 1) * $ts];
+                    let e: [__m256; 4] = $decode;
+                    acc_block(&mut o, e, f16_scalar($b), $a[r]);
+                }
+                // SAFETY: as for the loads.
+                unsafe {
+                    _mm256_storeu_ps(oc.as_mut_ptr(), o[0]);
+                    _mm256_storeu_ps(oc.as_mut_ptr().add(8), o[1]);
+                    _mm256_storeu_ps(oc.as_mut_ptr().add(16), o[2]);
+                    _mm256_storeu_ps(oc.as_mut_ptr().add(24), o[3]);
+                }
+            }
+        }};
+    }
+
     /// [`acc_rows`] for Q4_0 with registers holding each output block across the rows: the
     /// same values bit for bit.
     ///
@@ -701,40 +739,17 @@ mod avx2 {
         a: &[f32; R],
         rows: &[&[u8]; R],
     ) {
-        let nb = out.len() / 32;
-        for r in rows {
-            assert!(r.len() >= nb * 18, "acc_q4_0: row shorter than the output");
-        }
         let m4 = _mm_set1_epi8(0x0F);
         let eight = _mm_set1_epi8(8);
-        for (blk, oc) in out.chunks_exact_mut(32).enumerate() {
-            // SAFETY: `oc` is 32 floats; unaligned loads.
-            let mut o = unsafe {
-                [
-                    _mm256_loadu_ps(oc.as_ptr()),
-                    _mm256_loadu_ps(oc.as_ptr().add(8)),
-                    _mm256_loadu_ps(oc.as_ptr().add(16)),
-                    _mm256_loadu_ps(oc.as_ptr().add(24)),
-                ]
-            };
-            for r in 0..R {
-                let b = &rows[r][blk * 18..blk * 18 + 18];
-                // SAFETY: `b[2..18]` is 16 readable bytes; unaligned load.
-                let q = unsafe { _mm_loadu_si128(b[2..].as_ptr().cast()) };
-                let lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
-                let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), m4), eight);
-                let [e0, e1] = i8x16_to_f32(lo);
-                let [e2, e3] = i8x16_to_f32(hi);
-                acc_block(&mut o, [e0, e1, e2, e3], f16_scalar(b), a[r]);
-            }
-            // SAFETY: as for the loads.
-            unsafe {
-                _mm256_storeu_ps(oc.as_mut_ptr(), o[0]);
-                _mm256_storeu_ps(oc.as_mut_ptr().add(8), o[1]);
-                _mm256_storeu_ps(oc.as_mut_ptr().add(16), o[2]);
-                _mm256_storeu_ps(oc.as_mut_ptr().add(24), o[3]);
-            }
-        }
+        acc_loop!("acc_q4_0", out, a, rows, 18, |b| {
+            // SAFETY: `b[2..18]` is 16 readable bytes; unaligned load.
+            let q = unsafe { _mm_loadu_si128(b[2..].as_ptr().cast()) };
+            let lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
+            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), m4), eight);
+            let [e0, e1] = i8x16_to_f32(lo);
+            let [e2, e3] = i8x16_to_f32(hi);
+            [e0, e1, e2, e3]
+        })
     }
 
     /// [`acc_rows`] for Q8_0, as [`acc_q4_0`].
@@ -747,41 +762,18 @@ mod avx2 {
         a: &[f32; R],
         rows: &[&[u8]; R],
     ) {
-        let nb = out.len() / 32;
-        for r in rows {
-            assert!(r.len() >= nb * 34, "acc_q8_0: row shorter than the output");
-        }
-        for (blk, oc) in out.chunks_exact_mut(32).enumerate() {
-            // SAFETY: `oc` is 32 floats; unaligned loads.
-            let mut o = unsafe {
-                [
-                    _mm256_loadu_ps(oc.as_ptr()),
-                    _mm256_loadu_ps(oc.as_ptr().add(8)),
-                    _mm256_loadu_ps(oc.as_ptr().add(16)),
-                    _mm256_loadu_ps(oc.as_ptr().add(24)),
-                ]
+        acc_loop!("acc_q8_0", out, a, rows, 34, |b| {
+            // SAFETY: `b[2..34]` is 32 readable bytes; unaligned loads.
+            let (q0, q1) = unsafe {
+                (
+                    _mm_loadu_si128(b[2..].as_ptr().cast()),
+                    _mm_loadu_si128(b[18..].as_ptr().cast()),
+                )
             };
-            for r in 0..R {
-                let b = &rows[r][blk * 34..blk * 34 + 34];
-                // SAFETY: `b[2..34]` is 32 readable bytes; unaligned loads.
-                let (q0, q1) = unsafe {
-                    (
-                        _mm_loadu_si128(b[2..].as_ptr().cast()),
-                        _mm_loadu_si128(b[18..].as_ptr().cast()),
-                    )
-                };
-                let [e0, e1] = i8x16_to_f32(q0);
-                let [e2, e3] = i8x16_to_f32(q1);
-                acc_block(&mut o, [e0, e1, e2, e3], f16_scalar(b), a[r]);
-            }
-            // SAFETY: as for the loads.
-            unsafe {
-                _mm256_storeu_ps(oc.as_mut_ptr(), o[0]);
-                _mm256_storeu_ps(oc.as_mut_ptr().add(8), o[1]);
-                _mm256_storeu_ps(oc.as_mut_ptr().add(16), o[2]);
-                _mm256_storeu_ps(oc.as_mut_ptr().add(24), o[3]);
-            }
-        }
+            let [e0, e1] = i8x16_to_f32(q0);
+            let [e2, e3] = i8x16_to_f32(q1);
+            [e0, e1, e2, e3]
+        })
     }
 
     /// [`decode_f16_impl`] compiled for AVX2.
