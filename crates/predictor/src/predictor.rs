@@ -2,7 +2,7 @@
 
 use std::borrow::Cow;
 
-use powerinfer_cpu::{ActBuffer, CpuError, Matrix, ThreadPool, matvec_with};
+use powerinfer_cpu::{ActBuffer, CpuError, Matrix, ThreadPool, matmul_with, matvec_with};
 use powerinfer_gguf::GgmlType;
 
 /// Errors of building or evaluating a [`Predictor`].
@@ -201,9 +201,23 @@ impl<'a> Predictor<'a> {
         x: &[f32],
         scratch: &'s mut PredictorScratch,
     ) -> Result<&'s [f32], PredictorError> {
-        if x.len() != self.n_embd() {
+        self.scores_batch(pool, x, 1, scratch)
+    }
+
+    /// [`scores`](Self::scores) of `n_tokens` inputs at once (`x`: `n_tokens` rows of `n_embd`;
+    /// the result: `n_tokens` rows of `n_ff`). Both products are [`powerinfer_cpu::matmul`]s,
+    /// each row bit-identical to the single-token scores.
+    pub fn scores_batch<'s>(
+        &self,
+        pool: &ThreadPool,
+        x: &[f32],
+        n_tokens: usize,
+        scratch: &'s mut PredictorScratch,
+    ) -> Result<&'s [f32], PredictorError> {
+        let expected = self.n_embd() * n_tokens;
+        if x.len() != expected {
             return Err(PredictorError::InputLength {
-                expected: self.n_embd(),
+                expected,
                 actual: x.len(),
             });
         }
@@ -215,26 +229,29 @@ impl<'a> Predictor<'a> {
             what: "fc2",
             source,
         })?;
-        scratch.hidden.resize(fc1.rows, 0.0);
-        scratch.scores.resize(fc2.rows, 0.0);
-        matvec_with(pool, &fc1, x, &mut scratch.hidden, &mut scratch.act).map_err(|source| {
+        scratch.hidden.resize(n_tokens * fc1.rows, 0.0);
+        scratch.scores.resize(n_tokens * fc2.rows, 0.0);
+        // One token: the matvec's long per-thread runs (the same bits as a one-row matmul).
+        let product = |w: &Matrix, x: &[f32], y: &mut [f32], act: &mut ActBuffer| {
+            if n_tokens == 1 {
+                matvec_with(pool, w, x, y, act)
+            } else {
+                matmul_with(pool, w, x, n_tokens, y, act)
+            }
+        };
+        product(&fc1, x, &mut scratch.hidden, &mut scratch.act).map_err(|source| {
             PredictorError::Cpu {
                 what: "fc1 · x",
                 source,
             }
         })?;
         scratch.hidden.iter_mut().for_each(|h| *h = h.max(0.0));
-        matvec_with(
-            pool,
-            &fc2,
-            &scratch.hidden,
-            &mut scratch.scores,
-            &mut scratch.act,
-        )
-        .map_err(|source| PredictorError::Cpu {
-            what: "fc2 · relu(fc1 · x)",
-            source,
-        })?;
+        product(&fc2, &scratch.hidden, &mut scratch.scores, &mut scratch.act).map_err(
+            |source| PredictorError::Cpu {
+                what: "fc2 · relu(fc1 · x)",
+                source,
+            },
+        )?;
         Ok(&scratch.scores)
     }
 

@@ -17,7 +17,7 @@ use powerinfer_cpu::sparse::{
 };
 use powerinfer_cpu::{ActBuffer, Matrix, ThreadPool};
 use powerinfer_gguf::GgufFile;
-use powerinfer_predictor::{PredictorQuality, THRESHOLD_ENV};
+use powerinfer_predictor::{Predictor, PredictorQuality, PredictorScratch, THRESHOLD_ENV, Weights};
 
 use super::{Weight, mm};
 use crate::error::ModelError;
@@ -146,8 +146,7 @@ pub(crate) fn activity_thresholds(
 pub(crate) struct SparseBuffers {
     sparse: SparseScratch,
     acts: ActBuffer,
-    hidden: Vec<f32>,
-    scores: Vec<f32>,
+    pred: PredictorScratch,
     /// One active set per token of the micro-batch.
     active: Vec<Vec<u32>>,
     /// Gate pre-activations / activity scores for quality measurement.
@@ -190,26 +189,11 @@ impl SparseFfn {
         })
     }
 
-    /// Scores `p = fc2 · relu(fc1 · x)` for `n` rows into `b.scores` (n x n_ff).
-    fn predictor_scores(
-        &self,
-        pool: &ThreadPool,
-        bytes: &[u8],
-        x: &[f32],
-        n: usize,
-        b: &mut SparseBuffers,
-    ) -> Result<(), ModelError> {
-        let fc1 = self.fc1.matrix(bytes)?;
-        let fc2 = self.fc2.matrix(bytes)?;
-        let h = fc1.rows;
-        b.hidden.resize(n * h, 0.0);
-        b.scores.resize(n * fc2.rows, 0.0);
-        b.acts.quantize(fc1.ty, x, fc1.cols, n)?;
-        mm(pool, &fc1, &b.acts, n, &mut b.hidden)?;
-        b.hidden.iter_mut().for_each(|v| *v = v.max(0.0));
-        b.acts.quantize(fc2.ty, &b.hidden, h, n)?;
-        mm(pool, &fc2, &b.acts, n, &mut b.scores)?;
-        Ok(())
+    /// The layer's predictor over the file's bytes.
+    fn predictor<'b>(&self, bytes: &'b [u8]) -> Result<Predictor<'b>, ModelError> {
+        let w = |m: &Weight| m.matrix(bytes).map(Weights::borrowed);
+        Predictor::new(w(&self.fc1)?, w(&self.fc2)?)
+            .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", self.fc1.name)))
     }
 
     /// Runs the layer over `c.n` tokens: `out` (n x n_embd) receives the FFN output; `gate_out`
@@ -233,11 +217,14 @@ impl SparseFfn {
         b.active.truncate(n);
         if c.mode == SparseMode::Predicted || measuring {
             let t0 = std::time::Instant::now();
-            self.predictor_scores(c.pool, c.bytes, c.pred_in, n, b)?;
+            let scores = self
+                .predictor(c.bytes)?
+                .scores_batch(c.pool, c.pred_in, n, &mut b.pred)
+                .map_err(|e| ModelError::InvalidConfig(format!("{}: {e}", self.fc1.name)))?;
             let thr = c.threshold.unwrap_or(self.threshold);
             for (t, set) in b.active.iter_mut().enumerate() {
                 set.clear();
-                let s = &b.scores[t * n_ff..(t + 1) * n_ff];
+                let s = &scores[t * n_ff..(t + 1) * n_ff];
                 set.extend(
                     s.iter()
                         .enumerate()
