@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use powerinfer::{GenerateOptions, Llm, LoadOptions, SamplerConfig};
+use powerinfer::{GenerateOptions, Llm, LoadOptions, SamplerConfig, SparseMode};
 
 /// Model-loading flags (llama.cpp's names).
 #[derive(Debug, Clone, Args)]
@@ -23,8 +23,13 @@ pub struct ModelArgs {
     #[arg(short = 'b', long = "batch-size", default_value_t = 512)]
     pub batch_size: usize,
     /// Sparse (PowerInfer) models: compute every neuron (the dense result of the same weights).
-    #[arg(long = "disable-sparse")]
+    #[arg(long = "disable-sparse", conflicts_with = "sparse_mode")]
     pub disable_sparse: bool,
+    /// Sparse models: `predicted` (the predictors choose the neurons; default), `threshold` (no
+    /// predictor: every gate and up computed, the down projection skips neurons whose |h| is
+    /// under the file's activity threshold) or `dense` (every neuron, as --disable-sparse).
+    #[arg(long = "sparse-mode", value_parser = parse_sparse_mode)]
+    pub sparse_mode: Option<SparseMode>,
     /// Sparse models: a neuron runs when its predictor score is at least this (default: the
     /// file's, or LLAMA_SPARSE_PRED_THRESHOLD).
     #[arg(long = "sparse-threshold", allow_negative_numbers = true)]
@@ -94,6 +99,28 @@ impl SamplingArgs {
     }
 }
 
+impl ModelArgs {
+    /// The sparse mode the flags ask for.
+    pub fn sparse_mode(&self) -> SparseMode {
+        match (self.disable_sparse, self.sparse_mode) {
+            (true, _) => SparseMode::Dense,
+            (false, Some(m)) => m,
+            (false, None) => SparseMode::Predicted,
+        }
+    }
+}
+
+fn parse_sparse_mode(s: &str) -> Result<SparseMode, String> {
+    match s {
+        "predicted" => Ok(SparseMode::Predicted),
+        "threshold" => Ok(SparseMode::Threshold),
+        "dense" => Ok(SparseMode::Dense),
+        other => Err(format!(
+            "unknown sparse mode {other:?} (expected predicted, threshold or dense)"
+        )),
+    }
+}
+
 /// Loads the model with a progress bar on stderr.
 pub fn load(args: &ModelArgs) -> Result<Llm, String> {
     let start = Instant::now();
@@ -106,7 +133,7 @@ pub fn load(args: &ModelArgs) -> Result<Llm, String> {
         n_threads: args.threads,
         n_ctx: args.ctx_size,
         n_batch: args.batch_size,
-        disable_sparse: args.disable_sparse,
+        sparse_mode: args.sparse_mode(),
         sparse_threshold: args.sparse_threshold,
     };
     let llm = Llm::load_with_progress(&args.model, &opts, |done, total| {
@@ -140,8 +167,12 @@ pub fn load(args: &ModelArgs) -> Result<Llm, String> {
         } else {
             format!("{lo}..{hi}")
         };
-        if args.disable_sparse {
+        if args.sparse_mode() == SparseMode::Dense {
             eprintln!("sparse model, run densely (--disable-sparse): every neuron computed");
+        } else if args.sparse_mode() == SparseMode::Threshold {
+            eprintln!(
+                "sparse model, no predictor (--sparse-mode threshold): down rows skipped under the activity thresholds"
+            );
         } else {
             eprintln!(
                 "sparse model: {} of {} layers with predictors, threshold {thr}",
@@ -149,8 +180,10 @@ pub fn load(args: &ModelArgs) -> Result<Llm, String> {
                 model.config().n_layer
             );
         }
-    } else if args.disable_sparse || args.sparse_threshold.is_some() {
-        eprintln!("note: a dense model; --disable-sparse and --sparse-threshold have no effect");
+    } else if args.disable_sparse || args.sparse_mode.is_some() || args.sparse_threshold.is_some() {
+        eprintln!(
+            "note: a dense model; --disable-sparse, --sparse-mode and --sparse-threshold have no effect"
+        );
     }
     if model
         .file()

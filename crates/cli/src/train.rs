@@ -195,6 +195,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
     );
 
     let opts = PwriOptions {
+        keep_down: true,
         down_t,
         ffn_activation: profile.ffn_activation.clone(),
         sparsity_target: profile.sparsity_target,

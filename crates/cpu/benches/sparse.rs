@@ -198,6 +198,8 @@ fn sparse_ops(c: &mut Criterion) {
                     down_t: m(&l.down_t, N_FF, N_EMBD),
                     kind: FfnKind::Gated(Activation::Relu),
                     round_coefficients: false,
+                    zero_below: 0.0,
+                    down_grouped: None,
                 };
                 sparse_ffn_with(&pool, &ffn, &x, &sets[i], &mut y_embd, &mut scratch).unwrap();
                 black_box(&y_embd);
@@ -251,6 +253,8 @@ fn sparse_ops(c: &mut Criterion) {
                 down_t: m(&l.down_t, N_FF, N_EMBD),
                 kind: FfnKind::Gated(Activation::Relu),
                 round_coefficients: false,
+                zero_below: 0.0,
+                down_grouped: None,
             };
             sparse_ffn_with(&pool, &ffn, &x, &sets[i], &mut y_embd, &mut scratch).unwrap();
             black_box(&y_embd);

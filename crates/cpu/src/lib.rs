@@ -7,6 +7,8 @@
 //!   writing disjoint parts of one output from several threads).
 //! - [`ops`]: norms, RoPE, softmax, activations and attention.
 //! - [`sparse`]: activation-sparse FFN operators (row-gather matvec, axpy over active neurons).
+//! - [`grouped`]: the down projection regrouped by neuron without requantization, and its
+//!   product over active neurons.
 //!
 //! ```
 //! use powerinfer_cpu::{Matrix, ThreadPool, matvec};
@@ -21,6 +23,7 @@
 //! # Ok::<(), powerinfer_cpu::CpuError>(())
 //! ```
 
+pub mod grouped;
 pub mod matmul;
 pub mod ops;
 pub mod pool;

@@ -49,6 +49,7 @@ use std::cell::Cell;
 use powerinfer_gguf::GgmlType;
 use powerinfer_quant::TypeKernels;
 
+use crate::grouped::{GroupedDown, grouped_axpy};
 use crate::pool::{SharedSlice, ThreadPool};
 use crate::{ActBuffer, CpuError, Matrix};
 
@@ -186,6 +187,28 @@ pub struct SparseFfn<'a> {
     /// Round the coefficients `h` with [`round_coefficients`] before the axpy (as a dense down
     /// product with 8-bit activations, and the reference PowerInfer, see them).
     pub round_coefficients: bool,
+    /// Coefficients with `|h| <= zero_below` count as exactly zero and their down rows are not
+    /// read: the runtime activity threshold of non-ReLU sparse models (a neuron is active when
+    /// the magnitude of its gated activation exceeds the layer's threshold). `0.0` changes
+    /// nothing (exact zeros are always skipped).
+    pub zero_below: f32,
+    /// The original down projection regrouped by neuron ([`GroupedDown`]): when given, the
+    /// output is computed from it (the model's own down weights, no second quantization) and
+    /// `down_t` only fixes the shapes.
+    pub down_grouped: Option<&'a GroupedDown>,
+}
+
+impl SparseFfn<'_> {
+    /// The type the down projection is computed in (what [`round_coefficients`] rounds to).
+    pub fn down_type(&self) -> GgmlType {
+        self.down_grouped.map_or(self.down_t.ty, |g| g.ty())
+    }
+}
+
+/// `h`, or exactly zero when `|h| <= zero_below` (see [`SparseFfn::zero_below`]).
+#[inline]
+pub fn apply_zero_below(h: f32, zero_below: f32) -> f32 {
+    if h.abs() <= zero_below { 0.0 } else { h }
 }
 
 /// Reusable buffers of the sparse operators (so that the decode path does not allocate once they
@@ -1092,6 +1115,15 @@ pub fn sparse_ffn_with(
     let n_ff = ffn.up.rows;
     check_len(OP, "down_t rows (up rows, n_ff)", n_ff, ffn.down_t.rows)?;
     check_len(OP, "down_t cols (up cols, n_embd)", n_embd, ffn.down_t.cols)?;
+    if let Some(g) = ffn.down_grouped {
+        check_len(OP, "grouped down neurons (up rows, n_ff)", n_ff, g.n_ff())?;
+        check_len(
+            OP,
+            "grouped down outputs (up cols, n_embd)",
+            n_embd,
+            g.n_embd(),
+        )?;
+    }
     let gate = match ffn.kind {
         FfnKind::Plain(_) => None,
         FfnKind::Gated(_) | FfnKind::DRelu => {
@@ -1141,7 +1173,7 @@ pub fn sparse_ffn_with(
             scratch.vals.clear();
             scratch.vals.extend(active.iter().map(|&i| {
                 let (g, u) = (g_out[i as usize], u_out[i as usize]);
-                match ffn.kind {
+                let h = match ffn.kind {
                     FfnKind::Plain(f) => f.apply(u),
                     FfnKind::Gated(f) => {
                         let a = f.apply(g);
@@ -1151,21 +1183,13 @@ pub fn sparse_ffn_with(
                         let a = g.max(0.0);
                         if a == 0.0 { 0.0 } else { a * u.max(0.0) }
                     }
-                }
+                };
+                apply_zero_below(h, ffn.zero_below)
             }));
             if ffn.round_coefficients {
-                round_compact(ffn.down_t.ty, n_ff, active, scratch)?;
+                round_compact(ffn.down_type(), n_ff, active, scratch)?;
             }
-            axpy_compact(
-                pool,
-                down_k,
-                &ffn.down_t,
-                down_rb,
-                active,
-                &scratch.vals,
-                out,
-            );
-            Ok(())
+            down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out)
         })();
         scratch.gate_out = g_out;
         scratch.up_out = u_out;
@@ -1187,7 +1211,8 @@ pub fn sparse_ffn_with(
 
     let up = &ffn.up;
     let kind = ffn.kind;
-    let coef_of = |i: u32| -> f32 {
+    let zero_below = ffn.zero_below;
+    let h_of = |i: u32| -> f32 {
         let i = i as usize;
         let up_dot = || (up_k.vec_dot)(n_embd, &up.data[i * up_rb..(i + 1) * up_rb], up_act);
         match (kind, gate) {
@@ -1204,6 +1229,7 @@ pub fn sparse_ffn_with(
             (FfnKind::Gated(_) | FfnKind::DRelu, None) => 0.0,
         }
     };
+    let coef_of = |i: u32| -> f32 { apply_zero_below(h_of(i), zero_below) };
 
     scratch.vals.clear();
     scratch.vals.resize(active.len(), 0.0);
@@ -1240,18 +1266,29 @@ pub fn sparse_ffn_with(
         });
     }
     if ffn.round_coefficients {
-        round_compact(ffn.down_t.ty, n_ff, active, scratch)?;
+        round_compact(ffn.down_type(), n_ff, active, scratch)?;
     }
-    axpy_compact(
-        pool,
-        down_k,
-        &ffn.down_t,
-        down_rb,
-        active,
-        &scratch.vals,
-        out,
-    );
-    Ok(())
+    down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out)
+}
+
+/// `out = sum_k vals[k] * (neuron active[k]'s down vector)`, from the grouped original weights
+/// when the FFN has them, else from `down_t`.
+fn down_product(
+    pool: &ThreadPool,
+    ffn: &SparseFfn,
+    down_k: &TypeKernels,
+    down_rb: usize,
+    active: &[u32],
+    vals: &[f32],
+    out: &mut [f32],
+) -> Result<(), SparseError> {
+    match ffn.down_grouped {
+        Some(g) => grouped_axpy(pool, g, active, vals, out),
+        None => {
+            axpy_compact(pool, down_k, &ffn.down_t, down_rb, active, vals, out);
+            Ok(())
+        }
+    }
 }
 
 // ------------------------------------------------------------------------------------------

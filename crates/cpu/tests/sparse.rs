@@ -221,6 +221,8 @@ fn results_do_not_depend_on_thread_count() {
             down_t,
             kind: FfnKind::Gated(Activation::Relu),
             round_coefficients: false,
+            zero_below: 0.0,
+            down_grouped: None,
         };
         let n_tok = 5;
         let x = rng.vec(n_embd * n_tok);
@@ -287,6 +289,8 @@ fn fused_ffn_equals_unfused_and_reference() {
                 down_t,
                 kind,
                 round_coefficients: false,
+                zero_below: 0.0,
+                down_grouped: None,
             };
             for active in [rng.subset(n_ff, 0.4), (0..n_ff as u32).collect()] {
                 let mut out = vec![f32::NAN; n_embd];
@@ -327,6 +331,8 @@ fn fused_ffn_equals_unfused_and_reference() {
                 // hand, then the axpy.
                 let rounded = SparseFfn {
                     round_coefficients: true,
+                    zero_below: 0.0,
+                    down_grouped: None,
                     ..ffn
                 };
                 let mut out_r = vec![f32::NAN; n_embd];
@@ -342,6 +348,30 @@ fn fused_ffn_equals_unfused_and_reference() {
                     out_r.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     want_r.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                     "{ty}/{up_ty} {kind:?}: fused with rounding differs"
+                );
+
+                // With a runtime activity threshold: coefficients with |h| at or below it count
+                // as zero (here the median |h| of the active set, so about half are dropped).
+                let mut mags: Vec<f32> = active.iter().map(|&i| h[i as usize].abs()).collect();
+                mags.sort_by(f32::total_cmp);
+                let zb = mags[mags.len() / 2];
+                let thresholded = SparseFfn {
+                    zero_below: zb,
+                    ..ffn
+                };
+                let mut out_z = vec![f32::NAN; n_embd];
+                sparse_ffn(&pool, &thresholded, &x, &active, &mut out_z).unwrap();
+                let hz: Vec<f32> = h
+                    .iter()
+                    .map(|&v| if v.abs() <= zb { 0.0 } else { v })
+                    .collect();
+                assert!(hz.iter().any(|&v| v != 0.0) || zb == 0.0);
+                let mut want_z = vec![0.0; n_embd];
+                sparse_axpy(&pool, &down_t, &hz, &active, &mut want_z).unwrap();
+                assert_eq!(
+                    out_z.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want_z.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{ty}/{up_ty} {kind:?}: fused with zero_below {zb} differs"
                 );
 
                 // Scalar reference: coefficients then axpy in f64.
@@ -485,6 +515,8 @@ fn bad_inputs_are_typed_errors() {
         down_t: w,
         kind: FfnKind::DRelu,
         round_coefficients: false,
+        zero_below: 0.0,
+        down_grouped: None,
     };
     assert!(matches!(
         sparse_ffn(&pool, &ffn, &x, &[1], &mut out),
@@ -620,6 +652,65 @@ fn axpy_equals_sequential_f32_loop() {
                 want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 "{ty}, {threads} threads"
             );
+        }
+    }
+}
+
+#[test]
+fn fused_ffn_with_grouped_down_equals_grouped_axpy() {
+    use powerinfer_cpu::grouped::{GroupedDown, grouped_axpy};
+    let mut rng = Rng(21);
+    let pool = ThreadPool::new(2);
+    for ty in [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0] {
+        let (n_ff, n_embd) = (224, 96);
+        let gd = random_matrix(&mut rng, ty, n_ff, n_embd);
+        let ud = random_matrix(&mut rng, ty, n_ff, n_embd);
+        let dd = random_matrix(&mut rng, ty, n_ff, n_embd);
+        let down_orig = random_matrix(&mut rng, ty, n_embd, n_ff);
+        let gate = Matrix::new(ty, n_ff, n_embd, &gd).unwrap();
+        let up = Matrix::new(ty, n_ff, n_embd, &ud).unwrap();
+        let down_t = Matrix::new(ty, n_ff, n_embd, &dd).unwrap();
+        let grouped =
+            GroupedDown::from_down(&Matrix::new(ty, n_embd, n_ff, &down_orig).unwrap()).unwrap();
+        let x = rng.vec(n_embd);
+        for (round, zero_below) in [(false, 0.0), (true, 0.0), (true, 0.05)] {
+            let ffn = SparseFfn {
+                gate: Some(gate),
+                up,
+                down_t,
+                kind: FfnKind::Gated(Activation::Silu),
+                round_coefficients: round,
+                zero_below,
+                down_grouped: Some(&grouped),
+            };
+            for active in [rng.subset(n_ff, 0.3), (0..n_ff as u32).collect()] {
+                let mut out = vec![f32::NAN; n_embd];
+                sparse_ffn(&pool, &ffn, &x, &active, &mut out).unwrap();
+                let mut g = vec![0.0; n_ff];
+                let mut u = vec![0.0; n_ff];
+                sparse_matvec(&pool, &gate, &x, &active, &mut g).unwrap();
+                sparse_matvec(&pool, &up, &x, &active, &mut u).unwrap();
+                let mut h = vec![0.0f32; n_ff];
+                for &i in &active {
+                    let i = i as usize;
+                    let a = Activation::Silu.apply(g[i]);
+                    let v = if a == 0.0 { 0.0 } else { a * u[i] };
+                    h[i] = if v.abs() <= zero_below { 0.0 } else { v };
+                }
+                if round {
+                    // Rounded to the grouped (original) down's activation type.
+                    round_coefficients(ty, &mut h, &mut Vec::new()).unwrap();
+                }
+                let coef: Vec<f32> = active.iter().map(|&i| h[i as usize]).collect();
+                let mut want = vec![0.0; n_embd];
+                grouped_axpy(&pool, &grouped, &active, &coef, &mut want).unwrap();
+                assert_eq!(
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                    "{ty} round {round} zero_below {zero_below}, {} active",
+                    active.len()
+                );
+            }
         }
     }
 }

@@ -88,6 +88,11 @@ pub struct PwriOptions {
     pub sparsity_target: f32,
     /// `powerinfer.activation_thresholds`, one per layer.
     pub activation_thresholds: Vec<f32>,
+    /// Also keep the model's own `ffn_down` when its type is Q4_0, Q4_1 or Q8_0: our engine
+    /// then computes the sparse down product from it, regrouped by neuron
+    /// (`powerinfer_cpu::grouped`), instead of from the requantized `ffn_down_t` (which stays
+    /// for the reference PowerInfer). Costs the down matrix's bytes in the file.
+    pub keep_down: bool,
 }
 
 /// What [`write_pwri`] wrote.
@@ -345,6 +350,15 @@ fn write_impl(
             });
             plan.push(Plan::Fc1(layer));
             plan.push(Plan::Fc2(layer));
+            if opts.keep_down
+                && matches!(t.ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+                && n_embd.is_multiple_of(32)
+            {
+                w.add_tensor_info(t.name.clone(), t.ty, &t.shape)?;
+                plan.push(Plan::Copy {
+                    name: t.name.clone(),
+                });
+            }
         } else if t.name.ends_with(".fc1.weight")
             || t.name.ends_with(".fc2.weight")
             || t.name.ends_with(".ffn_down_t.weight")

@@ -141,6 +141,7 @@ fn profile_train_write_load() {
     }
     let out = tmp("tiny.pwri.gguf");
     let opts = PwriOptions {
+        keep_down: true,
         down_t: Default::default(),
         ffn_activation: p.ffn_activation.clone(),
         sparsity_target: p.sparsity_target,
@@ -366,6 +367,7 @@ fn gemma3_pwri_requantizes_and_loads() {
         .collect();
     let out = tmp("gemma.pwri.gguf");
     let opts = PwriOptions {
+        keep_down: true,
         down_t: Default::default(),
         ffn_activation: "gelu".into(),
         sparsity_target: 0.5,

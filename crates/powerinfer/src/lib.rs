@@ -35,6 +35,7 @@ pub use powerinfer_generate::generation::{
     FinishReason, GenerateError, GenerateOptions, GeneratedToken, GenerationStats, Generator,
     TokenStream,
 };
+pub use powerinfer_generate::model::SparseMode;
 pub use powerinfer_generate::sampling::SamplerConfig;
 pub use powerinfer_generate::tokenizer::Tokenizer;
 pub use powerinfer_generate::{Model, ModelError};
@@ -69,9 +70,11 @@ pub struct LoadOptions {
     pub n_ctx: usize,
     /// Prompt tokens processed per forward call.
     pub n_batch: usize,
-    /// Sparse (PowerInfer) files: compute every neuron instead of the predicted ones
-    /// (`--disable-sparse`; the dense reference of the same weights). No effect on dense files.
-    pub disable_sparse: bool,
+    /// How sparse (PowerInfer) files run: the predicted neurons (the default), every neuron
+    /// (`SparseMode::Dense`, `--disable-sparse`: the dense reference of the same weights), or
+    /// every gate and up with the down projection skipping neurons under the activity threshold
+    /// (`SparseMode::Threshold`). No effect on dense files.
+    pub sparse_mode: SparseMode,
     /// Sparse files: the predictor threshold for every layer (`--sparse-threshold`), overriding
     /// `LLAMA_SPARSE_PRED_THRESHOLD` and the file's values.
     pub sparse_threshold: Option<f32>,
@@ -83,7 +86,7 @@ impl Default for LoadOptions {
             n_threads: 0,
             n_ctx: 0,
             n_batch: 512,
-            disable_sparse: false,
+            sparse_mode: SparseMode::Predicted,
             sparse_threshold: None,
         }
     }
@@ -114,9 +117,7 @@ impl Llm {
         mut progress: impl FnMut(u64, u64),
     ) -> Result<Llm, Error> {
         let mut model = Model::load(path)?;
-        if opts.disable_sparse {
-            model.set_sparse_mode(powerinfer_generate::model::SparseMode::Dense);
-        }
+        model.set_sparse_mode(opts.sparse_mode);
         model.set_sparse_threshold(opts.sparse_threshold)?;
         let file = model.file().clone();
         let tokenizer = Tokenizer::from_gguf(&file)?;

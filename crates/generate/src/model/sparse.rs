@@ -11,7 +11,15 @@
 //! (each union row dotted with the tokens it is active for, or dense products where most pairs
 //! are active) and the batched axpy, so each
 //! token's result is bit-identical to decoding it alone.
+//!
+//! Where the file also keeps the model's own `ffn_down` in Q4_0, Q4_1 or Q8_0 (our
+//! `train-predictor` writes it), the down product reads those weights regrouped by neuron
+//! ([`GroupedDown`]) instead of `ffn_down_t`: the dense model's down weights exactly, with no
+//! second quantization along the other axis.
 
+use std::sync::Arc;
+
+use powerinfer_cpu::grouped::{GroupedDown, grouped_axpy};
 use powerinfer_cpu::sparse::{
     self, FfnKind, SparseFfn as CpuSparseFfn, SparseScratch, sparse_axpy_batch, sparse_matmul_with,
 };
@@ -30,8 +38,9 @@ pub const LAYER_THRESHOLDS_KEY: &str = "powerinfer.sparse_thresholds";
 /// Metadata key naming the gated FFN's activation (`relu`, `silu` or `gelu`; ours). Absent in the
 /// reference's files, whose `llama` models are ReLU.
 pub const FFN_ACTIVATION_KEY: &str = "powerinfer.ffn_activation";
-/// Metadata key of per-layer activity thresholds (`|h| > t` counts as active; ours, f32 array),
-/// used to measure predictor quality on non-ReLU models.
+/// Metadata key of per-layer activity thresholds (`|h| > t` counts as active; ours, f32 array)
+/// of non-ReLU models: sparse runs treat `|h| <= t` as exactly zero, and predictor quality is
+/// measured against it.
 pub const ACTIVATION_THRESHOLDS_KEY: &str = "powerinfer.activation_thresholds";
 
 /// At or above this mean share (percent) of active neurons per token in a prompt chunk, gate and
@@ -51,6 +60,12 @@ pub enum SparseMode {
     /// of a sparse file. (The reference PowerInfer's dense path uses SiLU for its ReLU `llama`
     /// files; this one keeps the file's activation.)
     Dense,
+    /// No predictor: every neuron's gate and up are computed, and the down projection reads only
+    /// the neurons whose `|h|` exceeds the layer's activity threshold
+    /// (`powerinfer.activation_thresholds`; for ReLU files, the neurons with `h != 0`). The
+    /// predictor-free way to skip neurons of a non-ReLU model: exact for its definition of
+    /// active, saving only the down projection's reads.
+    Threshold,
 }
 
 /// The sparse FFN of one layer.
@@ -70,8 +85,13 @@ pub struct SparseFfn {
     pub fc2: Weight,
     /// `p >= threshold` marks a neuron active.
     pub threshold: f32,
-    /// For quality measurement on non-ReLU models: a neuron is truly active when `|h| > t`.
+    /// Non-ReLU models: a neuron is active when `|h| > t`; sparse modes treat the others as
+    /// exactly zero, and predictor quality is measured against it.
     pub activity_threshold: Option<f32>,
+    /// The model's own down projection (`ffn_down`, when the file keeps it in a type
+    /// [`GroupedDown`] supports) regrouped by neuron: used instead of `ffn_down_t`, so sparse
+    /// runs read the same down weights as the dense model, never a requantized transpose.
+    pub down_grouped: Option<Arc<GroupedDown>>,
 }
 
 /// Reads the FFN activation of a sparse file, `default` when the key is absent.
@@ -153,6 +173,8 @@ pub(crate) struct SparseBuffers {
     truth: Vec<f32>,
     all: Vec<u32>,
     round: Vec<u8>,
+    /// One token's coefficients over its active set (the grouped down product).
+    coef: Vec<f32>,
     /// Time the last call spent in the predictor.
     pub(crate) predictor_time: std::time::Duration,
 }
@@ -176,7 +198,7 @@ pub(crate) struct SparseCall<'a> {
 }
 
 impl SparseFfn {
-    fn matrices<'b>(&self, bytes: &'b [u8]) -> Result<CpuSparseFfn<'b>, ModelError> {
+    fn matrices<'b>(&'b self, bytes: &'b [u8]) -> Result<CpuSparseFfn<'b>, ModelError> {
         Ok(CpuSparseFfn {
             gate: match &self.gate {
                 Some(g) => Some(g.matrix(bytes)?),
@@ -186,7 +208,20 @@ impl SparseFfn {
             down_t: self.down_t.matrix(bytes)?,
             kind: self.kind,
             round_coefficients: true,
+            zero_below: 0.0,
+            down_grouped: self.down_grouped.as_deref(),
         })
+    }
+
+    /// `|h|` at or below this is zero in sparse modes (the activity threshold; 0 for ReLU files
+    /// and in [`SparseMode::Dense`]).
+    fn zero_below(&self, mode: SparseMode) -> f32 {
+        match mode {
+            SparseMode::Dense => 0.0,
+            SparseMode::Predicted | SparseMode::Threshold => {
+                self.activity_threshold.unwrap_or(0.0).max(0.0)
+            }
+        }
     }
 
     /// The layer's predictor over the file's bytes.
@@ -210,8 +245,16 @@ impl SparseFfn {
     ) -> Result<(), ModelError> {
         let n = c.n;
         let n_ff = self.up.rows;
-        let m = self.matrices(c.bytes)?;
+        let mut m = self.matrices(c.bytes)?;
         let measuring = quality.is_some();
+        // While measuring, every neuron is computed as in the dense run (the prediction is only
+        // compared with the truth).
+        let zero_below = if measuring {
+            0.0
+        } else {
+            self.zero_below(c.mode)
+        };
+        m.zero_below = zero_below;
         // The active sets.
         b.active.resize_with(n, Vec::new);
         b.active.truncate(n);
@@ -234,15 +277,16 @@ impl SparseFfn {
             }
             b.predictor_time += t0.elapsed();
         }
-        if measuring || c.mode == SparseMode::Dense {
-            // Every neuron computed; the prediction (if any) is only compared with the truth.
+        let compute_all = measuring || c.mode != SparseMode::Predicted;
+        if compute_all {
+            // Every neuron computed (gate and up; the down projection may still skip those
+            // under the activity threshold); a prediction is only compared with the truth.
             b.all.clear();
             b.all.extend(0..n_ff as u32);
         }
-        let compute_all = measuring || c.mode == SparseMode::Dense;
 
-        if n == 1 && !compute_all && !c.want_hidden {
-            let set = &b.active[0];
+        if n == 1 && !measuring && c.mode != SparseMode::Dense && !c.want_hidden {
+            let set = if compute_all { &b.all } else { &b.active[0] };
             sparse::sparse_ffn_with(c.pool, &m, c.xn, set, out, &mut b.sparse)?;
             return Ok(());
         }
@@ -302,13 +346,30 @@ impl SparseFfn {
             for &i in set.iter() {
                 let i = i as usize;
                 g[next..i].iter_mut().for_each(|v| *v = 0.0);
-                g[i] = coefficient(self.kind, g[i], u[i]);
+                g[i] = sparse::apply_zero_below(coefficient(self.kind, g[i], u[i]), zero_below);
                 next = i + 1;
             }
             g[next..].iter_mut().for_each(|v| *v = 0.0);
-            sparse::round_coefficients(self.down_t.ty, g, &mut b.round)?;
+            sparse::round_coefficients(m.down_type(), g, &mut b.round)?;
         }
-        sparse_axpy_batch(c.pool, &m.down_t, gate_out, n, &sets, out)?;
+        match &self.down_grouped {
+            Some(g) => {
+                // Token by token, as decoding computes it.
+                for (t, set) in sets.iter().enumerate() {
+                    let h = &gate_out[t * n_ff..(t + 1) * n_ff];
+                    b.coef.clear();
+                    b.coef.extend(set.iter().map(|&i| h[i as usize]));
+                    grouped_axpy(
+                        c.pool,
+                        g,
+                        set,
+                        &b.coef,
+                        &mut out[t * c.n_embd..(t + 1) * c.n_embd],
+                    )?;
+                }
+            }
+            None => sparse_axpy_batch(c.pool, &m.down_t, gate_out, n, &sets, out)?,
+        }
         Ok(())
     }
 }
@@ -377,5 +438,25 @@ pub(crate) fn load_gated_ffn(
         fc2: l.matrix(&p("fc2.weight"), h, c.n_ff)?,
         threshold: thresholds[i],
         activity_threshold: activity.map(|a| a[i]),
+        down_grouped: grouped_down(l, &p("ffn_down.weight"), c)?,
     }))
+}
+
+/// `ffn_down` regrouped by neuron, if the file has it in a type [`GroupedDown`] supports.
+fn grouped_down(
+    l: &super::Loader,
+    name: &str,
+    c: &super::ModelConfig,
+) -> Result<Option<Arc<GroupedDown>>, ModelError> {
+    let Some(t) = l.file.tensor(name) else {
+        return Ok(None);
+    };
+    if !GroupedDown::supports(t.ty) || !c.n_embd.is_multiple_of(32) {
+        return Ok(None);
+    }
+    let w = l.matrix(name, c.n_ff, c.n_embd)?;
+    let m = w.matrix(l.file.as_bytes())?;
+    let g = GroupedDown::from_down(&m)
+        .map_err(|e| ModelError::InvalidConfig(format!("{name}: {e}")))?;
+    Ok(Some(Arc::new(g)))
 }
