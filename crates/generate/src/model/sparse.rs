@@ -72,6 +72,10 @@ pub struct SparseFfn {
     pub threshold: f32,
     /// For quality measurement on non-ReLU models: a neuron is truly active when `|h| > t`.
     pub activity_threshold: Option<f32>,
+    /// Bias of the up projection, added before the activation (`ffn_up.bias`, OPT).
+    pub up_bias: Option<Vec<f32>>,
+    /// Bias of the down projection, added to the output (`ffn_down_t.bias`, OPT).
+    pub down_bias: Option<Vec<f32>>,
 }
 
 /// Reads the FFN activation of a sparse file, `default` when the key is absent.
@@ -241,7 +245,7 @@ impl SparseFfn {
         }
         let compute_all = measuring || c.mode == SparseMode::Dense;
 
-        if n == 1 && !compute_all && !c.want_hidden {
+        if n == 1 && !compute_all && !c.want_hidden && self.up_bias.is_none() {
             let set = &b.active[0];
             sparse::sparse_ffn_with(c.pool, &m, c.xn, set, out, &mut b.sparse)?;
             return Ok(());
@@ -274,6 +278,10 @@ impl SparseFfn {
             product(g, gate_out, &mut b.acts, &mut b.sparse)?;
         }
         product(&m.up, up_out, &mut b.acts, &mut b.sparse)?;
+        if let Some(bias) = &self.up_bias {
+            // Entries outside a token's set hold stale values here; they are zeroed below.
+            super::add_bias(up_out, Some(bias));
+        }
 
         if let Some(q) = quality {
             // Truth: ReLU-gated kinds are active where the gate is positive; others where
@@ -309,6 +317,7 @@ impl SparseFfn {
             sparse::round_coefficients(self.down_t.ty, g, &mut b.round)?;
         }
         sparse_axpy_batch(c.pool, &m.down_t, gate_out, n, &sets, out)?;
+        super::add_bias(&mut out[..n * c.n_embd], self.down_bias.as_deref());
         Ok(())
     }
 }
@@ -354,6 +363,70 @@ pub(crate) fn load_gated_ffn(
         FfnKind::Gated(a) => FfnKind::Gated(ffn_activation(l.file, a)?),
         k => k,
     };
+    let (fc1, fc2) = predictor_weights(l, i, c)?;
+    Ok(super::Ffn::Sparse(SparseFfn {
+        gate: Some(l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?),
+        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
+        kind,
+        fc1,
+        fc2,
+        threshold: thresholds[i],
+        activity_threshold: activity.map(|a| a[i]),
+        up_bias: None,
+        down_bias: None,
+    }))
+}
+
+/// The ungated sparse FFN of layer `i` of a PowerInfer file (`falcon`, `opt`): `ffn_up`,
+/// `ffn_down_t`, predictor `fc1`/`fc2`, and with `biases` `ffn_up.bias` and `ffn_down_t.bias`.
+/// The activation is ReLU unless the file names another ([`FFN_ACTIVATION_KEY`]).
+pub(crate) fn load_ungated_sparse_ffn(
+    l: &super::Loader,
+    i: usize,
+    c: &super::ModelConfig,
+    biases: bool,
+    thresholds: &[f32],
+    activity: Option<&[f32]>,
+) -> Result<SparseFfn, ModelError> {
+    let p = |s: &str| format!("blk.{i}.{s}");
+    let (fc1, fc2) = predictor_weights(l, i, c)?;
+    let bias = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
+        if biases {
+            l.vector(
+                &p(name),
+                if name.starts_with("ffn_up") {
+                    c.n_ff
+                } else {
+                    c.n_embd
+                },
+            )
+            .map(Some)
+        } else {
+            Ok(None)
+        }
+    };
+    Ok(SparseFfn {
+        gate: None,
+        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
+        kind: FfnKind::Plain(ffn_activation(l.file, sparse::Activation::Relu)?),
+        fc1,
+        fc2,
+        threshold: thresholds[i],
+        activity_threshold: activity.map(|a| a[i]),
+        up_bias: bias("ffn_up.bias")?,
+        down_bias: bias("ffn_down_t.bias")?,
+    })
+}
+
+/// Layer `i`'s predictor `fc1` (`H x n_embd`, `H` read from the file) and `fc2` (`n_ff x H`).
+fn predictor_weights(
+    l: &super::Loader,
+    i: usize,
+    c: &super::ModelConfig,
+) -> Result<(Weight, Weight), ModelError> {
+    let p = |s: &str| format!("blk.{i}.{s}");
     let fc1_name = p("fc1.weight");
     let h = match l.file.tensor(&fc1_name) {
         Some(t) => match t.shape.as_slice() {
@@ -368,14 +441,8 @@ pub(crate) fn load_gated_ffn(
         },
         None => return Err(ModelError::MissingTensor(fc1_name)),
     };
-    Ok(super::Ffn::Sparse(SparseFfn {
-        gate: Some(l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?),
-        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
-        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
-        kind,
-        fc1: l.matrix(&fc1_name, c.n_embd, h)?,
-        fc2: l.matrix(&p("fc2.weight"), h, c.n_ff)?,
-        threshold: thresholds[i],
-        activity_threshold: activity.map(|a| a[i]),
-    }))
+    Ok((
+        l.matrix(&fc1_name, c.n_embd, h)?,
+        l.matrix(&p("fc2.weight"), h, c.n_ff)?,
+    ))
 }
