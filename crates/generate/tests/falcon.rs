@@ -675,3 +675,91 @@ fn damaged_sparse_files_are_clear_errors() {
     ));
     assert!(e.contains("blk.1.ffn_down.weight"), "{e}");
 }
+
+/// A prompt in micro-batches of 3 gives the bits of one token at a time, dense and sparse
+/// (below 64 tokens the batched and single-token paths are bit-identical).
+#[test]
+fn micro_batches_equal_token_by_token() {
+    use powerinfer_cpu::ThreadPool;
+    let (ids, _) = test_ids();
+    let pool = ThreadPool::new(2);
+    for s in SPECS {
+        for pwri in [None, Some(&PWRI)] {
+            let m = load(falcon_file(&s, pwri));
+            let mut a = m.new_state(32, 3).unwrap();
+            let chunked = m
+                .forward(&pool, &mut a, &ids, Logits::All)
+                .unwrap()
+                .to_vec();
+            let mut b = m.new_state(32, 1).unwrap();
+            let single = m
+                .forward(&pool, &mut b, &ids, Logits::All)
+                .unwrap()
+                .to_vec();
+            assert!(
+                bit_equal(&chunked, &single),
+                "{} pwri={}",
+                s.name,
+                pwri.is_some()
+            );
+        }
+    }
+}
+
+/// What an observer sees: the layer input (the predictor's input) and the FFN's hidden
+/// activations; observing changes no result.
+#[test]
+fn observed_forward_is_bit_identical() {
+    use powerinfer_cpu::ThreadPool;
+    use powerinfer_generate::model::FfnObserver;
+    struct Seen(Vec<(usize, usize, f32)>, Vec<f32>);
+    impl FfnObserver for Seen {
+        fn observe(&mut self, layer: usize, n: usize, input: &[f32], hidden: &[f32]) {
+            let zeros = hidden.iter().filter(|&&h| h == 0.0).count() as f32;
+            if layer == 0 {
+                self.1 = input.to_vec();
+            }
+            self.0.push((layer, n, zeros / hidden.len() as f32));
+        }
+    }
+    let (ids, _) = test_ids();
+    let pool = ThreadPool::new(2);
+    for pwri in [None, Some(&PWRI)] {
+        let m = load(falcon_file(&FALCON_7B_STYLE, pwri));
+        let mut a = m.new_state(32, 32).unwrap();
+        let plain = m
+            .forward(&pool, &mut a, &ids, Logits::All)
+            .unwrap()
+            .to_vec();
+        let mut b = m.new_state(32, 32).unwrap();
+        let mut seen = Seen(Vec::new(), Vec::new());
+        let observed = m
+            .forward_observed(&pool, &mut b, &ids, Logits::All, &mut seen)
+            .unwrap()
+            .to_vec();
+        assert!(bit_equal(&plain, &observed));
+        // Layer 0's predictor input is the (F32) token embedding itself: no norm before it.
+        let f = powerinfer_gguf::GgufFile::from_bytes(falcon_file(&FALCON_7B_STYLE, pwri)).unwrap();
+        let embd = f.tensor_bytes("token_embd.weight").unwrap();
+        let d = FALCON_7B_STYLE.n_embd;
+        for (t, &id) in ids.iter().enumerate() {
+            let row = &embd[id as usize * d * 4..(id as usize + 1) * d * 4];
+            let want: Vec<f32> = row
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert!(bit_equal(&seen.1[t * d..(t + 1) * d], &want), "token {t}");
+        }
+        let layers: Vec<usize> = seen.0.iter().map(|x| x.0).collect();
+        assert_eq!(layers, (0..FALCON_7B_STYLE.n_layer).collect::<Vec<_>>());
+        for (_, n, zeros) in seen.0 {
+            assert_eq!(n, ids.len());
+            // GELU is (almost) never exactly 0; ReLU with predicted sets zeroes most of h.
+            if pwri.is_some() {
+                assert!(zeros > 0.4, "{zeros}");
+            } else {
+                assert!(zeros < 0.05, "{zeros}");
+            }
+        }
+    }
+}

@@ -2,12 +2,12 @@
 //! dense forward pass (batched prompt processing and single-token decode).
 //!
 //! One file per architecture ([`llama`], [`gemma3`], [`falcon`], [`opt`]) reads that
-//! architecture's metadata and tensors into the shared description here: a stack of [`Layer`]s, each a pre-norm attention
-//! block ([`Attention`]) and a feed-forward block ([`Ffn`]) with optional post-norms. The FFN and
-//! the attention are separate types so a later change can route them elsewhere (sparse
-//! operators, a GPU) without touching the forward loop. The LayerNorm decoders (`falcon`, `opt`)
-//! have their own description and layer loop ([`falcon::LnModel`]), which reuses the attention
-//! kernels and the sparse FFN here.
+//! architecture's metadata and tensors into the shared description here: a stack of [`Layer`]s,
+//! each a pre-norm attention block ([`Attention`]) and a feed-forward block ([`Ffn`]) with
+//! optional post-norms. The FFN and the attention are separate types so a later change can route
+//! them elsewhere (sparse operators, a GPU) without touching the forward loop. The LayerNorm
+//! decoders (`falcon`, `opt`) have their own description and layer loop ([`falcon::LnModel`]),
+//! which reuses the attention kernels and the sparse FFN here.
 //!
 //! Weights are never copied: each matrix is a byte range of the memory-mapped file, resolved to
 //! a [`Matrix`] when it is used. Only the small f32 vectors (norm weights, biases) are copied.

@@ -391,21 +391,6 @@ pub(crate) fn load_ungated_sparse_ffn(
 ) -> Result<SparseFfn, ModelError> {
     let p = |s: &str| format!("blk.{i}.{s}");
     let (fc1, fc2) = predictor_weights(l, i, c)?;
-    let bias = |name: &str| -> Result<Option<Vec<f32>>, ModelError> {
-        if biases {
-            l.vector(
-                &p(name),
-                if name.starts_with("ffn_up") {
-                    c.n_ff
-                } else {
-                    c.n_embd
-                },
-            )
-            .map(Some)
-        } else {
-            Ok(None)
-        }
-    };
     Ok(SparseFfn {
         gate: None,
         up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
@@ -415,8 +400,12 @@ pub(crate) fn load_ungated_sparse_ffn(
         fc2,
         threshold: thresholds[i],
         activity_threshold: activity.map(|a| a[i]),
-        up_bias: bias("ffn_up.bias")?,
-        down_bias: bias("ffn_down_t.bias")?,
+        up_bias: biases
+            .then(|| l.vector(&p("ffn_up.bias"), c.n_ff))
+            .transpose()?,
+        down_bias: biases
+            .then(|| l.vector(&p("ffn_down_t.bias"), c.n_embd))
+            .transpose()?,
     })
 }
 
