@@ -132,7 +132,8 @@ fn opt_file(w: Write, drop: Option<&str>, shrink: Option<&str>) -> Vec<u8> {
     let mut b = Builder::new(magic, "opt");
     b.drop = drop.map(str::to_owned);
     b.shrink = shrink.map(str::to_owned);
-    b.kv("opt.context_length", u("max_position_embeddings"));
+    // As the reference's converter: the table's rows (2 more than the positions).
+    b.kv("opt.context_length", u("max_position_embeddings") + 2);
     b.kv("opt.embedding_length", d as u32);
     b.kv("opt.block_count", n_layer);
     b.kv("opt.feed_forward_length", n_ff as u32);
@@ -281,6 +282,7 @@ fn dense_opt_matches_transformers() {
     ] {
         let m = load(opt_file(w, None, None));
         assert_eq!(m.config().arch, Arch::Opt);
+        assert_eq!(m.config().n_ctx_train, 40);
         assert!(!m.is_sparse());
         for threads in [1, 2] {
             let got = prompt_then_decode(&m, threads, &r.ids, r.n_prompt);

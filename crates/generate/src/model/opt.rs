@@ -22,6 +22,28 @@ use crate::error::ModelError;
 /// Rows of `position_embd` before position 0.
 pub const POSITION_OFFSET: usize = 2;
 
+/// The learned position table.
+const POSITION_EMBD: &str = "position_embd.weight";
+
+/// Rows of the position table (more than [`POSITION_OFFSET`]); `n_ctx` (the file's context
+/// length, which the reference writes as the number of rows) for the error message.
+fn position_rows(l: &Loader, n_embd: usize, n_ctx: usize) -> Result<usize, ModelError> {
+    let t = l
+        .file
+        .tensor(POSITION_EMBD)
+        .ok_or_else(|| ModelError::MissingTensor(POSITION_EMBD.into()))?;
+    match t.shape.as_slice() {
+        [cols, rows] if *cols == n_embd as u64 && *rows > POSITION_OFFSET as u64 => {
+            Ok(*rows as usize)
+        }
+        other => Err(ModelError::TensorShape {
+            name: POSITION_EMBD.into(),
+            expected: vec![n_embd as u64, n_ctx as u64],
+            found: other.to_vec(),
+        }),
+    }
+}
+
 /// Loads an `opt` file (dense GGUF, or a PowerInfer file with predictors).
 pub(crate) fn load(file: &GgufFile) -> Result<(Parts, LnModel), ModelError> {
     let l = Loader { file };
@@ -33,6 +55,10 @@ pub(crate) fn load(file: &GgufFile) -> Result<(Parts, LnModel), ModelError> {
     let mut config = l.config(Arch::Opt, defaults, None)?;
     config.rms_eps = l.arch_f32_or("attention.layer_norm_epsilon", 1e-5)?;
     check_eps(config.rms_eps)?;
+    let n_pos = position_rows(&l, config.n_embd, config.n_ctx_train)?;
+    // The reference's converter writes the table's rows (2050) as the context length; the
+    // model sees `rows - 2` positions.
+    config.n_ctx_train = config.n_ctx_train.min(n_pos - POSITION_OFFSET);
     let c = &config;
     let sparse = SparseSetup::read(file, c.n_layer)?;
     let (q_dim, k_dim, v_dim) = (
@@ -40,24 +66,8 @@ pub(crate) fn load(file: &GgufFile) -> Result<(Parts, LnModel), ModelError> {
         c.n_head_kv * c.head_dim_k,
         c.n_head_kv * c.head_dim_v,
     );
-    let pos_name = "position_embd.weight";
-    let n_pos = match l.file.tensor(pos_name) {
-        None => return Err(ModelError::MissingTensor(pos_name.into())),
-        Some(t) => match t.shape.as_slice() {
-            [cols, rows] if *cols == c.n_embd as u64 && *rows > POSITION_OFFSET as u64 => {
-                *rows as usize
-            }
-            other => {
-                return Err(ModelError::TensorShape {
-                    name: pos_name.into(),
-                    expected: vec![c.n_embd as u64, c.n_ctx_train as u64 + 2],
-                    found: other.to_vec(),
-                });
-            }
-        },
-    };
     let positions = PositionEmbedding {
-        table: l.raw_matrix(pos_name, c.n_embd, n_pos)?,
+        table: l.raw_matrix(POSITION_EMBD, c.n_embd, n_pos)?,
         offset: POSITION_OFFSET,
     };
     let mut layers = Vec::with_capacity(c.n_layer);
