@@ -95,7 +95,7 @@ pub struct ModelConfig {
     pub head_dim_v: usize,
     /// Context length the model was trained for.
     pub n_ctx_train: usize,
-    /// RMS-norm epsilon.
+    /// RMS-norm epsilon (the LayerNorm epsilon for `falcon` and `opt`).
     pub rms_eps: f32,
     /// Rotated dimensions per head.
     pub rope_dims: usize,
