@@ -612,7 +612,7 @@ impl Model {
         add_bias(&mut sc.k[..n * k_dim], a.bk.as_deref());
         add_bias(&mut sc.v[..n * v_dim], a.bv.as_deref());
         if let Some(r) = &ln.rope {
-            for (t, cache) in rope_tab.chunks_exact(r.n_dims).enumerate().take(n) {
+            for (t, cache) in rope_tab.chunks_exact(r.n_dims).enumerate() {
                 ops::rope_apply(
                     &mut sc.q[t * q_dim..(t + 1) * q_dim],
                     c.head_dim_k,
