@@ -11,6 +11,8 @@
 //!   written out as one JSON file of token ids.
 //! * `perplexity`: like `llama-perplexity`: windows of `-c` tokens, BOS at each window start,
 //!   the second half of each window scored.
+//! * `logits`: the logits of a token-id prompt (every row) and of its greedy continuation, for
+//!   models without a usable tokenizer (the tiny test models of powerinfer-generate).
 //! * `info`: the ggml build's CPU feature line.
 
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -77,6 +79,7 @@ llamacpp-bench bench      -m FILE [-p 512] [-n 128] [-t 2] [-r 3] [-b 2048] [-ub
 llamacpp-bench generate   -m FILE -p PROMPT [-n 32] [-t 2] [-fa auto|on|off]
 llamacpp-bench golden     [-n 32] [-t 2] [-fa auto|on|off] -o OUT.json MODEL GOLDEN.json [MODEL GOLDEN.json ...]
 llamacpp-bench perplexity -m FILE -f TEXT [-c 512] [-b 2048] [-t 2] [--chunks N] [-fa auto|on|off]
+llamacpp-bench logits     -m FILE --ids 1,2,3 [-n 8] [-t 1] [-fa auto|on|off]
 llamacpp-bench info
 Common: -v prints llama.cpp's own log (default: warnings and errors only).";
 
@@ -1010,6 +1013,91 @@ fn cmd_perplexity(a: &Args) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// logits of token ids
+
+/// Parses a comma-separated list of token ids.
+fn parse_ids(s: &str) -> Result<Vec<sys::llama_token>> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<sys::llama_token>()
+                .map_err(|_| Error::Usage(format!("--ids: {t:?} is not a token id")))
+        })
+        .collect()
+}
+
+/// The prompt `--ids` decoded in one batch with logits for every row, then `-n` greedy tokens
+/// (arg-max, first on ties; end-of-generation tokens are not special here) decoded one at a time.
+/// Prints `ids` (prompt + generated), `n_prompt` and `logits`: one row per id, row `i` the logits
+/// after consuming `ids[..=i]`, so `ids[i + 1] == argmax(logits[i])` for every generated id.
+fn cmd_logits(a: &Args) -> Result<()> {
+    a.check_known(&[
+        "-m",
+        "--ids",
+        "-n",
+        "-t",
+        "--threads",
+        "-fa",
+        "--flash-attn",
+    ])?;
+    let path = PathBuf::from(a.required(&["-m"])?);
+    let mut ids = parse_ids(a.required(&["--ids"])?)?;
+    let n_gen: usize = a.num(&["-n"], 8)?;
+    let threads = a.threads()?;
+    let fa = a.flash_attn()?;
+    let model = Model::load(&path)?;
+    let n_vocab = model.n_vocab();
+    if ids.is_empty() {
+        return Err(Error::TooShort("--ids is empty".into()));
+    }
+    if let Some(t) = ids.iter().find(|&&t| t < 0 || t as usize >= n_vocab) {
+        return Err(Error::Usage(format!(
+            "--ids: token {t} is outside the vocabulary of {n_vocab}"
+        )));
+    }
+    let n_prompt = ids.len();
+    let opts = CtxOpts {
+        n_ctx: (n_prompt + n_gen + 1) as u32,
+        n_batch: n_prompt as u32,
+        n_ubatch: n_prompt as u32,
+        threads,
+        flash_attn: fa,
+    };
+    let ctx = Ctx::new(&model, opts)?;
+    ctx.decode_all_logits(&ids, 0)?;
+    let mut rows: Vec<Vec<f32>> = Vec::with_capacity(n_prompt + n_gen);
+    for i in 0..n_prompt {
+        rows.push(ctx.logits(i as i32)?.to_vec());
+    }
+    for step in 0..n_gen {
+        let last = rows.last().map(|r| r.as_slice()).unwrap_or_default();
+        let mut best = 0usize;
+        for (i, &l) in last.iter().enumerate() {
+            if l > last[best] {
+                best = i;
+            }
+        }
+        let tok = best as sys::llama_token;
+        ids.push(tok);
+        ctx.decode_all_logits(std::slice::from_ref(&tok), n_prompt + step)?;
+        rows.push(ctx.logits(0)?.to_vec());
+    }
+    let out = json!({
+        "generator": format!(
+            "benches/llamacpp (llamacpp-bench logits): llama.cpp vendored in llama-cpp-sys-2 {}, prompt decoded in one batch with every row's logits, then greedy (arg-max, first on ties) one token per decode, CPU, {threads} threads, flash_attn {}",
+            LLAMA_CPP_SYS_VERSION,
+            fa_name(fa)
+        ),
+        "model": path.file_name().map(|s| s.to_string_lossy().into_owned()),
+        "n_prompt": n_prompt,
+        "ids": ids,
+        "logits": rows,
+    });
+    println!("{}", serde_json::to_string(&out).unwrap_or_default());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn run() -> Result<()> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
@@ -1028,6 +1116,7 @@ fn run() -> Result<()> {
         "generate" => cmd_generate(&args),
         "golden" => cmd_golden(&args),
         "perplexity" => cmd_perplexity(&args),
+        "logits" => cmd_logits(&args),
         "info" => {
             println!(
                 "{}",
@@ -1080,6 +1169,13 @@ mod tests {
             seen.insert(t);
         }
         assert!(seen.len() > 8_000, "poorly spread: {}", seen.len());
+    }
+
+    #[test]
+    fn token_id_lists() {
+        assert_eq!(parse_ids("1, 2,30").unwrap(), vec![1, 2, 30]);
+        assert!(matches!(parse_ids("1,x"), Err(Error::Usage(_))));
+        assert!(matches!(parse_ids(""), Err(Error::Usage(_))));
     }
 
     #[test]

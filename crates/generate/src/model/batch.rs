@@ -81,6 +81,17 @@ impl Model {
                 ));
             }
         }
+        if let Some(ln) = &self.ln {
+            self.ln_forward_batch(
+                ln,
+                pool,
+                &mut batch.scratch,
+                seqs,
+                tokens,
+                &mut batch.logits,
+            )?;
+            return Ok(&batch.logits);
+        }
         let positions: Vec<usize> = seqs.iter().map(|s| s.kv.len()).collect();
         let d = c.n_embd;
         let (k_dim, v_dim) = kv_dims;

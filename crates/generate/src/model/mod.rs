@@ -1,18 +1,22 @@
 //! Transformer models read from GGUF files: hyper-parameters, memory-mapped weights and the
 //! dense forward pass (batched prompt processing and single-token decode).
 //!
-//! One file per architecture ([`llama`], [`gemma3`]) reads that architecture's metadata and
-//! tensors into the shared description here: a stack of [`Layer`]s, each a pre-norm attention
-//! block ([`Attention`]) and a feed-forward block ([`Ffn`]) with optional post-norms. The FFN and
-//! the attention are separate types so a later change can route them elsewhere (sparse
-//! operators, a GPU) without touching the forward loop.
+//! One file per architecture ([`llama`], [`gemma3`], [`falcon`], [`opt`]) reads that
+//! architecture's metadata and tensors into the shared description here: a stack of [`Layer`]s,
+//! each a pre-norm attention block ([`Attention`]) and a feed-forward block ([`Ffn`]) with
+//! optional post-norms. The FFN and the attention are separate types so a later change can route
+//! them elsewhere (sparse operators, a GPU) without touching the forward loop. The LayerNorm
+//! decoders (`falcon`, `opt`) have their own description and layer loop ([`falcon::LnModel`]),
+//! which reuses the attention kernels and the sparse FFN here.
 //!
 //! Weights are never copied: each matrix is a byte range of the memory-mapped file, resolved to
 //! a [`Matrix`] when it is used. Only the small f32 vectors (norm weights, biases) are copied.
 
 mod batch;
+pub mod falcon;
 pub mod gemma3;
 pub mod llama;
+pub mod opt;
 pub mod sparse;
 
 use std::ops::Range;
@@ -48,6 +52,11 @@ pub enum Arch {
     /// `bamboo` (Bamboo-7B, PowerInfer files only): `llama` with a dReLU FFN,
     /// `relu(gate·x) * relu(up·x)`.
     Bamboo,
+    /// `falcon` (Falcon-7B/40B; ReluFalcon-40B in PowerInfer files): LayerNorm, fused QKV,
+    /// parallel attention and FFN.
+    Falcon,
+    /// `opt` (OPT; PowerInfer files): LayerNorm, learned positions, biases, ReLU FFN.
+    Opt,
 }
 
 impl Arch {
@@ -57,6 +66,8 @@ impl Arch {
             Arch::Llama => "llama",
             Arch::Gemma3 => "gemma3",
             Arch::Bamboo => "bamboo",
+            Arch::Falcon => "falcon",
+            Arch::Opt => "opt",
         }
     }
 }
@@ -84,7 +95,7 @@ pub struct ModelConfig {
     pub head_dim_v: usize,
     /// Context length the model was trained for.
     pub n_ctx_train: usize,
-    /// RMS-norm epsilon.
+    /// RMS-norm epsilon (the LayerNorm epsilon for `falcon` and `opt`).
     pub rms_eps: f32,
     /// Rotated dimensions per head.
     pub rope_dims: usize,
@@ -259,6 +270,8 @@ pub struct Model {
     /// PowerInfer files run with the attention numerics of the llama.cpp the reference forked
     /// (no flash attention), so that their results match the reference's.
     legacy_attention: bool,
+    /// The LayerNorm decoders' own layers (`falcon`, `opt`); `layers` is then empty.
+    ln: Option<falcon::LnModel>,
 }
 
 impl std::fmt::Debug for Model {
@@ -281,12 +294,20 @@ impl Model {
             .architecture()
             .ok_or(ModelError::NoArchitecture)?
             .to_owned();
-        let parts = match arch.as_str() {
-            "llama" => llama::load(&file, Arch::Llama)?,
+        let (parts, ln) = match arch.as_str() {
+            "llama" => (llama::load(&file, Arch::Llama)?, None),
             "bamboo" if file.magic() == powerinfer_gguf::Magic::Pwri => {
-                llama::load(&file, Arch::Bamboo)?
+                (llama::load(&file, Arch::Bamboo)?, None)
             }
-            "gemma3" => gemma3::load(&file)?,
+            "gemma3" => (gemma3::load(&file)?, None),
+            "falcon" => {
+                let (p, ln) = falcon::load(&file)?;
+                (p, Some(ln))
+            }
+            "opt" => {
+                let (p, ln) = opt::load(&file)?;
+                (p, Some(ln))
+            }
             other => return Err(ModelError::UnknownArchitecture(other.to_owned())),
         };
         let bos = file.get_u32("tokenizer.ggml.bos_token_id").ok();
@@ -303,6 +324,7 @@ impl Model {
             sparse_mode: SparseMode::default(),
             threshold_override: None,
             legacy_attention,
+            ln,
         })
     }
 
@@ -315,6 +337,9 @@ impl Model {
 
     /// Whether any layer has a predictor-driven sparse FFN (a PowerInfer file).
     pub fn is_sparse(&self) -> bool {
+        if let Some(ln) = &self.ln {
+            return ln.is_sparse();
+        }
         self.layers.iter().any(|l| matches!(l.ffn, Ffn::Sparse(_)))
     }
 
@@ -344,6 +369,9 @@ impl Model {
 
     /// The predictor threshold each sparse layer uses now (`None` for dense layers).
     pub fn sparse_thresholds(&self) -> Vec<Option<f32>> {
+        if let Some(ln) = &self.ln {
+            return ln.sparse_thresholds(self.threshold_override);
+        }
         self.layers
             .iter()
             .map(|l| match &l.ffn {
@@ -358,7 +386,8 @@ impl Model {
         &self.config
     }
 
-    /// The layers.
+    /// The layers (empty for the LayerNorm decoders `falcon` and `opt`, whose layers have
+    /// their own description).
     pub fn layers(&self) -> &[Layer] {
         &self.layers
     }
@@ -483,6 +512,9 @@ impl Model {
         rows: OutRows,
         mut observer: Option<&mut dyn FfnObserver>,
     ) -> Result<(), ModelError> {
+        if let Some(ln) = &self.ln {
+            return self.ln_ubatch(ln, pool, st, tokens, rows, observer);
+        }
         let c = &self.config;
         let bytes = self.file.as_bytes();
         let n = tokens.len();
@@ -712,14 +744,19 @@ impl Model {
             head_dim_v: c.head_dim_v,
             scale: layer.attn.kq_scale,
             window: layer.attn.window,
-            // ggml switches to its tiled (f32) flash-attention kernel from 64 queries on
-            precision: if self.legacy_attention {
-                AttnPrecision::Legacy
-            } else if n_tokens >= TILED_ATTN_MIN_TOKENS {
-                AttnPrecision::F32
-            } else {
-                AttnPrecision::F16Accumulate
-            },
+            precision: self.attn_precision(n_tokens),
+        }
+    }
+
+    /// The attention numerics for a micro-batch of `n_tokens` queries.
+    fn attn_precision(&self, n_tokens: usize) -> AttnPrecision {
+        // ggml switches to its tiled (f32) flash-attention kernel from 64 queries on
+        if self.legacy_attention {
+            AttnPrecision::Legacy
+        } else if n_tokens >= TILED_ATTN_MIN_TOKENS {
+            AttnPrecision::F32
+        } else {
+            AttnPrecision::F16Accumulate
         }
     }
 
@@ -1060,6 +1097,8 @@ struct Scratch {
     acts_b: ActBuffer,
     attn: Vec<AttnScratch>,
     sparse: sparse::SparseBuffers,
+    /// Attention output of the LayerNorm decoders (sized by them).
+    ln_attn: Vec<f32>,
 }
 
 impl Scratch {

@@ -92,6 +92,10 @@ pub struct SparseFfn {
     /// [`GroupedDown`] supports) regrouped by neuron: used instead of `ffn_down_t`, so sparse
     /// runs read the same down weights as the dense model, never a requantized transpose.
     pub down_grouped: Option<Arc<GroupedDown>>,
+    /// Bias of the up projection, added before the activation (`ffn_up.bias`, OPT).
+    pub up_bias: Option<Vec<f32>>,
+    /// Bias of the down projection, added to the output (`ffn_down_t.bias`, OPT).
+    pub down_bias: Option<Vec<f32>>,
 }
 
 /// Reads the FFN activation of a sparse file, `default` when the key is absent.
@@ -285,9 +289,15 @@ impl SparseFfn {
             b.all.extend(0..n_ff as u32);
         }
 
-        if n == 1 && !measuring && c.mode != SparseMode::Dense && !c.want_hidden {
+        if n == 1
+            && !measuring
+            && c.mode != SparseMode::Dense
+            && !c.want_hidden
+            && self.up_bias.is_none()
+        {
             let set = if compute_all { &b.all } else { &b.active[0] };
             sparse::sparse_ffn_with(c.pool, &m, c.xn, set, out, &mut b.sparse)?;
+            super::add_bias(&mut out[..c.n_embd], self.down_bias.as_deref());
             return Ok(());
         }
 
@@ -318,6 +328,10 @@ impl SparseFfn {
             product(g, gate_out, &mut b.acts, &mut b.sparse)?;
         }
         product(&m.up, up_out, &mut b.acts, &mut b.sparse)?;
+        if let Some(bias) = &self.up_bias {
+            // Entries outside a token's set hold stale values here; they are zeroed below.
+            super::add_bias(up_out, Some(bias));
+        }
 
         if let Some(q) = quality {
             // Truth: ReLU-gated kinds are active where the gate is positive; others where
@@ -370,6 +384,7 @@ impl SparseFfn {
             }
             None => sparse_axpy_batch(c.pool, &m.down_t, gate_out, n, &sets, out)?,
         }
+        super::add_bias(&mut out[..n * c.n_embd], self.down_bias.as_deref());
         Ok(())
     }
 }
@@ -415,6 +430,61 @@ pub(crate) fn load_gated_ffn(
         FfnKind::Gated(a) => FfnKind::Gated(ffn_activation(l.file, a)?),
         k => k,
     };
+    let (fc1, fc2) = predictor_weights(l, i, c)?;
+    Ok(super::Ffn::Sparse(SparseFfn {
+        gate: Some(l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?),
+        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
+        kind,
+        fc1,
+        fc2,
+        threshold: thresholds[i],
+        activity_threshold: activity.map(|a| a[i]),
+        up_bias: None,
+        down_bias: None,
+        down_grouped: grouped_down(l, &p("ffn_down.weight"), c)?,
+    }))
+}
+
+/// The ungated sparse FFN of layer `i` of a PowerInfer file (`falcon`, `opt`): `ffn_up`,
+/// `ffn_down_t`, predictor `fc1`/`fc2`, and with `biases` `ffn_up.bias` and `ffn_down_t.bias`.
+/// The activation is ReLU unless the file names another ([`FFN_ACTIVATION_KEY`]).
+pub(crate) fn load_ungated_sparse_ffn(
+    l: &super::Loader,
+    i: usize,
+    c: &super::ModelConfig,
+    biases: bool,
+    thresholds: &[f32],
+    activity: Option<&[f32]>,
+) -> Result<SparseFfn, ModelError> {
+    let p = |s: &str| format!("blk.{i}.{s}");
+    let (fc1, fc2) = predictor_weights(l, i, c)?;
+    Ok(SparseFfn {
+        gate: None,
+        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
+        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
+        kind: FfnKind::Plain(ffn_activation(l.file, sparse::Activation::Relu)?),
+        fc1,
+        fc2,
+        threshold: thresholds[i],
+        activity_threshold: activity.map(|a| a[i]),
+        up_bias: biases
+            .then(|| l.vector(&p("ffn_up.bias"), c.n_ff))
+            .transpose()?,
+        down_bias: biases
+            .then(|| l.vector(&p("ffn_down_t.bias"), c.n_embd))
+            .transpose()?,
+        down_grouped: grouped_down(l, &p("ffn_down.weight"), c)?,
+    })
+}
+
+/// Layer `i`'s predictor `fc1` (`H x n_embd`, `H` read from the file) and `fc2` (`n_ff x H`).
+fn predictor_weights(
+    l: &super::Loader,
+    i: usize,
+    c: &super::ModelConfig,
+) -> Result<(Weight, Weight), ModelError> {
+    let p = |s: &str| format!("blk.{i}.{s}");
     let fc1_name = p("fc1.weight");
     let h = match l.file.tensor(&fc1_name) {
         Some(t) => match t.shape.as_slice() {
@@ -429,17 +499,10 @@ pub(crate) fn load_gated_ffn(
         },
         None => return Err(ModelError::MissingTensor(fc1_name)),
     };
-    Ok(super::Ffn::Sparse(SparseFfn {
-        gate: Some(l.matrix(&p("ffn_gate.weight"), c.n_embd, c.n_ff)?),
-        up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
-        down_t: l.matrix(&p("ffn_down_t.weight"), c.n_embd, c.n_ff)?,
-        kind,
-        fc1: l.matrix(&fc1_name, c.n_embd, h)?,
-        fc2: l.matrix(&p("fc2.weight"), h, c.n_ff)?,
-        threshold: thresholds[i],
-        activity_threshold: activity.map(|a| a[i]),
-        down_grouped: grouped_down(l, &p("ffn_down.weight"), c)?,
-    }))
+    Ok((
+        l.matrix(&fc1_name, c.n_embd, h)?,
+        l.matrix(&p("fc2.weight"), h, c.n_ff)?,
+    ))
 }
 
 /// `ffn_down` regrouped by neuron, if the file has it in a type [`GroupedDown`] supports.
