@@ -97,7 +97,7 @@ pub enum LnFfn {
     /// Every neuron computed.
     Dense(PlainFfn),
     /// Neurons chosen per token by the layer's predictor (PowerInfer files).
-    Sparse(SparseFfn),
+    Sparse(Box<SparseFfn>),
 }
 
 /// One layer of a LayerNorm decoder.
@@ -212,14 +212,14 @@ pub(crate) fn load(file: &GgufFile) -> Result<(Parts, LnModel), ModelError> {
             (norm, None)
         };
         let ffn = match &sparse {
-            Some(s) => LnFfn::Sparse(model_sparse::load_ungated_sparse_ffn(
+            Some(s) => LnFfn::Sparse(Box::new(model_sparse::load_ungated_sparse_ffn(
                 &l,
                 i,
                 c,
                 false,
                 &s.thresholds,
                 s.activity.as_deref(),
-            )?),
+            )?)),
             None => LnFfn::Dense(PlainFfn {
                 up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
                 up_bias: None,

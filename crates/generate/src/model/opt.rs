@@ -84,14 +84,14 @@ pub(crate) fn load(file: &GgufFile) -> Result<(Parts, LnModel), ModelError> {
             bo: Some(l.vector(&p("attn_output.bias"), c.n_embd)?),
         };
         let ffn = match &sparse {
-            Some(s) => LnFfn::Sparse(model_sparse::load_ungated_sparse_ffn(
+            Some(s) => LnFfn::Sparse(Box::new(model_sparse::load_ungated_sparse_ffn(
                 &l,
                 i,
                 c,
                 true,
                 &s.thresholds,
                 s.activity.as_deref(),
-            )?),
+            )?)),
             None => LnFfn::Dense(PlainFfn {
                 up: l.matrix(&p("ffn_up.weight"), c.n_embd, c.n_ff)?,
                 up_bias: Some(l.vector(&p("ffn_up.bias"), c.n_ff)?),
