@@ -1,12 +1,15 @@
 //! `powerinfer plan`: hot/cold neuron placement under a VRAM budget, written as a `.gpuidx`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use powerinfer_convert::DType;
 use powerinfer_gguf::GgufFile;
-use powerinfer_planner::{Category, CostModel, Method, PlanOptions, Summary, profile};
+use powerinfer_planner::{
+    ActivationTensor, ActivationValues, Category, CostModel, Method, PlanOptions, Summary, profile,
+};
 use serde_json::json;
 
 /// Which solver chooses the GPU neurons.
@@ -27,7 +30,9 @@ pub struct PlanArgs {
     /// VRAM budget in GiB (may be fractional); written as split.vram_capacity.
     #[arg(long = "vram-budget")]
     pub vram_budget: f64,
-    /// Activation profile: a safetensors file with blk.{i}.ffn_counts tensors.
+    /// Activation counts: a safetensors profile (blk.{i}.ffn_counts tensors, as `powerinfer
+    /// profile` writes), or the reference PowerInfer's activation directory
+    /// (activation_{i}.pt per layer, one 1-D tensor of n_ff counts each).
     #[arg(long, conflicts_with = "uniform")]
     pub profile: Option<PathBuf>,
     /// Without a profile: treat every neuron as equally active (places the most neurons).
@@ -74,7 +79,7 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
     let reserve = bytes_of(args.reserve_mib, MIB, "--reserve-mib")?;
     if args.profile.is_none() && !args.uniform {
         return Err(
-            "no activation counts: give --profile PROFILE (a safetensors file with blk.{i}.ffn_counts), or --uniform to treat every neuron as equally active"
+            "no activation counts: give --profile PROFILE (a safetensors file with blk.{i}.ffn_counts, or the reference's activation/ directory of activation_{i}.pt files), or --uniform to treat every neuron as equally active"
                 .to_owned(),
         );
     }
@@ -91,6 +96,7 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
     let cost = CostModel::from_gguf(&model, n_ctx)
         .map_err(|e| format!("{}: {e}", args.model.display()))?;
     let counts = match &args.profile {
+        Some(p) if p.is_dir() => read_activations(p, &cost.n_ff())?,
         Some(p) => {
             let counts = profile::read_profile(p).map_err(|e| e.to_string())?;
             profile::check_profile(&counts, &cost.n_ff()).map_err(|e| {
@@ -148,6 +154,49 @@ pub fn run(args: &PlanArgs) -> Result<(), String> {
         print_text(args, &cost, &plan.summary, &output);
     }
     Ok(())
+}
+
+/// Reads one `activation_{i}.pt` (a `torch.save` of one tensor) for the planner's
+/// activation-directory loader: its shape and its elements as integers or floats.
+pub(crate) fn load_activation_pt(path: &Path) -> Result<ActivationTensor, String> {
+    let t = powerinfer_convert::pt::read_tensor(path).map_err(|e| e.to_string())?;
+    let d = &t.data;
+    let int = |size: usize, f: fn(&[u8]) -> i64| {
+        ActivationValues::Int(d.chunks_exact(size).map(f).collect())
+    };
+    let values = match t.dtype {
+        DType::F32 | DType::F16 | DType::BF16 => ActivationValues::Float(
+            t.to_f32()
+                .ok_or_else(|| format!("{} elements of {} bytes", t.dtype, d.len()))?
+                .into_iter()
+                .map(f64::from)
+                .collect(),
+        ),
+        DType::F64 => ActivationValues::Float(
+            d.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")))
+                .collect(),
+        ),
+        DType::I64 => int(8, |c| i64::from_le_bytes(c.try_into().expect("8 bytes"))),
+        DType::I32 => int(4, |c| {
+            i64::from(i32::from_le_bytes(c.try_into().expect("4 bytes")))
+        }),
+        DType::I16 => int(2, |c| {
+            i64::from(i16::from_le_bytes(c.try_into().expect("2 bytes")))
+        }),
+        DType::I8 => int(1, |c| i64::from(c[0] as i8)),
+        DType::U8 | DType::Bool => int(1, |c| i64::from(c[0])),
+    };
+    Ok(ActivationTensor {
+        shape: t.shape,
+        values,
+    })
+}
+
+/// Reads a reference activation directory for a model with these per-layer `n_ff`.
+pub(crate) fn read_activations(dir: &Path, n_ff: &[usize]) -> Result<Vec<Vec<u64>>, String> {
+    profile::read_activation_dir(dir, Some(n_ff), &mut |_, f| load_activation_pt(f))
+        .map_err(|e| e.to_string())
 }
 
 fn mib(b: u64) -> f64 {

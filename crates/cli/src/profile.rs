@@ -1,5 +1,7 @@
 //! `powerinfer profile`: record which FFN neurons a model activates on calibration text (per
-//! neuron counts and sampled predictor training pairs), into a safetensors profile.
+//! neuron counts and sampled predictor training pairs), into a safetensors profile; or, with
+//! `--from-activations DIR`, convert the reference PowerInfer's `activation_{i}.pt` counts
+//! into that format (counts only).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -9,8 +11,12 @@ use indicatif::{ProgressBar, ProgressStyle};
 use powerinfer::ThreadPool;
 use powerinfer::generate::Model;
 use powerinfer::generate::model::SparseMode;
-use powerinfer::generate::profile::{ProfileConfig, ProfileStage, profile_model};
+use powerinfer::generate::profile::{
+    ProfileConfig, ProfileStage, ffn_activation_name, profile_model,
+};
 use powerinfer::generate::tokenizer::Tokenizer;
+use powerinfer_planner::CostModel;
+use powerinfer_predictor::profile::{ActivityRule, LayerProfile, ModelIdentity, Profile};
 
 /// Arguments of `powerinfer profile`.
 #[derive(Debug, Args)]
@@ -19,8 +25,26 @@ pub struct ProfileArgs {
     #[arg(short = 'm', long = "model")]
     model: PathBuf,
     /// Calibration text (repeatable: the files' tokens are concatenated).
-    #[arg(short = 'f', long = "file", required = true)]
+    #[arg(
+        short = 'f',
+        long = "file",
+        required_unless_present = "from_activations"
+    )]
     files: Vec<PathBuf>,
+    /// Instead of profiling on text: convert the reference PowerInfer's activation directory
+    /// (activation_{i}.pt per layer, one 1-D tensor of n_ff counts each) into a profile of
+    /// MODEL, checking that its layers and n_ff match. The result holds the counts only: no
+    /// predictor training pairs (train-predictor needs a profile made from text), no token
+    /// count, thresholds 0. Enough for `powerinfer plan --profile`.
+    #[arg(
+        long = "from-activations",
+        value_name = "DIR",
+        conflicts_with_all = [
+            "files", "ctx_size", "batch_size", "sparsity", "samples", "max_tokens",
+            "calib_tokens", "seed", "threads",
+        ]
+    )]
+    from_activations: Option<PathBuf>,
     /// Output profile (default: the model's path with `.profile.safetensors`).
     #[arg(short = 'o', long = "output")]
     output: Option<PathBuf>,
@@ -57,6 +81,9 @@ pub fn default_output(model: &Path) -> PathBuf {
 
 /// Runs the subcommand.
 pub fn run(args: &ProfileArgs) -> Result<(), String> {
+    if let Some(dir) = &args.from_activations {
+        return from_activations(args, dir);
+    }
     let t0 = Instant::now();
     let mut model =
         Model::load(&args.model).map_err(|e| format!("{}: {e}", args.model.display()))?;
@@ -151,6 +178,93 @@ pub fn run(args: &ProfileArgs) -> Result<(), String> {
     println!(
         "wrote {} ({:.1}s in all)",
         out.display(),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `--from-activations DIR`: the reference's per-layer counts as a counts-only profile.
+fn from_activations(args: &ProfileArgs, dir: &Path) -> Result<(), String> {
+    let t0 = Instant::now();
+    let shown = args.model.display();
+    let model = Model::load(&args.model).map_err(|e| format!("{shown}: {e}"))?;
+    let identity = ModelIdentity::from_gguf(model.file()).map_err(|e| format!("{shown}: {e}"))?;
+    let act = ffn_activation_name(&model).map_err(|e| format!("{shown}: {e}"))?;
+    let n_ff = CostModel::from_gguf(model.file(), 1)
+        .map_err(|e| format!("{shown}: {e}"))?
+        .n_ff();
+    if let Some(&n) = n_ff.iter().find(|&&n| n != identity.n_ff) {
+        return Err(format!(
+            "{shown}: a layer has n_ff {n} but feed_forward_length is {}: layers of different widths do not fit a profile",
+            identity.n_ff
+        ));
+    }
+    let bar = ProgressBar::new(n_ff.len() as u64).with_style(
+        ProgressStyle::with_template("{msg} {bar:40} {pos}/{len} layers ({elapsed})")
+            .expect("static template"),
+    );
+    bar.set_message("read");
+    let counts = powerinfer_planner::profile::read_activation_dir(dir, Some(&n_ff), &mut |l, f| {
+        let t = crate::plan::load_activation_pt(f);
+        bar.set_position(l as u64 + 1);
+        t
+    })
+    .map_err(|e| e.to_string())?;
+    bar.finish_and_clear();
+    let mut layers = Vec::with_capacity(counts.len());
+    for (l, c) in counts.iter().enumerate() {
+        let counts = c
+            .iter()
+            .map(|&x| i64::try_from(x))
+            .collect::<Result<Vec<i64>, _>>()
+            .map_err(|_| {
+                format!(
+                    "{}: a count above {} does not fit the profile's I64 counts",
+                    dir.join(powerinfer_planner::profile::activation_file_name(l))
+                        .display(),
+                    i64::MAX
+                )
+            })?;
+        layers.push(LayerProfile {
+            counts,
+            threshold: 0.0,
+            x: Vec::new(),
+            active: Vec::new(),
+        });
+    }
+    let profile = Profile {
+        identity,
+        // Unknown: the reference does not record how many tokens it counted.
+        n_tokens: 0,
+        sparsity_target: 0.0,
+        rule: if act == "relu" {
+            ActivityRule::NonZero
+        } else {
+            ActivityRule::Magnitude
+        },
+        ffn_activation: act.to_owned(),
+        layers,
+    };
+    let out = args
+        .output
+        .clone()
+        .unwrap_or_else(|| default_output(&args.model));
+    profile
+        .save(&out)
+        .map_err(|e| format!("{}: {e}", out.display()))?;
+    println!("layer  never-active  max count  total");
+    for (i, c) in counts.iter().enumerate() {
+        let never = c.iter().filter(|&&x| x == 0).count();
+        let max = c.iter().max().copied().unwrap_or(0);
+        let total: u128 = c.iter().map(|&x| u128::from(x)).sum();
+        println!("{i:>5}  {never:>12}  {max:>9}  {total}");
+    }
+    println!(
+        "wrote {} ({} layers x {} neurons from {}; counts only, no predictor training pairs; {:.1}s)",
+        out.display(),
+        counts.len(),
+        profile.identity.n_ff,
+        dir.display(),
         t0.elapsed().as_secs_f64()
     );
     Ok(())

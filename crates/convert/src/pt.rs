@@ -7,6 +7,12 @@
 //! `torch._tensor._rebuild_from_type_v2`, `torch.*Storage`); anything else is refused with a
 //! [`PtError`], so a hostile file cannot run code, and a damaged one cannot panic.
 //!
+//! Two kinds of file are read: a state dict (`torch.save(model.state_dict())`, the
+//! reference's predictor `model_{i}.pt`), opened with [`PtFile::open`], and a single bare
+//! tensor (`torch.save(tensor)`, the reference's per-layer activation counts
+//! `activation_{i}.pt`), opened with [`PtFile::open_tensor`] or read at once with
+//! [`read_tensor`].
+//!
 //! ```no_run
 //! let pt = powerinfer_convert::pt::PtFile::open("model_0.pt")?;
 //! for info in pt.tensors() {
@@ -72,6 +78,9 @@ pub enum PtError {
     /// The pickle does not describe a `{name: tensor}` mapping.
     #[error("not a state dict: {0}")]
     NotStateDict(String),
+    /// The pickle's root object is not a single tensor (what [`PtFile::open_tensor`] reads).
+    #[error("not a single tensor: {0}")]
+    NotTensor(String),
     /// A storage entry is missing or too short for the tensors viewing it.
     #[error("storage {key}: {msg}")]
     Storage {
@@ -95,7 +104,7 @@ impl From<zip::result::ZipError> for PtError {
 /// strides (all in elements), as `torch._utils._rebuild_tensor_v2` describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PtTensorInfo {
-    /// Name (the state-dict key).
+    /// Name (the state-dict key; empty for a file holding one bare tensor).
     pub name: String,
     /// Element type (from the storage class).
     pub dtype: DType,
@@ -117,6 +126,15 @@ impl<T: Read + std::io::Seek + Send> ReadSeek for T {}
 
 type Archive = zip::ZipArchive<Box<dyn ReadSeek>>;
 
+/// What the pickle of a [`PtFile`] holds at its root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PtRoot {
+    /// A `{name: tensor}` mapping (`dict` or `OrderedDict`): a state dict.
+    StateDict,
+    /// One bare tensor (`torch.save(tensor)`); its [`PtTensorInfo::name`] is empty.
+    Tensor,
+}
+
 /// An opened PyTorch checkpoint: the tensor list from the pickle; data is read on demand,
 /// one storage at a time (the file is read, not memory-mapped, so converting a large
 /// checkpoint keeps only the tensor being converted in memory).
@@ -124,6 +142,7 @@ pub struct PtFile {
     archive: Mutex<Archive>,
     prefix: String,
     len: usize,
+    root: PtRoot,
     tensors: Vec<PtTensorInfo>,
 }
 
@@ -131,15 +150,27 @@ impl std::fmt::Debug for PtFile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PtFile")
             .field("prefix", &self.prefix)
+            .field("root", &self.root)
             .field("tensors", &self.tensors)
             .finish()
     }
 }
 
 impl PtFile {
-    /// Memory-maps and parses `path`.
+    /// Opens and parses the state dict at `path` (the pickle's root must be a
+    /// `{name: tensor}` mapping, else [`PtError::NotStateDict`]).
     pub fn open(path: impl AsRef<Path>) -> Result<PtFile, PtError> {
-        let path = path.as_ref();
+        Self::open_as(path.as_ref(), PtRoot::StateDict)
+    }
+
+    /// Opens and parses a file holding one bare tensor (`torch.save(tensor)`; anything else
+    /// is [`PtError::NotTensor`]). [`tensors`](Self::tensors) then has one entry, with an
+    /// empty name.
+    pub fn open_tensor(path: impl AsRef<Path>) -> Result<PtFile, PtError> {
+        Self::open_as(path.as_ref(), PtRoot::Tensor)
+    }
+
+    fn open_as(path: &Path, root: PtRoot) -> Result<PtFile, PtError> {
         let io = |source| PtError::Io {
             path: path.display().to_string(),
             source,
@@ -147,16 +178,23 @@ impl PtFile {
         let file = std::fs::File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
         let len = usize::try_from(len).unwrap_or(usize::MAX);
-        Self::from_reader(Box::new(std::io::BufReader::new(file)), len)
+        Self::from_reader(Box::new(std::io::BufReader::new(file)), len, root)
     }
 
-    /// Parses an in-memory file.
+    /// Parses an in-memory state dict file (see [`open`](Self::open)).
     pub fn from_bytes(bytes: Vec<u8>) -> Result<PtFile, PtError> {
         let len = bytes.len();
-        Self::from_reader(Box::new(Cursor::new(bytes)), len)
+        Self::from_reader(Box::new(Cursor::new(bytes)), len, PtRoot::StateDict)
     }
 
-    fn from_reader(r: Box<dyn ReadSeek>, len: usize) -> Result<PtFile, PtError> {
+    /// Parses an in-memory file holding one bare tensor (see
+    /// [`open_tensor`](Self::open_tensor)).
+    pub fn tensor_from_bytes(bytes: Vec<u8>) -> Result<PtFile, PtError> {
+        let len = bytes.len();
+        Self::from_reader(Box::new(Cursor::new(bytes)), len, PtRoot::Tensor)
+    }
+
+    fn from_reader(r: Box<dyn ReadSeek>, len: usize, root: PtRoot) -> Result<PtFile, PtError> {
         let mut archive: Archive = zip::ZipArchive::new(r)?;
         let pkls: Vec<String> = archive
             .file_names()
@@ -181,16 +219,25 @@ impl PtFile {
             }
         }
         let pickle = read_entry(&mut archive, pkl_name, usize::MAX, len)?;
-        let tensors = unpickle_state_dict(&pickle)?;
+        let tensors = match root {
+            PtRoot::StateDict => unpickle_state_dict(&pickle)?,
+            PtRoot::Tensor => vec![unpickle_tensor(&pickle)?],
+        };
         Ok(PtFile {
             archive: Mutex::new(archive),
             prefix,
             len,
+            root,
             tensors,
         })
     }
 
-    /// The tensors in state-dict order.
+    /// What the pickle holds at its root.
+    pub fn root(&self) -> PtRoot {
+        self.root
+    }
+
+    /// The tensors in state-dict order (one, named `""`, for a bare tensor file).
     pub fn tensors(&self) -> &[PtTensorInfo] {
         &self.tensors
     }
@@ -233,6 +280,15 @@ impl PtFile {
     pub fn read_all(&self) -> Result<Vec<Tensor>, PtError> {
         self.tensors.iter().map(|t| self.load(t)).collect()
     }
+}
+
+/// Reads a file holding one bare tensor (`torch.save(tensor)`, e.g. the reference's
+/// `activation_{i}.pt`): its elements, contiguous, with an empty name. Errors name what is
+/// wrong: not a zip, a root that is not a tensor ([`PtError::NotTensor`]), a storage entry
+/// missing or of another size than the pickle declares ([`PtError::Storage`]).
+pub fn read_tensor(path: impl AsRef<Path>) -> Result<Tensor, PtError> {
+    let f = PtFile::open_tensor(path)?;
+    f.load(&f.tensors[0])
 }
 
 fn storage_err(key: &str, msg: &str) -> PtError {
@@ -910,10 +966,8 @@ impl<'a> Vm<'a> {
     }
 }
 
-/// Runs a `torch.save` pickle and returns its `{name: tensor}` entries in order.
-///
-/// Public for testing hand-made pickles; [`PtFile`] is the normal entry point.
-pub fn unpickle_state_dict(pickle: &[u8]) -> Result<Vec<PtTensorInfo>, PtError> {
+/// Runs a pickle to its end: the machine (its objects) and the root object's handle.
+fn unpickle(pickle: &[u8]) -> Result<(Vm<'_>, usize), PtError> {
     let mut vm = Vm {
         data: pickle,
         pos: 0,
@@ -923,12 +977,57 @@ pub fn unpickle_state_dict(pickle: &[u8]) -> Result<Vec<PtTensorInfo>, PtError> 
         memo: HashMap::new(),
     };
     let root = vm.run()?;
+    Ok((vm, root))
+}
+
+fn tensor_info(name: String, t: &TensorMeta) -> PtTensorInfo {
+    PtTensorInfo {
+        name,
+        dtype: t.storage.dtype,
+        shape: t.size.clone(),
+        strides: t.stride.clone(),
+        storage_offset: t.offset,
+        storage_key: t.storage.key.clone(),
+        storage_numel: t.storage.numel,
+    }
+}
+
+/// Runs a `torch.save` pickle whose root is one bare tensor and returns where its elements
+/// live (name empty). A root of any other kind (a state dict, a list, ...) is
+/// [`PtError::NotTensor`].
+///
+/// Public for testing hand-made pickles; [`PtFile::open_tensor`] is the normal entry point.
+pub fn unpickle_tensor(pickle: &[u8]) -> Result<PtTensorInfo, PtError> {
+    let (vm, root) = unpickle(pickle)?;
+    match &vm.objs[root] {
+        Obj::Tensor(t) => Ok(tensor_info(String::new(), t)),
+        Obj::Dict(_) => Err(PtError::NotTensor(
+            "the pickle holds a dict (a state dict, as in a predictor's model_{i}.pt), not one tensor"
+                .to_owned(),
+        )),
+        o => Err(PtError::NotTensor(format!(
+            "the pickle holds a {}, not a tensor",
+            o.kind()
+        ))),
+    }
+}
+
+/// Runs a `torch.save` pickle and returns its `{name: tensor}` entries in order.
+///
+/// Public for testing hand-made pickles; [`PtFile`] is the normal entry point.
+pub fn unpickle_state_dict(pickle: &[u8]) -> Result<Vec<PtTensorInfo>, PtError> {
+    let (vm, root) = unpickle(pickle)?;
     let entries = match &vm.objs[root] {
         Obj::Dict(e) => e.clone(),
         o => {
             return Err(PtError::NotStateDict(format!(
-                "the pickle holds a {}, not a dict",
-                o.kind()
+                "the pickle holds a {}, not a dict{}",
+                o.kind(),
+                if matches!(o, Obj::Tensor(_)) {
+                    " (a bare tensor, as in the reference's activation_{i}.pt)"
+                } else {
+                    ""
+                }
             )));
         }
     };
@@ -951,15 +1050,7 @@ pub fn unpickle_state_dict(pickle: &[u8]) -> Result<Vec<PtTensorInfo>, PtError> 
         if !seen.insert(name.clone()) {
             return Err(PtError::NotStateDict(format!("duplicate entry {name:?}")));
         }
-        out.push(PtTensorInfo {
-            name,
-            dtype: t.storage.dtype,
-            shape: t.size.clone(),
-            strides: t.stride.clone(),
-            storage_offset: t.offset,
-            storage_key: t.storage.key.clone(),
-            storage_numel: t.storage.numel,
-        });
+        out.push(tensor_info(name, t));
     }
     Ok(out)
 }

@@ -5,7 +5,8 @@
 //! * [`solve`]: which FFN neurons go to the GPU: [`solve::solve_optimal`] (the most activations
 //!   covered under the exact byte cost) and [`solve::solve_reference`] (the reference's
 //!   256-neuron groups).
-//! * [`profile`]: per-neuron activation counts from a safetensors profile.
+//! * [`profile`]: per-neuron activation counts from a safetensors profile or from the
+//!   reference's `activation/activation_{i}.pt` directory.
 //! * [`plan`]: the whole placement: fixed items in the reference's priority order, the FFN
 //!   in what is left, written as a `.gpuidx` ([`powerinfer_gguf::GpuIndex`]) with a
 //!   [`Summary`].
@@ -34,7 +35,7 @@ use powerinfer_gguf::{GpuIndex, GpuIndexError, LayerGpuIndex};
 use serde::Serialize;
 
 pub use cost::{Category, CostError, CostModel, FfnLayerCost, FixedItem, KvShape};
-pub use profile::ProfileError;
+pub use profile::{ActivationTensor, ActivationValues, ProfileError};
 pub use solve::{Method, Selection, SolveError};
 
 /// What is not in the byte counts (also listed in every [`Summary`]).

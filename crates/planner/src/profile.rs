@@ -1,11 +1,19 @@
 //! Activation profiles: per-layer, per-neuron activation counts.
 //!
-//! The format our profiler writes is a safetensors file with one tensor `blk.{i}.ffn_counts`
-//! per layer (dtype I64, U64 or F32, shape `[n_ff]`); other tensors in the file are ignored.
+//! Two sources:
+//!
+//! * the format our profiler writes ([`read_profile`]): a safetensors file with one tensor
+//!   `blk.{i}.ffn_counts` per layer (dtype I64, U64 or F32, shape `[n_ff]`); other tensors in
+//!   the file are ignored;
+//! * the reference PowerInfer's `activation/` directory ([`read_activation_dir`]): one
+//!   `activation_{i}.pt` per layer, each a `torch.save` of one 1-D tensor of `n_ff` counts.
+//!   This crate lists, orders and checks the files; reading a `.pt` is left to the caller
+//!   (`powerinfer_convert::pt::read_tensor`), so the planner carries no pickle reader.
+//!
 //! Layers are ordered by their number (the reference sorts its `activation_{i}.pt` names as
 //! text, which puts layer 10 before layer 2).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
@@ -28,14 +36,85 @@ pub enum ProfileError {
         /// What the parser said.
         message: String,
     },
-    /// A directory was given: the reference's `activation_{i}.pt` files are not read by this
-    /// build.
+    /// [`read_profile`] was given a directory: a reference activation directory is read by
+    /// [`read_activation_dir`].
     #[error(
-        "{path} is a directory: reading the reference's activation/activation_{{i}}.pt files is not supported yet; convert them to a safetensors profile with blk.{{i}}.ffn_counts tensors"
+        "{path} is a directory, not a safetensors profile (a reference activation/ directory of activation_{{i}}.pt files is read by read_activation_dir)"
     )]
-    PtUnsupported {
+    IsDirectory {
         /// The path.
         path: String,
+    },
+    /// An activation directory holds no `activation_{i}.pt` file.
+    #[error("{dir}: no activation_{{i}}.pt files (not a reference activation directory)")]
+    NoActivationFiles {
+        /// The directory.
+        dir: String,
+    },
+    /// An entry of an activation directory that is not a layer file.
+    #[error(
+        "{dir}: stray entry {name:?} ({why}); an activation directory holds only activation_0.pt, activation_1.pt, ... (one per layer)"
+    )]
+    StrayFile {
+        /// The directory.
+        dir: String,
+        /// The entry's name.
+        name: String,
+        /// Why it is not a layer file.
+        why: String,
+    },
+    /// A layer between 0 and the highest one has no activation file.
+    #[error("{dir}: activation_{layer}.pt is missing (the directory has layers up to {max_layer})")]
+    MissingActivationLayer {
+        /// The directory.
+        dir: String,
+        /// The missing layer.
+        layer: usize,
+        /// The highest layer present.
+        max_layer: usize,
+    },
+    /// An activation directory with another number of layers than the model.
+    #[error(
+        "{dir}: activation files for {found} layers (activation_0.pt .. activation_{last}.pt), but the model has {expected} layers: the activations were made for another model",
+        last = found.saturating_sub(1)
+    )]
+    ActivationLayerCount {
+        /// The directory.
+        dir: String,
+        /// Layers in the model.
+        expected: usize,
+        /// Layer files in the directory.
+        found: usize,
+    },
+    /// A layer file could not be read (the `.pt` reader's message).
+    #[error("{path}: {message}")]
+    ActivationRead {
+        /// The file.
+        path: String,
+        /// What the reader said.
+        message: String,
+    },
+    /// A layer file holds a tensor that is not one-dimensional.
+    #[error("{path}: a tensor of shape {shape:?}, expected one dimension of n_ff counts")]
+    ActivationShape {
+        /// The file.
+        path: String,
+        /// Its shape.
+        shape: Vec<usize>,
+    },
+    /// A layer file's length differs from the model's `n_ff`.
+    #[error(
+        "{path}: {found} counts, but layer {layer} of the model has n_ff = {expected}: the activations were made for another model"
+    )]
+    ActivationLength {
+        /// The file.
+        path: String,
+        /// Layer.
+        layer: usize,
+        /// The model's `n_ff`.
+        expected: usize,
+        /// Counts in the file.
+        found: usize,
     },
     /// No `blk.{i}.ffn_counts` tensor at all.
     #[error("{path}: no blk.{{i}}.ffn_counts tensors")]
@@ -108,13 +187,14 @@ fn counts_layer(name: &str) -> Option<usize> {
     n.parse().ok()
 }
 
-/// Reads a profile: a safetensors file (see the module docs). A directory (the reference's
-/// `.pt` files) gives [`ProfileError::PtUnsupported`].
+/// Reads a profile: a safetensors file (see the module docs). A directory gives
+/// [`ProfileError::IsDirectory`] (read a reference activation directory with
+/// [`read_activation_dir`]).
 pub fn read_profile(path: impl AsRef<Path>) -> Result<Vec<Vec<u64>>, ProfileError> {
     let path = path.as_ref();
     let shown = path.display().to_string();
     if path.is_dir() {
-        return Err(ProfileError::PtUnsupported { path: shown });
+        return Err(ProfileError::IsDirectory { path: shown });
     }
     let bytes = std::fs::read(path).map_err(|source| ProfileError::Io {
         path: shown.clone(),
@@ -188,18 +268,201 @@ pub fn parse_profile(bytes: &[u8], path: &str) -> Result<Vec<Vec<u64>>, ProfileE
                 .enumerate()
                 .map(|(i, c)| {
                     let v = f32::from_le_bytes(c.try_into().expect("4 bytes"));
-                    if v.is_finite() && v >= 0.0 && v.fract() == 0.0 {
-                        // Whole, non-negative and below 2^128: the cast is exact up to u64.
-                        if v < 18_446_744_073_709_551_616.0 {
-                            return Ok(v as u64);
-                        }
-                    }
-                    Err(bad_count(i, v.to_string()))
+                    float_count(f64::from(v)).ok_or_else(|| bad_count(i, v.to_string()))
                 })
                 .collect::<Result<_, _>>()?,
             _ => return Err(bad_tensor()),
         };
         layers.push(counts);
+    }
+    Ok(layers)
+}
+
+/// A floating-point count as a whole number: `None` unless finite, non-negative, whole and
+/// below 2^64 (the cast is then exact).
+fn float_count(v: f64) -> Option<u64> {
+    (v.is_finite() && v >= 0.0 && v.fract() == 0.0 && v < 18_446_744_073_709_551_616.0)
+        .then_some(v as u64)
+}
+
+/// The numbers of one layer's activation tensor, as a `.pt` reader decodes them.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ActivationValues {
+    /// Integer storages (int64, int32, int16, int8, uint8, bool).
+    Int(Vec<i64>),
+    /// Floating-point storages (float64, float32, float16, bfloat16), widened exactly.
+    Float(Vec<f64>),
+}
+
+impl ActivationValues {
+    /// Number of values.
+    pub fn len(&self) -> usize {
+        match self {
+            ActivationValues::Int(v) => v.len(),
+            ActivationValues::Float(v) => v.len(),
+        }
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// One layer's activation tensor: what the loader given to [`read_activation_dir`] returns.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ActivationTensor {
+    /// The tensor's shape (must be `[n_ff]`).
+    pub shape: Vec<usize>,
+    /// Its elements, row-major.
+    pub values: ActivationValues,
+}
+
+/// The file name of layer `layer` in a reference activation directory: `activation_{layer}.pt`.
+pub fn activation_file_name(layer: usize) -> String {
+    format!("activation_{layer}.pt")
+}
+
+/// Parses `activation_{i}.pt` (decimal `i` without leading zeros) into `i`.
+fn activation_layer(name: &str) -> Option<usize> {
+    let n = name.strip_prefix("activation_")?.strip_suffix(".pt")?;
+    let canonical =
+        !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()) && (n == "0" || !n.starts_with('0'));
+    if canonical { n.parse().ok() } else { None }
+}
+
+/// Lists a reference activation directory: the paths of `activation_0.pt` ..
+/// `activation_{n-1}.pt`, in layer order (numeric, not the reference's text order).
+///
+/// Entries whose name starts with `.` are skipped (`.DS_Store`, `.cache`); any other entry
+/// that is not a regular file named `activation_{i}.pt` is [`ProfileError::StrayFile`]
+/// (`activation_01.pt`, `activation_1.pt.bak`, `README.md`, a subdirectory). A gap in the
+/// numbering is [`ProfileError::MissingActivationLayer`], none at all
+/// [`ProfileError::NoActivationFiles`].
+pub fn activation_files(dir: impl AsRef<Path>) -> Result<Vec<PathBuf>, ProfileError> {
+    let dir = dir.as_ref();
+    let shown = dir.display().to_string();
+    let io = |source| ProfileError::Io {
+        path: shown.clone(),
+        source,
+    };
+    let mut layers: Vec<(usize, PathBuf)> = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let raw = entry.file_name();
+        let stray = |why: &str| ProfileError::StrayFile {
+            dir: shown.clone(),
+            name: raw.to_string_lossy().into_owned(),
+            why: why.to_owned(),
+        };
+        let Some(name) = raw.to_str() else {
+            return Err(stray("not a UTF-8 name"));
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        let Some(layer) = activation_layer(name) else {
+            return Err(stray("not named activation_{i}.pt"));
+        };
+        // Follows symbolic links: a linked file is fine.
+        let path = entry.path();
+        if !path.is_file() {
+            return Err(stray("not a regular file"));
+        }
+        layers.push((layer, path));
+    }
+    layers.sort();
+    let Some(&(max_layer, _)) = layers.last() else {
+        return Err(ProfileError::NoActivationFiles { dir: shown });
+    };
+    for (expect, &(layer, _)) in layers.iter().enumerate() {
+        if layer != expect {
+            // Sorted and distinct (canonical names), so the first gap is at `expect`.
+            return Err(ProfileError::MissingActivationLayer {
+                dir: shown,
+                layer: expect,
+                max_layer,
+            });
+        }
+    }
+    Ok(layers.into_iter().map(|(_, p)| p).collect())
+}
+
+/// Checks one layer's activation values and returns them as counts: every value must be a
+/// non-negative whole number (floats: finite too), else [`ProfileError::BadCount`] naming
+/// the file (`path`) and the first bad position.
+pub fn activation_counts(path: &str, values: &ActivationValues) -> Result<Vec<u64>, ProfileError> {
+    let bad = |index: usize, value: String| ProfileError::BadCount {
+        path: path.to_owned(),
+        tensor: "activation".to_owned(),
+        index,
+        value,
+    };
+    match values {
+        ActivationValues::Int(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| u64::try_from(x).map_err(|_| bad(i, x.to_string())))
+            .collect(),
+        ActivationValues::Float(v) => v
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| float_count(x).ok_or_else(|| bad(i, x.to_string())))
+            .collect(),
+    }
+}
+
+/// Reads the reference PowerInfer's activation directory (`activation_{i}.pt` per layer, see
+/// [`activation_files`]) into per-layer counts, in layer order.
+///
+/// `load(layer, path)` reads one file (e.g. with `powerinfer_convert::pt::read_tensor`) and
+/// returns its shape and values, or a message that becomes [`ProfileError::ActivationRead`].
+/// Each tensor must be one-dimensional ([`ProfileError::ActivationShape`]) and hold counts
+/// ([`activation_counts`]). With `n_ff` (the model's per-layer FFN widths) the number of
+/// layer files must equal the model's layers ([`ProfileError::ActivationLayerCount`],
+/// checked before any file is read) and each file's length its layer's `n_ff`
+/// ([`ProfileError::ActivationLength`]).
+pub fn read_activation_dir(
+    dir: impl AsRef<Path>,
+    n_ff: Option<&[usize]>,
+    load: &mut dyn FnMut(usize, &Path) -> Result<ActivationTensor, String>,
+) -> Result<Vec<Vec<u64>>, ProfileError> {
+    let dir = dir.as_ref();
+    let files = activation_files(dir)?;
+    if let Some(n_ff) = n_ff
+        && n_ff.len() != files.len()
+    {
+        return Err(ProfileError::ActivationLayerCount {
+            dir: dir.display().to_string(),
+            expected: n_ff.len(),
+            found: files.len(),
+        });
+    }
+    let mut layers = Vec::with_capacity(files.len());
+    for (layer, path) in files.iter().enumerate() {
+        let shown = path.display().to_string();
+        let t = load(layer, path).map_err(|message| ProfileError::ActivationRead {
+            path: shown.clone(),
+            message,
+        })?;
+        let product = t.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        if t.shape.len() != 1 || product != Some(t.values.len()) {
+            return Err(ProfileError::ActivationShape {
+                path: shown,
+                shape: t.shape,
+            });
+        }
+        if let Some(&expected) = n_ff.and_then(|n| n.get(layer))
+            && expected != t.values.len()
+        {
+            return Err(ProfileError::ActivationLength {
+                path: shown,
+                layer,
+                expected,
+                found: t.values.len(),
+            });
+        }
+        layers.push(activation_counts(&shown, &t.values)?);
     }
     Ok(layers)
 }
@@ -263,6 +526,35 @@ pub fn uniform_counts(n_ff: &[usize]) -> Vec<Vec<u64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn activation_names() {
+        assert_eq!(activation_layer("activation_0.pt"), Some(0));
+        assert_eq!(activation_layer("activation_31.pt"), Some(31));
+        assert_eq!(activation_layer("activation_01.pt"), None);
+        assert_eq!(activation_layer("activation_.pt"), None);
+        assert_eq!(activation_layer("activation_-1.pt"), None);
+        assert_eq!(activation_layer("activation_1.pt.bak"), None);
+        assert_eq!(activation_layer("activation_1.safetensors"), None);
+        assert_eq!(activation_layer("model_1.pt"), None);
+        assert_eq!(
+            activation_layer("activation_99999999999999999999999.pt"),
+            None
+        );
+        assert_eq!(activation_file_name(12), "activation_12.pt");
+    }
+
+    #[test]
+    fn float_counts() {
+        assert_eq!(float_count(0.0), Some(0));
+        assert_eq!(float_count(-0.0), Some(0));
+        assert_eq!(float_count(16_777_217.0), Some(16_777_217));
+        assert_eq!(float_count(1.5), None);
+        assert_eq!(float_count(-1.0), None);
+        assert_eq!(float_count(f64::NAN), None);
+        assert_eq!(float_count(f64::INFINITY), None);
+        assert_eq!(float_count(18_446_744_073_709_551_616.0), None);
+    }
 
     #[test]
     fn layer_names() {

@@ -121,6 +121,53 @@ fn reserve_and_budget_errors() {
     assert_eq!(p.summary.gpu_neurons, 5_000 / 108);
 }
 
+/// A budget below what attention alone needs (the first fixed item): a clear error naming
+/// the fixed part and both sizes; with `partial`, only the attention items that fit (from
+/// layer 0 up) and no FFN.
+#[test]
+fn budget_below_attention_is_a_clear_error() {
+    let c = cost(256);
+    let attention = c.category_bytes(Category::Attention);
+    assert!(attention > 0);
+    let e = plan(
+        &c,
+        &counts(),
+        &PlanOptions::new(attention - 1, Method::Optimal),
+    )
+    .unwrap_err();
+    match &e {
+        PlanError::BudgetTooSmall {
+            fixed,
+            available,
+            n_ctx,
+            ..
+        } => {
+            assert_eq!(*fixed, c.fixed_bytes().unwrap());
+            assert_eq!(*available, attention - 1);
+            assert_eq!(*n_ctx, 256);
+        }
+        _ => panic!("{e}"),
+    }
+    let msg = e.to_string();
+    assert!(
+        msg.contains("budget too small") && msg.contains("attention"),
+        "{msg}"
+    );
+    assert!(msg.contains(&format!("{} bytes", attention - 1)), "{msg}");
+    let mut opts = PlanOptions::new(attention - 1, Method::Optimal);
+    opts.partial = true;
+    let s = plan(&c, &counts(), &opts).unwrap().summary;
+    let att = s
+        .categories
+        .iter()
+        .find(|x| x.category == Category::Attention)
+        .unwrap();
+    assert!(att.placed < attention, "{}", att.placed);
+    assert_eq!(s.placed, att.placed);
+    assert_eq!(s.gpu_neurons, 0);
+    assert!(!s.fixed_complete);
+}
+
 #[test]
 fn partial_places_a_prefix_in_priority_order() {
     let c = cost(2048);
@@ -321,6 +368,6 @@ fn bad_profiles_give_typed_errors() {
     ));
     assert!(matches!(
         read_profile(std::env::temp_dir()),
-        Err(ProfileError::PtUnsupported { .. })
+        Err(ProfileError::IsDirectory { .. })
     ));
 }
