@@ -21,8 +21,9 @@
 //! group cost `2 / (value bytes of 32 neurons)` extra, e.g. 20% of the Q4_1 matrix when every
 //! group is touched.
 //!
-//! Every output `j` is computed by one thread in a fixed order (ascending neurons), so the
-//! result does not depend on the number of threads; the AVX2 kernel gives the same bits as
+//! The neurons are cut into four fixed parts by group; each part's sum is computed by one thread
+//! reading whole neuron rows in ascending order, and the parts are added in a fixed order, so
+//! the result does not depend on the number of threads; the AVX2 kernel gives the same bits as
 //! [`grouped_axpy_scalar`].
 
 use powerinfer_gguf::GgmlType;
@@ -237,9 +238,40 @@ pub fn grouped_axpy_scalar(
     out: &mut [f32],
 ) -> Result<(), SparseError> {
     check("grouped_axpy_scalar", down, ids, coef, out)?;
-    out.fill(0.0);
-    segment_scalar(down, ids, coef, 0, out);
+    let n = down.n_embd;
+    let mut partial = vec![0.0f32; PARTS * n];
+    for (k, part) in partial.chunks_exact_mut(n).enumerate() {
+        let r = part_range(down, ids, k);
+        segment_scalar(down, &ids[r.clone()], &coef[r], 0, part);
+    }
+    sum_parts(&partial, out);
     Ok(())
+}
+
+/// The neurons are cut into this many parts by group (a fixed cut, whatever the thread
+/// count): each part's sum is computed by one thread reading whole neuron rows in order, and
+/// the parts are added in a fixed order.
+const PARTS: usize = 4;
+
+/// The positions in `ids` (ascending) of part `k`: the neurons of groups
+/// `[k * G / PARTS, (k + 1) * G / PARTS)`.
+fn part_range(down: &GroupedDown, ids: &[u32], k: usize) -> std::ops::Range<usize> {
+    let n_groups = down.n_ff / GROUP;
+    let first = |k: usize| (k * n_groups / PARTS * GROUP) as u32;
+    let lo = ids.partition_point(|&i| i < first(k));
+    let hi = ids.partition_point(|&i| i < first(k + 1));
+    lo..hi
+}
+
+/// `out = ((p0 + p1) + p2) + p3` element-wise over the parts' sums.
+fn sum_parts(partial: &[f32], out: &mut [f32]) {
+    let n = out.len();
+    out.copy_from_slice(&partial[..n]);
+    for part in partial.chunks_exact(n).skip(1) {
+        for (o, &v) in out.iter_mut().zip(part) {
+            *o += v;
+        }
+    }
 }
 
 /// The runs of `ids` (ascending) that fall in one group: `(group, start, end)` positions.
@@ -295,8 +327,8 @@ fn segment_scalar(down: &GroupedDown, ids: &[u32], coef: &[f32], j0: usize, out:
 }
 
 /// `out = sum_k coef[k] * down[:, ids[k]]` (overwrites `out`): the down projection of the
-/// active neurons `ids` (strictly increasing) with coefficients `coef` (zeros skipped), output
-/// blocks split across the pool's threads. The same bits as [`grouped_axpy_scalar`] for any
+/// active neurons `ids` (strictly increasing) with coefficients `coef` (zeros skipped), the
+/// four parts of the neurons split across the pool's threads. The same bits as [`grouped_axpy_scalar`] for any
 /// thread count.
 pub fn grouped_axpy(
     pool: &ThreadPool,
@@ -306,29 +338,28 @@ pub fn grouped_axpy(
     out: &mut [f32],
 ) -> Result<(), SparseError> {
     check("grouped_axpy", down, ids, coef, out)?;
-    out.fill(0.0);
-    if ids.is_empty() {
-        return Ok(());
-    }
-    let n_blocks = down.n_embd / 32;
+    let n = down.n_embd;
+    let mut partial = vec![0.0f32; PARTS * n];
     let vb = value_row_bytes(down.ty, down.n_embd);
     // Small products stay on this thread (waking the pool costs more than they do).
-    if pool.n_threads() == 1 || ids.len() * vb < 64 * 1024 || n_blocks < 2 {
-        segment(down, ids, coef, 0, out);
-        return Ok(());
-    }
-    let shared = SharedSlice::new(out);
-    pool.run(|ti, nt| {
-        let n_seg = nt.min(n_blocks);
-        if ti >= n_seg {
-            return;
+    if pool.n_threads() == 1 || ids.len() * vb < 64 * 1024 {
+        for (k, part) in partial.chunks_exact_mut(n).enumerate() {
+            let r = part_range(down, ids, k);
+            segment(down, &ids[r.clone()], &coef[r], 0, part);
         }
-        let (b0, b1) = (ti * n_blocks / n_seg, (ti + 1) * n_blocks / n_seg);
-        // SAFETY: the block ranges of distinct thread indices are disjoint, and `run` calls
-        // each thread index once.
-        let part = unsafe { shared.slice_mut(b0 * 32..b1 * 32) };
-        segment(down, ids, coef, b0 * 32, part);
-    });
+    } else {
+        let shared = SharedSlice::new(&mut partial);
+        pool.run(|ti, nt| {
+            for k in (ti..PARTS).step_by(nt) {
+                let r = part_range(down, ids, k);
+                // SAFETY: part `k` is handed to exactly one thread (`k % nt == ti`), and the
+                // parts are disjoint ranges of `partial`.
+                let part = unsafe { shared.slice_mut(k * n..(k + 1) * n) };
+                segment(down, &ids[r.clone()], &coef[r], 0, part);
+            }
+        });
+    }
+    sum_parts(&partial, out);
     Ok(())
 }
 
@@ -347,7 +378,7 @@ fn segment(down: &GroupedDown, ids: &[u32], coef: &[f32], j0: usize, out: &mut [
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, GroupedDown, group_runs, scale_count, value_row_bytes};
+    use super::{GroupedDown, group_runs, scale_count, value_row_bytes};
     use powerinfer_gguf::GgmlType;
 
     /// 32 values of one neuron's block as four groups of 8 exact floats.
@@ -402,8 +433,10 @@ mod avx2 {
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
     }
 
-    /// [`super::segment_scalar`] with each 32-output block's sums held in registers: the same
-    /// operations in the same order, so the same bits.
+    /// [`super::segment_scalar`] vectorised: each active neuron's row segment is read in order
+    /// (the next group's rows are prefetched meanwhile) and added into the group's sums `S`,
+    /// then the scales are applied; the same operations in the same order per output, so the
+    /// same bits.
     ///
     /// # Safety
     /// The CPU must support AVX2 and F16C.
@@ -419,39 +452,64 @@ mod avx2 {
         let vb = value_row_bytes(ty, n_embd);
         // Bytes of one 32-output block of a neuron's values.
         let bb = if ty == GgmlType::Q8_0 { 32 } else { 16 };
-        let mut rows: Vec<(&[u8], f32)> = Vec::with_capacity(GROUP);
-        for (g, a, b) in group_runs(ids) {
-            rows.clear();
+        let (b0, nblk) = (j0 / 32, out.len() / 32);
+        let seg = |i: usize| &down.values[i * vb + b0 * bb..i * vb + (b0 + nblk) * bb];
+        let runs: Vec<(usize, usize, usize)> = group_runs(ids).collect();
+        let mut s = vec![0.0f32; nblk * 32];
+        for (r, &(g, a, b)) in runs.iter().enumerate() {
+            if let Some(&(_, na, nb)) = runs.get(r + 1) {
+                for p in na..nb {
+                    if coef[p] != 0.0 {
+                        for line in seg(ids[p] as usize).chunks(64) {
+                            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
+                        }
+                    }
+                }
+            }
             let mut h_sum = 0.0f32;
+            let mut any = false;
             for p in a..b {
                 let h = coef[p];
                 if h == 0.0 {
                     continue;
                 }
+                if !any {
+                    s.fill(0.0);
+                    any = true;
+                }
                 h_sum += h;
-                let i = ids[p] as usize;
-                rows.push((&down.values[i * vb..(i + 1) * vb], h));
-            }
-            if rows.is_empty() {
-                continue;
-            }
-            let sc = &down.scales[g * k * n_embd..(g + 1) * k * n_embd];
-            let hv = _mm256_set1_ps(h_sum);
-            for (c, oc) in out.chunks_exact_mut(32).enumerate() {
-                let blk = j0 / 32 + c;
-                let mut s = [_mm256_setzero_ps(); 4];
-                for &(row, h) in &rows {
-                    let e = decode(ty, &row[blk * bb..(blk + 1) * bb]);
-                    let h = _mm256_set1_ps(h);
+                let row = seg(ids[p] as usize);
+                let hv = _mm256_set1_ps(h);
+                for (c, sc) in s.chunks_exact_mut(32).enumerate() {
+                    let e = decode(ty, &row[c * bb..(c + 1) * bb]);
                     for q in 0..4 {
-                        s[q] = _mm256_add_ps(s[q], _mm256_mul_ps(h, e[q]));
+                        let acc = &mut sc[q * 8..q * 8 + 8];
+                        // SAFETY: `acc` is 8 floats; unaligned load and store.
+                        unsafe {
+                            let v = _mm256_add_ps(
+                                _mm256_loadu_ps(acc.as_ptr()),
+                                _mm256_mul_ps(hv, e[q]),
+                            );
+                            _mm256_storeu_ps(acc.as_mut_ptr(), v);
+                        }
                     }
                 }
+            }
+            if !any {
+                continue;
+            }
+            let scales = &down.scales[g * k * n_embd..(g + 1) * k * n_embd];
+            let hv = _mm256_set1_ps(h_sum);
+            for (c, (oc, sc)) in out.chunks_exact_mut(32).zip(s.chunks_exact(32)).enumerate() {
+                let blk = b0 + c;
                 for q in 0..4 {
                     let j = blk * 32 + q * 8;
-                    let mut t = _mm256_mul_ps(f16x8(&sc[j..]), s[q]);
+                    let sv = &sc[q * 8..q * 8 + 8];
+                    // SAFETY: `sv` is 8 floats; unaligned load.
+                    let mut t =
+                        _mm256_mul_ps(f16x8(&scales[j..]), unsafe { _mm256_loadu_ps(sv.as_ptr()) });
                     if k == 2 {
-                        t = _mm256_add_ps(t, _mm256_mul_ps(f16x8(&sc[n_embd + j..]), hv));
+                        t = _mm256_add_ps(t, _mm256_mul_ps(f16x8(&scales[n_embd + j..]), hv));
                     }
                     let o = &mut oc[q * 8..q * 8 + 8];
                     // SAFETY: `o` is 8 floats; unaligned load and store.

@@ -1155,7 +1155,27 @@ pub fn sparse_ffn_with(
             // enough to gather rather than stream).
             let mut nz = std::mem::take(&mut scratch.nonzero);
             nz.clear();
-            if let Some((g, _, _)) = gate {
+            if let (Some((g, _, _)), true, FfnKind::Gated(_)) =
+                (gate, active.len() == n_ff, ffn.kind)
+            {
+                // Every neuron: gate and up as one dense job (the same dot kernels and values
+                // as row by row); up rows of zero gates are not worth skipping here.
+                quantize(OP, &mut scratch.act, g.ty, x, n_embd, 1)?;
+                let two = ffn.up.ty != g.ty;
+                if two {
+                    quantize(OP, &mut scratch.act2, ffn.up.ty, x, n_embd, 1)?;
+                }
+                let up_acts = if two { &scratch.act2 } else { &scratch.act };
+                crate::matmul::matvec_quantized_many(
+                    pool,
+                    &mut [
+                        (g, &scratch.act, &mut g_out[..n_ff]),
+                        (&ffn.up, up_acts, &mut u_out[..n_ff]),
+                    ],
+                )
+                .map_err(|source| SparseError::Cpu { op: OP, source })?;
+                nz.extend_from_slice(active);
+            } else if let Some((g, _, _)) = gate {
                 sparse_matvec_with(pool, g, x, active, &mut g_out, scratch)?;
                 nz.extend(active.iter().copied().filter(|&i| {
                     let g = g_out[i as usize];
@@ -1167,9 +1187,31 @@ pub fn sparse_ffn_with(
             } else {
                 nz.extend_from_slice(active);
             }
-            let up_result = sparse_matvec_with(pool, &ffn.up, x, &nz, &mut u_out, scratch);
+            let full =
+                active.len() == n_ff && matches!(ffn.kind, FfnKind::Gated(_)) && gate.is_some();
+            let up_result = if full {
+                Ok(())
+            } else {
+                sparse_matvec_with(pool, &ffn.up, x, &nz, &mut u_out, scratch)
+            };
             scratch.nonzero = nz;
             up_result?;
+            if active.len() == n_ff && ffn.kind == FfnKind::Gated(Activation::Silu) {
+                // Every neuron: the activation vectorised over the whole gate output (the
+                // same values as one at a time).
+                crate::ops::silu_poly_inplace(&mut g_out[..n_ff]);
+                scratch.vals.clear();
+                scratch
+                    .vals
+                    .extend(g_out[..n_ff].iter().zip(&u_out[..n_ff]).map(|(&a, &u)| {
+                        let h = if a == 0.0 { 0.0 } else { a * u };
+                        apply_zero_below(h, ffn.zero_below)
+                    }));
+                if ffn.round_coefficients {
+                    round_compact(ffn.down_type(), n_ff, active, scratch)?;
+                }
+                return down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out);
+            }
             scratch.vals.clear();
             scratch.vals.extend(active.iter().map(|&i| {
                 let (g, u) = (g_out[i as usize], u_out[i as usize]);
