@@ -11,20 +11,23 @@
 //! [`GroupedDown`] keeps the original bytes and only moves them: the neurons of one original
 //! block (a *group* of 32) share, for each output `j`, the block's scale `d[j]` (and minimum
 //! `m[j]` for Q4_1), so the layout is, per group, the `n_embd` scales and then each neuron's
-//! `n_embd` quantized values. The product over a set of active neurons with coefficients `h_i` is
+//! `n_embd` packed 4-bit values. The coefficients `h` are quantized per group to the 8-bit type
+//! the dense product pairs with the weights (Q8_0 for Q4_0, Q8_1 for Q4_1), `h_i = dh * qh_i`,
+//! exactly as that product sees them, and the product over the active neurons is
 //!
-//! `out[j] = sum over groups g of ( d_g[j] * S_g[j] + m_g[j] * H_g )`,
-//! `S_g[j] = sum over active i in g of h_i * q_i[j]`, `H_g = sum over active i in g of h_i`,
+//! `out[j] = sum over groups g of ( (d_g[j] * dh_g) * S_g[j] + m_g[j] * s_g )`,
+//! `S_g[j] = sum over active i in g of qh_i * q_i[j]` (integers), `s_g = dh_g * sum of those
+//! qh_i` (Q8_1's f16 `s`, as the dense product uses it)
 //!
-//! which is exactly the dense down product restricted to those neurons (no new rounding of the
-//! weights). A group is skipped when none of its neurons is active; the scales of a touched
-//! group cost `2 / (value bytes of 32 neurons)` extra, e.g. 20% of the Q4_1 matrix when every
-//! group is touched.
+//! (Q4_0's values are `q - 8`: `S - 8 * Q`), the dense block dot product restricted to the
+//! active neurons. The integer sums are exact, so the AVX2 kernel (pairs of neurons through
+//! `maddubs`) gives the same bits as the scalar [`grouped_axpy_scalar`]. A group is skipped when
+//! none of its neurons is active; the scales of a touched group cost 20% of the Q4_1 matrix's
+//! bytes (11% for Q4_0) when every group is touched.
 //!
 //! The neurons are cut into four fixed parts by group; each part's sum is computed by one thread
 //! reading whole neuron rows in ascending order, and the parts are added in a fixed order, so
-//! the result does not depend on the number of threads; the AVX2 kernel gives the same bits as
-//! [`grouped_axpy_scalar`].
+//! the result does not depend on the number of threads.
 
 use powerinfer_gguf::GgmlType;
 
@@ -49,10 +52,10 @@ pub struct GroupedDown {
 }
 
 impl GroupedDown {
-    /// The types this layout supports (32-element blocks with one scale, and a minimum for
-    /// Q4_1).
+    /// The types this layout supports: the 4-bit formats of 32-element blocks (one scale, and a
+    /// minimum for Q4_1), whose transposes cost the most to requantize.
     pub fn supports(ty: GgmlType) -> bool {
-        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0)
+        matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1)
     }
 
     /// Regroups `down` (`n_embd` rows of `n_ff`, row-major as in GGUF). `n_embd` (the rows)
@@ -87,7 +90,7 @@ impl GroupedDown {
         }
         let n_groups = n_ff / GROUP;
         let k = scale_count(ty);
-        let vb = value_row_bytes(ty, n_embd);
+        let vb = value_row_bytes(n_embd);
         let mut scales = vec![0u16; n_groups * k * n_embd];
         let mut values = vec![0u8; n_ff * vb];
         for j in 0..n_embd {
@@ -102,21 +105,16 @@ impl GroupedDown {
                 for t in 0..GROUP {
                     let neuron = g * GROUP + t;
                     let row = &mut values[neuron * vb..(neuron + 1) * vb];
-                    match ty {
-                        GgmlType::Q8_0 => row[j] = q[t],
-                        _ => {
-                            // Original block: byte t holds neuron t (low) and t + 16 (high).
-                            let v = if t < 16 { q[t] & 0x0F } else { q[t - 16] >> 4 };
-                            // Values of outputs 32c + u (u < 16) in the low nibble of byte u
-                            // of block c, 32c + 16 + u in its high nibble.
-                            let (c, u) = (j / 32, j % 32);
-                            let byte = &mut row[c * 16 + u % 16];
-                            if u < 16 {
-                                *byte |= v;
-                            } else {
-                                *byte |= v << 4;
-                            }
-                        }
+                    // Original block: byte t holds neuron t (low nibble) and t + 16 (high).
+                    let v = if t < 16 { q[t] & 0x0F } else { q[t - 16] >> 4 };
+                    // Values of outputs 32c + u (u < 16) in the low nibble of byte u of block c,
+                    // 32c + 16 + u in its high nibble.
+                    let (c, u) = (j / 32, j % 32);
+                    let byte = &mut row[c * 16 + u % 16];
+                    if u < 16 {
+                        *byte |= v;
+                    } else {
+                        *byte |= v << 4;
                     }
                 }
             }
@@ -163,23 +161,20 @@ impl GroupedDown {
         }
     }
 
-    /// The quantized value of neuron `i` at output `j`, as an exact float (Q4_0: nibble - 8,
-    /// Q4_1: nibble, Q8_0: the signed byte).
+    /// The 4-bit value (0..=15) of neuron `i` at output `j`.
+    fn nibble(&self, i: usize, j: usize) -> u8 {
+        let vb = value_row_bytes(self.n_embd);
+        let byte = self.values[i * vb + j / 32 * 16 + j % 16];
+        if j % 32 < 16 { byte & 0x0F } else { byte >> 4 }
+    }
+
+    /// The quantized value of neuron `i` at output `j` as an exact float (Q4_0: nibble - 8).
     fn value(&self, i: usize, j: usize) -> f32 {
-        let vb = value_row_bytes(self.ty, self.n_embd);
-        let row = &self.values[i * vb..(i + 1) * vb];
-        match self.ty {
-            GgmlType::Q8_0 => f32::from(row[j] as i8),
-            ty => {
-                let (c, u) = (j / 32, j % 32);
-                let byte = row[c * 16 + u % 16];
-                let nib = if u < 16 { byte & 0x0F } else { byte >> 4 };
-                if ty == GgmlType::Q4_0 {
-                    f32::from(nib) - 8.0
-                } else {
-                    f32::from(nib)
-                }
-            }
+        let nib = f32::from(self.nibble(i, j));
+        if self.ty == GgmlType::Q4_0 {
+            nib - 8.0
+        } else {
+            nib
         }
     }
 }
@@ -188,13 +183,9 @@ fn scale_count(ty: GgmlType) -> usize {
     if ty == GgmlType::Q4_1 { 2 } else { 1 }
 }
 
-/// Value bytes of one neuron.
-fn value_row_bytes(ty: GgmlType, n_embd: usize) -> usize {
-    if ty == GgmlType::Q8_0 {
-        n_embd
-    } else {
-        n_embd / 2
-    }
+/// Value bytes of one neuron (packed nibbles).
+fn value_row_bytes(n_embd: usize) -> usize {
+    n_embd / 2
 }
 
 fn f16_to_f32(h: u16) -> f32 {
@@ -228,9 +219,44 @@ fn check(
     crate::sparse::check_active(op, ids, down.n_ff)
 }
 
+/// The coefficients of one group quantized as the dense product sees them: `h_i = dh * qh[t]`
+/// for neuron `32 g + t`.
+struct GroupCoef {
+    dh: f32,
+    qh: [i8; GROUP],
+    /// `sum(qh)` over the group.
+    q_sum: i32,
+    /// `dh * sum(qh)` as the dense product uses it: Q8_1's stored `s` (an f16).
+    hs: f32,
+}
+
+/// Quantizes the coefficients of group `g` (positions `a..b` of `ids`/`coef`; every other
+/// neuron of the group is zero) to the 8-bit activation type of `down`'s weights.
+fn group_coef(down: &GroupedDown, g: usize, ids: &[u32], coef: &[f32]) -> GroupCoef {
+    let mut h = [0.0f32; GROUP];
+    for (&i, &c) in ids.iter().zip(coef) {
+        h[i as usize - g * GROUP] = c;
+    }
+    let k = powerinfer_quant::kernels(down.ty).unwrap_or_else(|| unreachable!("checked type"));
+    // Q8_0: f16 d, 32 i8; Q8_1: f16 d, f16 s, 32 i8.
+    let mut block = [0u8; 36];
+    let qs_at = if k.act_ty == GgmlType::Q8_1 { 4 } else { 2 };
+    (k.quantize_act)(&h, &mut block[..qs_at + GROUP]);
+    let mut qh = [0i8; GROUP];
+    for (q, &b) in qh.iter_mut().zip(&block[qs_at..qs_at + GROUP]) {
+        *q = b as i8;
+    }
+    GroupCoef {
+        dh: f16_to_f32(u16::from_le_bytes([block[0], block[1]])),
+        q_sum: qh.iter().map(|&q| i32::from(q)).sum(),
+        hs: f16_to_f32(u16::from_le_bytes([block[2], block[3]])),
+        qh,
+    }
+}
+
 /// `out = sum_k coef[k] * down[:, ids[k]]` (overwrites `out`) on the calling thread, in plain
-/// scalar code: the reference of [`grouped_axpy`] (same bits). `ids` strictly increasing; zero
-/// coefficients are skipped.
+/// scalar code: the reference of [`grouped_axpy`] (same bits). `ids` strictly increasing; the
+/// coefficients are rounded per group to the weights' 8-bit activation type first.
 pub fn grouped_axpy_scalar(
     down: &GroupedDown,
     ids: &[u32],
@@ -242,7 +268,7 @@ pub fn grouped_axpy_scalar(
     let mut partial = vec![0.0f32; PARTS * n];
     for (k, part) in partial.chunks_exact_mut(n).enumerate() {
         let r = part_range(down, ids, k);
-        segment_scalar(down, &ids[r.clone()], &coef[r], 0, part);
+        part_scalar(down, &ids[r.clone()], &coef[r], part);
     }
     sum_parts(&partial, out);
     Ok(())
@@ -290,45 +316,47 @@ fn group_runs(ids: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     })
 }
 
-/// Outputs `[j0, j0 + out.len())`, added to `out`.
-fn segment_scalar(down: &GroupedDown, ids: &[u32], coef: &[f32], j0: usize, out: &mut [f32]) {
-    let (n_embd, k) = (down.n_embd, scale_count(down.ty));
-    let mut s = vec![0.0f32; out.len()];
+/// Adds the group's `(d * dh) * S + m * (dh * Q)` to `out` (all `n_embd` outputs).
+fn finish_group_scalar(down: &GroupedDown, g: usize, c: &GroupCoef, s: &[i32], out: &mut [f32]) {
+    let (n, k) = (down.n_embd, scale_count(down.ty));
+    let sc = &down.scales[g * k * n..(g + 1) * k * n];
+    let hq = c.hs;
+    for (j, (y, &sj)) in out.iter_mut().zip(s).enumerate() {
+        let t = if k == 2 {
+            (f16_to_f32(sc[j]) * c.dh) * sj as f32 + f16_to_f32(sc[n + j]) * hq
+        } else {
+            (f16_to_f32(sc[j]) * c.dh) * (sj - 8 * c.q_sum) as f32
+        };
+        *y += t;
+    }
+}
+
+/// One part: every group of `ids` into `out` (which it adds to).
+fn part_scalar(down: &GroupedDown, ids: &[u32], coef: &[f32], out: &mut [f32]) {
+    let mut s = vec![0i32; down.n_embd];
     for (g, a, b) in group_runs(ids) {
-        s.fill(0.0);
-        let mut h_sum = 0.0f32;
-        let mut any = false;
-        for p in a..b {
-            let h = coef[p];
-            if h == 0.0 {
-                continue;
-            }
-            any = true;
-            h_sum += h;
-            let i = ids[p] as usize;
-            for (o, sv) in s.iter_mut().enumerate() {
-                *sv += h * down.value(i, j0 + o);
-            }
-        }
-        if !any {
+        let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
+        if c.qh.iter().all(|&q| q == 0) {
             continue;
         }
-        let sc = &down.scales[g * k * n_embd..(g + 1) * k * n_embd];
-        for (o, (y, &sv)) in out.iter_mut().zip(&s).enumerate() {
-            let d = f16_to_f32(sc[j0 + o]);
-            let t = if k == 2 {
-                d * sv + f16_to_f32(sc[n_embd + j0 + o]) * h_sum
-            } else {
-                d * sv
-            };
-            *y += t;
+        s.fill(0);
+        for &i in &ids[a..b] {
+            let q = i32::from(c.qh[i as usize - g * GROUP]);
+            if q == 0 {
+                continue;
+            }
+            for (j, sj) in s.iter_mut().enumerate() {
+                *sj += q * i32::from(down.nibble(i as usize, j));
+            }
         }
+        finish_group_scalar(down, g, &c, &s, out);
     }
 }
 
 /// `out = sum_k coef[k] * down[:, ids[k]]` (overwrites `out`): the down projection of the
-/// active neurons `ids` (strictly increasing) with coefficients `coef` (zeros skipped), the
-/// four parts of the neurons split across the pool's threads. The same bits as [`grouped_axpy_scalar`] for any
+/// active neurons `ids` (strictly increasing) with coefficients `coef`, rounded per group to
+/// the weights' 8-bit activation type as the dense product rounds them; the four parts of the
+/// neurons split across the pool's threads. The same bits as [`grouped_axpy_scalar`] for any
 /// thread count.
 pub fn grouped_axpy(
     pool: &ThreadPool,
@@ -340,12 +368,12 @@ pub fn grouped_axpy(
     check("grouped_axpy", down, ids, coef, out)?;
     let n = down.n_embd;
     let mut partial = vec![0.0f32; PARTS * n];
-    let vb = value_row_bytes(down.ty, down.n_embd);
+    let vb = value_row_bytes(down.n_embd);
     // Small products stay on this thread (waking the pool costs more than they do).
     if pool.n_threads() == 1 || ids.len() * vb < 64 * 1024 {
         for (k, part) in partial.chunks_exact_mut(n).enumerate() {
             let r = part_range(down, ids, k);
-            segment(down, &ids[r.clone()], &coef[r], 0, part);
+            part_fast(down, &ids[r.clone()], &coef[r], part);
         }
     } else {
         let shared = SharedSlice::new(&mut partial);
@@ -355,7 +383,7 @@ pub fn grouped_axpy(
                 // SAFETY: part `k` is handed to exactly one thread (`k % nt == ti`), and the
                 // parts are disjoint ranges of `partial`.
                 let part = unsafe { shared.slice_mut(k * n..(k + 1) * n) };
-                segment(down, &ids[r.clone()], &coef[r], 0, part);
+                part_fast(down, &ids[r.clone()], &coef[r], part);
             }
         });
     }
@@ -363,66 +391,22 @@ pub fn grouped_axpy(
     Ok(())
 }
 
-/// [`segment_scalar`] with the AVX2 kernel where the CPU has it.
-fn segment(down: &GroupedDown, ids: &[u32], coef: &[f32], j0: usize, out: &mut [f32]) {
+/// [`part_scalar`] with the AVX2 kernel where the CPU has it.
+fn part_fast(down: &GroupedDown, ids: &[u32], coef: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
         // SAFETY: AVX2 and F16C were just detected.
-        unsafe { avx2::segment(down, ids, coef, j0, out) };
+        unsafe { avx2::part(down, ids, coef, out) };
         return;
     }
-    segment_scalar(down, ids, coef, j0, out)
+    part_scalar(down, ids, coef, out)
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{GroupedDown, group_runs, scale_count, value_row_bytes};
-    use powerinfer_gguf::GgmlType;
-
-    /// 32 values of one neuron's block as four groups of 8 exact floats.
-    #[inline]
-    #[target_feature(enable = "avx2,f16c")]
-    fn decode(ty: GgmlType, b: &[u8]) -> [__m256; 4] {
-        let cvt = |v: __m128i| {
-            [
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)),
-                _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128::<8>(v))),
-            ]
-        };
-        match ty {
-            GgmlType::Q8_0 => {
-                assert!(b.len() >= 32);
-                // SAFETY: `b` has at least 32 readable bytes; unaligned loads.
-                let (q0, q1) = unsafe {
-                    (
-                        _mm_loadu_si128(b.as_ptr().cast()),
-                        _mm_loadu_si128(b[16..].as_ptr().cast()),
-                    )
-                };
-                let [e0, e1] = cvt(q0);
-                let [e2, e3] = cvt(q1);
-                [e0, e1, e2, e3]
-            }
-            _ => {
-                assert!(b.len() >= 16);
-                // SAFETY: `b` has at least 16 readable bytes; unaligned load.
-                let q = unsafe { _mm_loadu_si128(b.as_ptr().cast()) };
-                let m4 = _mm_set1_epi8(0x0F);
-                let mut lo = _mm_and_si128(q, m4);
-                let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(q), m4);
-                if ty == GgmlType::Q4_0 {
-                    let eight = _mm_set1_epi8(8);
-                    lo = _mm_sub_epi8(lo, eight);
-                    hi = _mm_sub_epi8(hi, eight);
-                }
-                let [e0, e1] = cvt(lo);
-                let [e2, e3] = cvt(hi);
-                [e0, e1, e2, e3]
-            }
-        }
-    }
+    use super::{GROUP, GroupedDown, group_coef, group_runs, scale_count, value_row_bytes};
 
     /// Eight f16 at `s[0..8]` as floats.
     #[inline]
@@ -433,90 +417,104 @@ mod avx2 {
         _mm256_cvtph_ps(unsafe { _mm_loadu_si128(s.as_ptr().cast()) })
     }
 
-    /// [`super::segment_scalar`] vectorised: each active neuron's row segment is read in order
-    /// (the next group's rows are prefetched meanwhile) and added into the group's sums `S`,
-    /// then the scales are applied; the same operations in the same order per output, so the
-    /// same bits.
+    /// `s[0..32] += qa * a[j] + qb * b[j]` for the 32 outputs of one 16-byte block of two
+    /// neurons' packed values (`maddubs` of the interleaved unsigned nibbles with the signed
+    /// coefficient pair; at most 2 * 15 * 128 in magnitude, no saturation).
+    #[inline]
+    #[target_feature(enable = "avx2,f16c")]
+    fn pair_block(a: &[u8], b: &[u8], pair: __m256i, s: &mut [i32]) {
+        assert!(a.len() >= 16 && b.len() >= 16 && s.len() >= 32);
+        let m4 = _mm_set1_epi8(0x0F);
+        // SAFETY: 16 readable bytes each; unaligned loads.
+        let (qa, qb) = unsafe {
+            (
+                _mm_loadu_si128(a.as_ptr().cast()),
+                _mm_loadu_si128(b.as_ptr().cast()),
+            )
+        };
+        let (a_lo, a_hi) = (
+            _mm_and_si128(qa, m4),
+            _mm_and_si128(_mm_srli_epi16::<4>(qa), m4),
+        );
+        let (b_lo, b_hi) = (
+            _mm_and_si128(qb, m4),
+            _mm_and_si128(_mm_srli_epi16::<4>(qb), m4),
+        );
+        // Outputs 0..16 and 16..32, each as 16 (a, b) byte pairs.
+        let lo = _mm256_set_m128i(_mm_unpackhi_epi8(a_lo, b_lo), _mm_unpacklo_epi8(a_lo, b_lo));
+        let hi = _mm256_set_m128i(_mm_unpackhi_epi8(a_hi, b_hi), _mm_unpacklo_epi8(a_hi, b_hi));
+        for (h, v) in [lo, hi].into_iter().enumerate() {
+            let p = _mm256_maddubs_epi16(v, pair);
+            let halves = [
+                _mm256_cvtepi16_epi32(_mm256_castsi256_si128(p)),
+                _mm256_cvtepi16_epi32(_mm256_extracti128_si256::<1>(p)),
+            ];
+            for (q, w) in halves.into_iter().enumerate() {
+                let acc = &mut s[h * 16 + q * 8..h * 16 + q * 8 + 8];
+                // SAFETY: `acc` is 8 i32; unaligned load and store.
+                unsafe {
+                    let x = _mm256_loadu_si256(acc.as_ptr().cast());
+                    _mm256_storeu_si256(acc.as_mut_ptr().cast(), _mm256_add_epi32(x, w));
+                }
+            }
+        }
+    }
+
+    /// [`super::part_scalar`] vectorised: the active neurons of a group two by two, each pair's
+    /// rows read in order; the same integers, then the same float operations per output.
     ///
     /// # Safety
     /// The CPU must support AVX2 and F16C.
     #[target_feature(enable = "avx2,f16c")]
-    pub(super) unsafe fn segment(
-        down: &GroupedDown,
-        ids: &[u32],
-        coef: &[f32],
-        j0: usize,
-        out: &mut [f32],
-    ) {
-        let (ty, n_embd, k) = (down.ty, down.n_embd, scale_count(down.ty));
-        let vb = value_row_bytes(ty, n_embd);
-        // Bytes of one 32-output block of a neuron's values.
-        let bb = if ty == GgmlType::Q8_0 { 32 } else { 16 };
-        let (b0, nblk) = (j0 / 32, out.len() / 32);
-        let seg = |i: usize| &down.values[i * vb + b0 * bb..i * vb + (b0 + nblk) * bb];
-        let runs: Vec<(usize, usize, usize)> = group_runs(ids).collect();
-        let mut s = vec![0.0f32; nblk * 32];
-        for (r, &(g, a, b)) in runs.iter().enumerate() {
-            if let Some(&(_, na, nb)) = runs.get(r + 1) {
-                for p in na..nb {
-                    if coef[p] != 0.0 {
-                        for line in seg(ids[p] as usize).chunks(64) {
-                            _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast());
-                        }
-                    }
-                }
-            }
-            let mut h_sum = 0.0f32;
-            let mut any = false;
-            for p in a..b {
-                let h = coef[p];
-                if h == 0.0 {
-                    continue;
-                }
-                if !any {
-                    s.fill(0.0);
-                    any = true;
-                }
-                h_sum += h;
-                let row = seg(ids[p] as usize);
-                let hv = _mm256_set1_ps(h);
-                for (c, sc) in s.chunks_exact_mut(32).enumerate() {
-                    let e = decode(ty, &row[c * bb..(c + 1) * bb]);
-                    for q in 0..4 {
-                        let acc = &mut sc[q * 8..q * 8 + 8];
-                        // SAFETY: `acc` is 8 floats; unaligned load and store.
-                        unsafe {
-                            let v = _mm256_add_ps(
-                                _mm256_loadu_ps(acc.as_ptr()),
-                                _mm256_mul_ps(hv, e[q]),
-                            );
-                            _mm256_storeu_ps(acc.as_mut_ptr(), v);
-                        }
-                    }
-                }
-            }
-            if !any {
+    pub(super) unsafe fn part(down: &GroupedDown, ids: &[u32], coef: &[f32], out: &mut [f32]) {
+        let (n, k) = (down.n_embd, scale_count(down.ty));
+        let vb = value_row_bytes(n);
+        let row = |i: usize| &down.values[i * vb..(i + 1) * vb];
+        let mut s = vec![0i32; n];
+        let mut rows: Vec<(usize, i8)> = Vec::with_capacity(GROUP + 1);
+        for (g, a, b) in group_runs(ids) {
+            let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
+            rows.clear();
+            rows.extend(ids[a..b].iter().filter_map(|&i| {
+                let q = c.qh[i as usize - g * GROUP];
+                (q != 0).then_some((i as usize, q))
+            }));
+            if rows.is_empty() {
                 continue;
             }
-            let scales = &down.scales[g * k * n_embd..(g + 1) * k * n_embd];
-            let hv = _mm256_set1_ps(h_sum);
-            for (c, (oc, sc)) in out.chunks_exact_mut(32).zip(s.chunks_exact(32)).enumerate() {
-                let blk = b0 + c;
-                for q in 0..4 {
-                    let j = blk * 32 + q * 8;
-                    let sv = &sc[q * 8..q * 8 + 8];
-                    // SAFETY: `sv` is 8 floats; unaligned load.
+            if rows.len() % 2 == 1 {
+                // A zero coefficient on a row already read pads the last pair.
+                rows.push((rows[0].0, 0));
+            }
+            s.fill(0);
+            for p in rows.chunks_exact(2) {
+                let ((ia, qa), (ib, qb)) = (p[0], p[1]);
+                let pair = _mm256_set1_epi16(i16::from_le_bytes([qa as u8, qb as u8]));
+                let (ra, rb) = (row(ia), row(ib));
+                for blk in 0..n / 32 {
+                    pair_block(&ra[blk * 16..], &rb[blk * 16..], pair, &mut s[blk * 32..]);
+                }
+            }
+            // (d * dh) * S (Q4_0: S - 8 Q) + m * (dh * Q), as the scalar code.
+            let sc = &down.scales[g * k * n..(g + 1) * k * n];
+            let dh = _mm256_set1_ps(c.dh);
+            let hq = _mm256_set1_ps(c.hs);
+            let off = _mm256_set1_epi32(8 * c.q_sum);
+            for j in (0..n).step_by(8) {
+                // SAFETY: `s[j..j + 8]` and `out[j..j + 8]` are in bounds (n is a multiple of
+                // 32); unaligned loads and stores.
+                unsafe {
+                    let mut sj = _mm256_loadu_si256(s[j..j + 8].as_ptr().cast());
+                    if k == 1 {
+                        sj = _mm256_sub_epi32(sj, off);
+                    }
                     let mut t =
-                        _mm256_mul_ps(f16x8(&scales[j..]), unsafe { _mm256_loadu_ps(sv.as_ptr()) });
+                        _mm256_mul_ps(_mm256_mul_ps(f16x8(&sc[j..]), dh), _mm256_cvtepi32_ps(sj));
                     if k == 2 {
-                        t = _mm256_add_ps(t, _mm256_mul_ps(f16x8(&scales[n_embd + j..]), hv));
+                        t = _mm256_add_ps(t, _mm256_mul_ps(f16x8(&sc[n + j..]), hq));
                     }
-                    let o = &mut oc[q * 8..q * 8 + 8];
-                    // SAFETY: `o` is 8 floats; unaligned load and store.
-                    unsafe {
-                        let y = _mm256_add_ps(_mm256_loadu_ps(o.as_ptr()), t);
-                        _mm256_storeu_ps(o.as_mut_ptr(), y);
-                    }
+                    let o = out[j..j + 8].as_mut_ptr();
+                    _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), t));
                 }
             }
         }

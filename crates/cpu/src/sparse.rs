@@ -193,8 +193,9 @@ pub struct SparseFfn<'a> {
     /// nothing (exact zeros are always skipped).
     pub zero_below: f32,
     /// The original down projection regrouped by neuron ([`GroupedDown`]): when given, the
-    /// output is computed from it (the model's own down weights, no second quantization) and
-    /// `down_t` only fixes the shapes.
+    /// output is computed from it (the model's own down weights, no second quantization; the
+    /// coefficients always rounded to 8 bits as the dense product rounds them) and `down_t`
+    /// only fixes the shapes.
     pub down_grouped: Option<&'a GroupedDown>,
 }
 
@@ -1207,7 +1208,7 @@ pub fn sparse_ffn_with(
                         let h = if a == 0.0 { 0.0 } else { a * u };
                         apply_zero_below(h, ffn.zero_below)
                     }));
-                if ffn.round_coefficients {
+                if ffn.round_coefficients && ffn.down_grouped.is_none() {
                     round_compact(ffn.down_type(), n_ff, active, scratch)?;
                 }
                 return down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out);
@@ -1228,7 +1229,7 @@ pub fn sparse_ffn_with(
                 };
                 apply_zero_below(h, ffn.zero_below)
             }));
-            if ffn.round_coefficients {
+            if ffn.round_coefficients && ffn.down_grouped.is_none() {
                 round_compact(ffn.down_type(), n_ff, active, scratch)?;
             }
             down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out)
@@ -1307,7 +1308,7 @@ pub fn sparse_ffn_with(
             }
         });
     }
-    if ffn.round_coefficients {
+    if ffn.round_coefficients && ffn.down_grouped.is_none() {
         round_compact(ffn.down_type(), n_ff, active, scratch)?;
     }
     down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out)

@@ -2,7 +2,7 @@
 //! threaded kernel against its scalar reference across thread counts.
 
 use powerinfer_cpu::grouped::{GroupedDown, grouped_axpy, grouped_axpy_scalar};
-use powerinfer_cpu::sparse::SparseError;
+use powerinfer_cpu::sparse::{SparseError, round_coefficients};
 use powerinfer_cpu::{Matrix, ThreadPool};
 use powerinfer_gguf::GgmlType;
 
@@ -28,7 +28,7 @@ impl Rng {
     }
 }
 
-const TYPES: [GgmlType; 3] = [GgmlType::Q4_0, GgmlType::Q4_1, GgmlType::Q8_0];
+const TYPES: [GgmlType; 2] = [GgmlType::Q4_0, GgmlType::Q4_1];
 
 /// A random `rows x cols` matrix of `ty` (with an offset so Q4_1's minimums matter).
 fn random_down(rng: &mut Rng, ty: GgmlType, rows: usize, cols: usize) -> Vec<u8> {
@@ -95,15 +95,47 @@ fn axpy_matches_reference_and_threads() {
                     .iter()
                     .map(|_| if rng.unit() < 0.1 { 0.0 } else { rng.sym() })
                     .collect();
+                let raw_coef = coef.clone();
                 let mut scalar = vec![f32::NAN; n_embd];
                 grouped_axpy_scalar(&g, &ids, &coef, &mut scalar).unwrap();
-                // f64 reference over the dequantized original.
+                // f64 reference over the dequantized original, with the coefficients rounded
+                // to the weights' 8-bit activation type as the dense product sees them.
+                let mut full = vec![0.0f32; n_ff];
+                for (&i, &c) in ids.iter().zip(&coef) {
+                    full[i as usize] = c;
+                }
+                round_coefficients(ty, &mut full, &mut Vec::new()).unwrap();
+                let coef: Vec<f32> = ids.iter().map(|&i| full[i as usize]).collect();
+                // Q4_1: the minimums multiply the coefficient sum of each group as the dense
+                // product has it, Q8_1's f16 `s` (not the exact sum of the rounded values).
+                let mut q81 = vec![0u8; n_ff / 32 * 36];
+                if ty == GgmlType::Q4_1 {
+                    let mut raw_full = vec![0.0f32; n_ff];
+                    for (&i, &c) in ids.iter().zip(&raw_coef) {
+                        raw_full[i as usize] = c;
+                    }
+                    powerinfer_quant::quantize_row(GgmlType::Q8_1, &raw_full, &mut q81).unwrap();
+                }
+                let rb = data.len() / n_embd;
                 for j in 0..n_embd {
-                    let r: f64 = ids
+                    let mut r: f64 = ids
                         .iter()
                         .zip(&coef)
                         .map(|(&i, &c)| f64::from(c) * f64::from(w[j][i as usize]))
                         .sum();
+                    if ty == GgmlType::Q4_1 {
+                        for grp in 0..n_ff / 32 {
+                            let b = &data[j * rb + grp * 20..];
+                            let m = half::f16::from_le_bytes([b[2], b[3]]).to_f32();
+                            let sb = &q81[grp * 36..];
+                            let s_f16 = half::f16::from_le_bytes([sb[2], sb[3]]).to_f32();
+                            let exact: f64 = full[grp * 32..grp * 32 + 32]
+                                .iter()
+                                .map(|&v| f64::from(v))
+                                .sum();
+                            r += f64::from(m) * (f64::from(s_f16) - exact);
+                        }
+                    }
                     let scale: f64 = ids
                         .iter()
                         .zip(&coef)
@@ -115,9 +147,10 @@ fn axpy_matches_reference_and_threads() {
                         scalar[j]
                     );
                 }
+                let raw = &raw_coef;
                 for pool in &pools {
                     let mut out = vec![f32::NAN; n_embd];
-                    grouped_axpy(pool, &g, &ids, &coef, &mut out).unwrap();
+                    grouped_axpy(pool, &g, &ids, raw, &mut out).unwrap();
                     assert_eq!(
                         bits(&out),
                         bits(&scalar),
@@ -133,12 +166,14 @@ fn axpy_matches_reference_and_threads() {
 #[test]
 fn bad_operands_are_errors() {
     let mut rng = Rng(13);
-    let data = random_down(&mut rng, GgmlType::Q4_K, 32, 256);
-    let q4k = Matrix::new(GgmlType::Q4_K, 32, 256, &data).unwrap();
-    assert!(matches!(
-        GroupedDown::from_down(&q4k),
-        Err(SparseError::Cpu { .. })
-    ));
+    for ty in [GgmlType::Q4_K, GgmlType::Q8_0] {
+        let data = random_down(&mut rng, ty, 32, 256);
+        let m = Matrix::new(ty, 32, 256, &data).unwrap();
+        assert!(matches!(
+            GroupedDown::from_down(&m),
+            Err(SparseError::Cpu { .. })
+        ));
+    }
     // Rows (n_embd) not a multiple of 32.
     let data = random_down(&mut rng, GgmlType::Q4_0, 40, 64);
     let m = Matrix::new(GgmlType::Q4_0, 40, 64, &data).unwrap();
@@ -155,4 +190,33 @@ fn bad_operands_are_errors() {
     assert!(grouped_axpy(&pool, &g, &[64], &[1.0], &mut out).is_err());
     assert!(grouped_axpy(&pool, &g, &[1, 2], &[1.0], &mut out).is_err());
     assert!(grouped_axpy(&pool, &g, &[1], &[1.0], &mut out[..32]).is_err());
+}
+
+/// With every neuron active, the grouped product is the dense down product (the same 8-bit
+/// coefficients and integer block sums), up to the order of the float additions.
+#[test]
+fn every_neuron_equals_the_dense_product() {
+    let mut rng = Rng(14);
+    let pool = ThreadPool::new(2);
+    for ty in TYPES {
+        let (n_embd, n_ff) = (576, 1536);
+        let data = random_down(&mut rng, ty, n_embd, n_ff);
+        let down = Matrix::new(ty, n_embd, n_ff, &data).unwrap();
+        let g = GroupedDown::from_down(&down).unwrap();
+        let h: Vec<f32> = (0..n_ff).map(|_| rng.sym() * 3.0).collect();
+        let ids: Vec<u32> = (0..n_ff as u32).collect();
+        let mut grouped = vec![0.0; n_embd];
+        grouped_axpy(&pool, &g, &ids, &h, &mut grouped).unwrap();
+        let mut dense = vec![0.0; n_embd];
+        powerinfer_cpu::matvec(&pool, &down, &h, &mut dense).unwrap();
+        let scale = dense.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for j in 0..n_embd {
+            assert!(
+                (grouped[j] - dense[j]).abs() <= 1e-5 * scale,
+                "{ty} out {j}: grouped {} dense {} (max |out| {scale})",
+                grouped[j],
+                dense[j]
+            );
+        }
+    }
 }

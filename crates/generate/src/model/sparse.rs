@@ -364,7 +364,10 @@ impl SparseFfn {
                 next = i + 1;
             }
             g[next..].iter_mut().for_each(|v| *v = 0.0);
-            sparse::round_coefficients(m.down_type(), g, &mut b.round)?;
+            if m.down_grouped.is_none() {
+                // (The grouped product rounds them itself.)
+                sparse::round_coefficients(m.down_type(), g, &mut b.round)?;
+            }
         }
         match &self.down_grouped {
             Some(g) => {
