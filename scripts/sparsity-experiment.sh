@@ -12,8 +12,9 @@
 #
 # Environment: SPARSITIES ("0.3 0.4 0.5 0.6 0.7"), THREADS (2), MAX_TOKENS (profile tokens,
 # 20000), SAMPLES (4096), RECALL (0.99), TRAIN_FLAGS (extra train-predictor flags, default
-# "--max-hidden 256 --epochs 10"), PPL_CTX (512), N_GEN (128), REPS (3), WORK (output dir,
-# default <repo>/target/sparsity-<model name>).
+# "--max-hidden 256 --epochs 10"), PPL_CTX (512), N_GEN (128), REPS (3), SKIP_TG (set: no decode
+# speeds), POWERINFER_BIN (the binary; default: build and use target/release/powerinfer), WORK
+# (output dir, default <repo>/target/sparsity-<model name>).
 set -euo pipefail
 
 repo=$(cd "$(dirname "$0")/.." && pwd)
@@ -40,9 +41,9 @@ austen=$shared/data/austen
 calib=(-f "$austen/austen-mansfieldpark.txt" -f "$austen/austen-northangerabbey.txt"
     -f "$austen/austen-persuasion.txt" -f "$austen/austen-sensesensibility.txt")
 eval_text=$austen/austen-pp-100k.txt
-bin=$repo/target/release/powerinfer
+bin=${POWERINFER_BIN:-$repo/target/release/powerinfer}
 
-(cd "$repo" && cargo build --release -q -p powerinfer-cli)
+[ -n "${POWERINFER_BIN:-}" ] || (cd "$repo" && cargo build --release -q -p powerinfer-cli)
 mkdir -p "$work"
 out=$work/results.jsonl
 : >"$out"
@@ -79,11 +80,15 @@ for s in $sparsities; do
     [ -n "${dense_ppl:-}" ] || dense_ppl=$(ppl "$model")
     pred_ppl=$(ppl "$pwri")
     thr_ppl=$(ppl "$pwri" --sparse-mode threshold)
-    # decode speeds back to back, so that they share the machine's state
-    dense_tg=$(tg "$model")
-    pred_tg=$(tg "$pwri")
-    thr_tg=$(tg "$pwri" --sparse-mode threshold)
-    dense_tg2=$(tg "$model")
+    # decode speeds back to back, so that they share the machine's state (SKIP_TG=1: none)
+    if [ -n "${SKIP_TG:-}" ]; then
+        dense_tg=0 pred_tg=0 thr_tg=0 dense_tg2=0
+    else
+        dense_tg=$(tg "$model")
+        pred_tg=$(tg "$pwri")
+        thr_tg=$(tg "$pwri" --sparse-mode threshold)
+        dense_tg2=$(tg "$model")
+    fi
     # the training's held-out recall, precision and shares of neurons predicted / truly active
     read -r q_recall q_precision q_pred q_true < <(sed -n 's/^mean: recall \([0-9.]*\), precision \([0-9.]*\), predicted \([0-9.]*\)%, active \([0-9.]*\)%.*/\1 \2 \3 \4/p' "$work/train-s$s.txt")
     echo "{\"sparsity\":$s,\"dense_ppl\":$dense_ppl,\"pred_ppl\":$pred_ppl,\"thr_ppl\":$thr_ppl,\"dense_tg\":$dense_tg,\"dense_tg2\":$dense_tg2,\"pred_tg\":$pred_tg,\"thr_tg\":$thr_tg,\"recall\":$q_recall,\"precision\":$q_precision,\"predicted_pct\":$q_pred,\"true_pct\":$q_true}" | tee -a "$out"
@@ -96,7 +101,7 @@ print("| target sparsity | PPL dense | PPL threshold | change | PPL predicted | 
 print("|---|---|---|---|---|---|---|---|---|---|")
 for r in rows:
     d = r["dense_ppl"]
-    dtg = (r["dense_tg"] + r["dense_tg2"]) / 2
+    dtg = (r["dense_tg"] + r["dense_tg2"]) / 2 or float("nan")
     print(f'| {r["sparsity"]:.0%} | {d:.3f} | {r["thr_ppl"]:.3f} | {100 * (r["thr_ppl"] / d - 1):+.2f}% | '
           f'{r["pred_ppl"]:.3f} | {100 * (r["pred_ppl"] / d - 1):+.2f}% | {r["predicted_pct"]:.1f}% ({r["recall"]:.3f}) | '
           f'{dtg:.1f} | {r["thr_tg"]:.1f} ({r["thr_tg"] / dtg:.2f}x) | {r["pred_tg"]:.1f} ({r["pred_tg"] / dtg:.2f}x) |')

@@ -194,8 +194,20 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         train_secs
     );
 
+    // The predictor input is the residual stream, converted to f16 by an F16 fc1 product:
+    // keep fc1 in F32 when the profiled inputs come within 4x of f16's largest value.
+    let x_max = profile
+        .layers
+        .iter()
+        .flat_map(|l| l.x.iter())
+        .fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
+    let fc1_f32 = x_max > 65504.0 / 4.0;
+    if fc1_f32 {
+        eprintln!("predictor inputs reach {x_max:.0}: fc1 stored in F32 (beyond f16's range)");
+    }
     let opts = PwriOptions {
         keep_down: true,
+        fc1_f32,
         down_t,
         ffn_activation: profile.ffn_activation.clone(),
         sparsity_target: profile.sparsity_target,

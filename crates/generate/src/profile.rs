@@ -185,11 +185,11 @@ impl FfnObserver for Collector {
                     if let Some(s) = slot {
                         let xrow = &input[k * d..(k + 1) * d];
                         if s * d == lp.x.len() {
-                            lp.x.extend(xrow.iter().map(|&v| half::f16::from_f32(v)));
+                            lp.x.extend(xrow.iter().map(|&v| half::bf16::from_f32(v)));
                             lp.active.extend_from_slice(&mask);
                         } else {
                             for (dst, &v) in lp.x[s * d..(s + 1) * d].iter_mut().zip(xrow) {
-                                *dst = half::f16::from_f32(v);
+                                *dst = half::bf16::from_f32(v);
                             }
                             lp.active[s * mb..(s + 1) * mb].copy_from_slice(&mask);
                         }

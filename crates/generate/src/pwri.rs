@@ -4,7 +4,8 @@
 //! `blk.N.ffn_down_t.weight`: its transpose (`n_ff` rows of `n_embd`, one row per neuron) in the
 //! type [`DownTType`] picks (by default: float sources keep their type, quantized ones become
 //! Q8_0, since quantizing a 4-bit matrix again along the other axis doubles its error). After it come the layer's predictor tensors
-//! `blk.N.fc1.weight` (ggml shape `[n_embd, H]`) and `blk.N.fc2.weight` (`[H, n_ff]`) in F16.
+//! `blk.N.fc1.weight` (ggml shape `[n_embd, H]`; F16, or F32 when the predictor input exceeds
+//! f16's range) and `blk.N.fc2.weight` (`[H, n_ff]`, F16).
 //! Metadata: the source's keys plus `powerinfer.sparse_threshold` (f32: the lowest per-layer
 //! threshold, for readers that know no per-layer values), `powerinfer.sparse_thresholds` (f32
 //! array, one per layer), `powerinfer.ffn_activation` (`relu`, `silu` or `gelu`),
@@ -93,6 +94,10 @@ pub struct PwriOptions {
     /// (`powerinfer_cpu::grouped`), instead of from the requantized `ffn_down_t` (which stays
     /// for the reference PowerInfer). Costs the down matrix's bytes in the file.
     pub keep_down: bool,
+    /// Store `fc1` in F32 instead of F16: needed when the predictor's input (the residual
+    /// stream) can exceed f16's range (Gemma 3's does), since an F16 product converts its input
+    /// to f16. The values are the same f16-rounded weights either way.
+    pub fc1_f32: bool,
 }
 
 /// What [`write_pwri`] wrote.
@@ -335,7 +340,11 @@ fn write_impl(
             )?;
             w.add_tensor_info(
                 format!("blk.{layer}.fc1.weight"),
-                GgmlType::F16,
+                if opts.fc1_f32 {
+                    GgmlType::F32
+                } else {
+                    GgmlType::F16
+                },
                 &[n_embd as u64, h],
             )?;
             w.add_tensor_info(
@@ -440,7 +449,15 @@ fn write_impl(
             Plan::Fc1(layer) => {
                 s.write_tensor_data(
                     &format!("blk.{layer}.fc1.weight"),
-                    &f16_bytes(&predictors[*layer].fc1),
+                    &if opts.fc1_f32 {
+                        predictors[*layer]
+                            .fc1
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect()
+                    } else {
+                        f16_bytes(&predictors[*layer].fc1)
+                    },
                 )?;
             }
             Plan::Fc2(layer) => {

@@ -142,6 +142,7 @@ fn profile_train_write_load() {
     let out = tmp("tiny.pwri.gguf");
     let opts = PwriOptions {
         keep_down: true,
+        fc1_f32: false,
         down_t: Default::default(),
         ffn_activation: p.ffn_activation.clone(),
         sparsity_target: p.sparsity_target,
@@ -335,6 +336,7 @@ fn smollm2_profile() {
     let out = tmp("smollm2.pwri.gguf");
     let opts = PwriOptions {
         keep_down: true,
+        fc1_f32: false,
         down_t: Default::default(),
         ffn_activation: p.ffn_activation.clone(),
         sparsity_target: p.sparsity_target,
@@ -463,6 +465,7 @@ fn gemma3_pwri_requantizes_and_loads() {
     let out = tmp("gemma.pwri.gguf");
     let opts = PwriOptions {
         keep_down: true,
+        fc1_f32: false,
         down_t: Default::default(),
         ffn_activation: "gelu".into(),
         sparsity_target: 0.5,

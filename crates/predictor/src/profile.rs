@@ -7,7 +7,7 @@
 //! |---|---|---|---|
 //! | `blk.{i}.ffn_counts` | I64 | `[n_ff]` | tokens in which the neuron was active |
 //! | `blk.{i}.threshold` | F32 | `[1]` | the activity threshold `t`: active iff `\|h\| > t` (0 with the `nonzero` rule) |
-//! | `blk.{i}.x` | F16 | `[S, n_embd]` | sampled predictor inputs (the FFN input, before its norm) |
+//! | `blk.{i}.x` | BF16 | `[S, n_embd]` | sampled predictor inputs (the FFN input, before its norm; bfloat16 because residual streams such as Gemma 3's exceed f16's range; F16 is read too) |
 //! | `blk.{i}.active` | U8 | `[S, ceil(n_ff/8)]` | the sampled tokens' activity, neuron `j` in byte `j/8`, bit `j%8` (least significant first) |
 //!
 //! and string metadata: `format` (`powerinfer-profile`), `version` (`1`), the model identity
@@ -18,7 +18,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use half::f16;
+use half::bf16;
 use powerinfer_gguf::{GgufFile, MetadataError};
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
@@ -253,8 +253,9 @@ pub struct LayerProfile {
     pub counts: Vec<i64>,
     /// The activity threshold (0 for [`ActivityRule::NonZero`]).
     pub threshold: f32,
-    /// Sampled predictor inputs, `n_samples x n_embd` row-major.
-    pub x: Vec<f16>,
+    /// Sampled predictor inputs, `n_samples x n_embd` row-major (bfloat16: the residual stream
+    /// can exceed f16's range).
+    pub x: Vec<bf16>,
     /// Sampled activity masks, `n_samples x mask_bytes(n_ff)` (see [`mask_bytes`]).
     pub active: Vec<u8>,
 }
@@ -424,7 +425,7 @@ impl Profile {
             ));
             bufs.push((
                 format!("blk.{i}.x"),
-                Dtype::F16,
+                Dtype::BF16,
                 vec![s, id.n_embd],
                 l.x.iter().flat_map(|v| v.to_bits().to_le_bytes()).collect(),
             ));
@@ -549,7 +550,15 @@ impl Profile {
             let (mut x, mut active) = (Vec::new(), Vec::new());
             let xn = format!("blk.{i}.x");
             let an = format!("blk.{i}.active");
-            let xt = get_tensor(&st, &xn, Dtype::F16, Some(n_embd))?;
+            // BF16 (written since the residual streams of some models overflow f16), or F16
+            // (profiles written before).
+            let x_f16 = st.tensor(&xn).is_ok_and(|t| t.dtype() == Dtype::F16);
+            let xt = get_tensor(
+                &st,
+                &xn,
+                if x_f16 { Dtype::F16 } else { Dtype::BF16 },
+                Some(n_embd),
+            )?;
             let at = get_tensor(&st, &an, Dtype::U8, Some(mask_bytes(n_ff)))?;
             if xt.shape()[0] != at.shape()[0] {
                 return Err(ProfileError::BadTensor {
@@ -561,7 +570,14 @@ impl Profile {
                 x = xt
                     .data()
                     .chunks_exact(2)
-                    .map(|b| f16::from_bits(u16::from_le_bytes([b[0], b[1]])))
+                    .map(|b| {
+                        let bits = u16::from_le_bytes([b[0], b[1]]);
+                        if x_f16 {
+                            bf16::from_f32(half::f16::from_bits(bits).to_f32())
+                        } else {
+                            bf16::from_bits(bits)
+                        }
+                    })
                     .collect();
                 active = at.data().to_vec();
             }

@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use half::f16;
+use half::bf16;
 use powerinfer_gguf::GgufFile;
 use powerinfer_predictor::profile::{
     ActivityRule, LayerProfile, ModelIdentity, Profile, ProfileError, mask_bytes,
@@ -28,8 +28,12 @@ fn random_profile(n_layer: usize, n_embd: usize, n_ff: usize, seed: u64) -> Prof
             LayerProfile {
                 counts: (0..n_ff).map(|_| (rng.next_u64() % 1000) as i64).collect(),
                 threshold: (rng.next_u64() % 100) as f32 / 37.0,
+                // Some inputs beyond f16's range (Gemma 3's residual stream reaches them).
                 x: (0..s * n_embd)
-                    .map(|_| f16::from_f32((rng.next_u64() % 2001) as f32 / 100.0 - 10.0))
+                    .map(|k| {
+                        let v = (rng.next_u64() % 2001) as f32 / 100.0 - 10.0;
+                        bf16::from_f32(if k % 7 == 0 { v * 1e4 } else { v })
+                    })
                     .collect(),
                 active: (0..s * mask_bytes(n_ff))
                     .map(|_| rng.next_u64() as u8)

@@ -1,7 +1,6 @@
 //! Predictor training: gradients against a scalar reference and finite differences, recovery
 //! of a known low-rank predictor, failure on unpredictable labels, determinism, errors.
 
-use half::f16;
 use ndarray::Array2;
 use powerinfer_predictor::profile::{
     ActivityRule, LayerProfile, ModelIdentity, Profile, mask_bytes,
@@ -185,7 +184,7 @@ fn profile_from(datas: &[LayerData]) -> Profile {
         .map(|data| {
             let mut l = LayerProfile::new(n_ff, 0.0);
             for s in 0..data.n_samples() {
-                l.x.extend(data.x_row(s).iter().map(|&v| f16::from_f32(v)));
+                l.x.extend(data.x_row(s).iter().map(|&v| half::bf16::from_f32(v)));
                 let mut m = vec![0u8; mask_bytes(n_ff)];
                 for j in 0..n_ff {
                     if data.label(s, j) {
