@@ -311,7 +311,11 @@ impl Model {
             other => return Err(ModelError::UnknownArchitecture(other.to_owned())),
         };
         let bos = file.get_u32("tokenizer.ggml.bos_token_id").ok();
-        let legacy_attention = file.magic() == powerinfer_gguf::Magic::Pwri;
+        // The reference's own files (which never name their FFN activation) get its attention
+        // numerics; the PWRI files our `train-predictor` writes from a dense model keep that
+        // model's (today's llama.cpp's).
+        let legacy_attention = file.magic() == powerinfer_gguf::Magic::Pwri
+            && file.get(sparse::FFN_ACTIVATION_KEY).is_none();
         Ok(Self {
             file,
             config: parts.config,
@@ -329,8 +333,9 @@ impl Model {
     }
 
     /// Uses the attention numerics of llama.cpp before flash attention (late 2023, what the
-    /// reference PowerInfer computes) instead of today's llama.cpp; on by default for PowerInfer
-    /// files, so that their results match the reference's.
+    /// reference PowerInfer computes) instead of today's llama.cpp; on by default for the
+    /// reference's PowerInfer files (PWRI without `powerinfer.ffn_activation`), so that their
+    /// results match the reference's.
     pub fn set_legacy_attention(&mut self, on: bool) {
         self.legacy_attention = on;
     }
