@@ -216,7 +216,11 @@ fn fixture_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/falcon-llamacpp")
 }
 
-/// Writes the dense test models for llama.cpp (see the module docs).
+/// Writes the dense test models for llama.cpp (see the module docs). Ignored because it checks
+/// nothing: it is the first step of regenerating the committed llama.cpp fixtures, run by hand
+/// (`FALCON_FIXTURE_DIR=/tmp/falcon cargo test -p powerinfer-generate --test falcon
+/// write_fixture_models -- --ignored`, then the commands in `tests/data/falcon-llamacpp/README.md`).
+/// The checks against those fixtures run in CI (`dense_falcon_matches_llamacpp` and the others).
 #[test]
 #[ignore = "writes the fixture models for the llama.cpp run (FALCON_FIXTURE_DIR); not a check"]
 fn write_fixture_models() {
