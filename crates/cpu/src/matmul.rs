@@ -122,6 +122,8 @@ pub struct ActBuffer {
     n_tokens: usize,
     row_bytes: usize,
     data: Vec<u8>,
+    /// What the multi-token kernels read besides `data` (`powerinfer_quant::gemm::act_scales`).
+    gemm_scales: Vec<f32>,
 }
 
 impl std::fmt::Debug for ActBuffer {
@@ -182,6 +184,14 @@ impl ActBuffer {
                 (kernels.quantize_act)(src, dst);
             }
         }
+        powerinfer_quant::gemm::act_scales(
+            kernels,
+            cols,
+            &self.data,
+            rb,
+            n_tokens,
+            &mut self.gemm_scales,
+        );
         self.kernels = Some(kernels);
         self.cols = cols;
         self.n_tokens = n_tokens;
@@ -524,10 +534,12 @@ pub fn matmul_quantized(
             for g0 in (t0..t1).step_by(GEMM_TOKENS) {
                 let g1 = (g0 + GEMM_TOKENS).min(t1);
                 let a = &acts_tile[(g0 - t0) * acts.row_bytes..(g1 - t0) * acts.row_bytes];
+                let ss = powerinfer_quant::gemm::scale_stride(cols);
+                let scales = acts.gemm_scales.get(g0 * ss..).unwrap_or(&[]);
                 for r in r0..r1 {
                     let row = &w.data[r * rb..(r + 1) * rb];
                     let part = &mut buf[..g1 - g0];
-                    gemm(cols, row, a, acts.row_bytes, part);
+                    gemm(cols, row, a, acts.row_bytes, scales, part);
                     for (t, &v) in (g0..g1).zip(part.iter()) {
                         // SAFETY: element (t, r) belongs to exactly one tile, and each tile
                         // index is handed to exactly one thread by `for_each_chunk`.

@@ -9,7 +9,8 @@
 //! and token-by-token decoding agree exactly.
 //!
 //! ```
-//! use powerinfer_quant::{GgmlType, gemm::gemm_for, kernels, quantize_row, row_bytes};
+//! use powerinfer_quant::gemm::{act_scales, gemm_for};
+//! use powerinfer_quant::{GgmlType, kernels, quantize_row, row_bytes};
 //!
 //! let n = 256;
 //! let k = kernels(GgmlType::Q8_0).unwrap();
@@ -21,8 +22,10 @@
 //!     (k.quantize_act)(&vec![t as f32; n], a);
 //! }
 //! if let Some(gemm) = gemm_for(k) {
+//!     let mut scales = Vec::new();
+//!     act_scales(k, n, &acts, arb, 3, &mut scales);
 //!     let mut out = [0.0f32; 3];
-//!     gemm(n, &w, &acts, arb, &mut out);
+//!     gemm(n, &w, &acts, arb, &scales, &mut out);
 //!     for (t, a) in acts.chunks_exact(arb).enumerate() {
 //!         assert_eq!(out[t].to_bits(), (k.vec_dot)(n, &w, a).to_bits());
 //!     }
@@ -43,7 +46,46 @@ mod x86;
 /// vec_dot type, token `j` starting at byte `j * act_stride`. Like `vec_dot`, a hot-path
 /// function pointer without per-call checks: buffers too short make it panic (never read out
 /// of bounds).
-pub type GemmFn = fn(n: usize, w: &[u8], acts: &[u8], act_stride: usize, out: &mut [f32]);
+///
+/// `scales` holds what [`act_scales`] computes for these activations (the kernels of the formats
+/// with Q8_0 activations read the activations' block scales from it, converted once per product
+/// instead of once per weight row); other kernels ignore it.
+pub type GemmFn =
+    fn(n: usize, w: &[u8], acts: &[u8], act_stride: usize, scales: &[f32], out: &mut [f32]);
+
+/// Floats per token in [`act_scales`]' output for rows of `n` elements: one per 32-element
+/// block, rounded up to a multiple of 8.
+pub fn scale_stride(n: usize) -> usize {
+    (n / 32).div_ceil(8) * 8
+}
+
+/// The per-token data a [`GemmFn`] for `k` reads besides the activations, into `out`
+/// (replacing its contents): for Q8_0 activations, every block's f16 scale as f32,
+/// [`scale_stride`]`(n)` floats per token, zero-padded; nothing for other activation types.
+/// `acts` holds `n_tokens` tokens of `n` elements, token `j` at byte `j * act_stride`.
+///
+/// Panics if `acts` is too short.
+pub fn act_scales(
+    k: &TypeKernels,
+    n: usize,
+    acts: &[u8],
+    act_stride: usize,
+    n_tokens: usize,
+    out: &mut Vec<f32>,
+) {
+    out.clear();
+    if k.act_ty != crate::GgmlType::Q8_0 {
+        return;
+    }
+    let (nb, ss) = (n / 32, scale_stride(n));
+    out.resize(n_tokens * ss, 0.0);
+    for (t, dst) in out.chunks_exact_mut(ss).enumerate() {
+        let a = &acts[t * act_stride..t * act_stride + 34 * nb];
+        for (d, blk) in dst.iter_mut().zip(a.chunks_exact(34)) {
+            *d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        }
+    }
+}
 
 /// A multi-token kernel whose every output equals `k.vec_dot`'s bit for bit, if this build and
 /// CPU have one for `k` (x86-64 AVX2 kernels of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K and Q6_K; the

@@ -92,18 +92,20 @@ macro_rules! driver {
         driver!($name, $kern, NT);
     };
     ($name:ident, $kern:ident, $nt:expr) => {
-        fn $name(n: usize, w: &[u8], acts: &[u8], stride: usize, out: &mut [f32]) {
+        fn $name(n: usize, w: &[u8], acts: &[u8], stride: usize, scales: &[f32], out: &mut [f32]) {
+            let ss = crate::gemm::scale_stride(n);
+            let sc = |t: usize| scales.get(t * ss..).unwrap_or(&[]);
             let mut t = 0;
             while t + $nt <= out.len() {
                 // SAFETY: handed out by `gemm_for` / `variants` only after the kernel's target
                 // features were detected at run time.
-                let r = unsafe { $kern::<{ $nt }>(n, w, &acts[t * stride..], stride) };
+                let r = unsafe { $kern::<{ $nt }>(n, w, &acts[t * stride..], stride, sc(t)) };
                 out[t..t + $nt].copy_from_slice(&r);
                 t += $nt;
             }
             while t < out.len() {
                 // SAFETY: as above.
-                let r = unsafe { $kern::<1>(n, w, &acts[t * stride..], stride) };
+                let r = unsafe { $kern::<1>(n, w, &acts[t * stride..], stride, sc(t)) };
                 out[t] = r[0];
                 t += 1;
             }
@@ -216,15 +218,26 @@ fn rd_f32(b: &[u8], off: usize) -> f32 {
 macro_rules! q8_family {
     ($name:ident, $feat:literal, $mul:ident, $wsz:expr, |$x:ident| $decode:block) => {
         #[target_feature(enable = $feat)]
-        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            scales: &[f32],
+        ) -> [f32; N] {
             let mut acc = [_mm256_setzero_ps(); N];
             let nb = n / 32;
+            let ss = crate::gemm::scale_stride(n);
             let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 34 * nb]);
+            // Token j's activation scales as f32 (`act_scales`), 8 per group, zero-padded.
+            let dys: [&[f32]; N] = arr!(N, &[][..], |j| &scales[j * ss..(j + 1) * ss]);
             let w = &w[..nb * $wsz];
             for (g, wc) in w.chunks($wsz * 8).enumerate() {
-                // `dx * dy` of up to 8 blocks per token, converted 8 at a time.
-                let mut dd: [[f32; 8]; N] =
-                    arr!(N, [0f32; 8], |j| dd8(wc, $wsz, &ys[j][g * 8 * 34..], 34));
+                // `dx * dy` of up to 8 blocks per token: the weight scales converted once for
+                // all tokens, the activations' once per product (`act_scales`). Gathering both
+                // per token and weight row took as long as the products.
+                let dx = dx8(wc, $wsz);
+                let mut dd: [[f32; 8]; N] = arr!(N, [0f32; 8], |j| mul8(dx, &dys[j][8 * g..]));
                 // Keep the products in memory: each is then broadcast by a load instead of
                 // being extracted from a register (two shuffles per block and token).
                 std::hint::black_box(&mut dd);
@@ -244,28 +257,32 @@ macro_rules! q8_family {
     };
 }
 
-/// `f16 d_x * f16 d_y` for up to 8 consecutive block pairs, 8 conversions at a time.
+/// The f16 scales (first two bytes) of up to 8 consecutive blocks of `wsz` bytes as f32
+/// (zero for missing blocks).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn dd8(w: &[u8], wsz: usize, a: &[u8], asz: usize) -> [f32; 8] {
+fn dx8(w: &[u8], wsz: usize) -> __m256 {
     let mut hx = [0u16; 8];
-    let mut hy = [0u16; 8];
-    for (i, (x, y)) in w
-        .chunks_exact(wsz)
-        .zip(a.chunks_exact(asz))
-        .take(8)
-        .enumerate()
-    {
-        hx[i] = u16::from_le_bytes([x[0], x[1]]);
-        hy[i] = u16::from_le_bytes([y[0], y[1]]);
+    for (h, x) in hx.iter_mut().zip(w.chunks_exact(wsz)) {
+        *h = u16::from_le_bytes([x[0], x[1]]);
     }
+    // SAFETY: `hx` is 16 readable bytes; unaligned load.
+    _mm256_cvtph_ps(unsafe { _mm_loadu_si128(hx.as_ptr().cast()) })
+}
+
+/// `dx * dy[..8]` lane by lane: the f32 products the single-row kernels compute.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul8(dx: __m256, dy: &[f32]) -> [f32; 8] {
+    let dy = &dy[..8];
     let mut out = [0f32; 8];
-    // SAFETY: `hx`/`hy` are 16 readable bytes each, `out` 32 writable bytes; unaligned ops.
+    // SAFETY: `dy` is exactly 8 readable floats, `out` 8 writable ones; unaligned ops.
     unsafe {
-        let vx = _mm256_cvtph_ps(_mm_loadu_si128(hx.as_ptr().cast()));
-        let vy = _mm256_cvtph_ps(_mm_loadu_si128(hy.as_ptr().cast()));
-        _mm256_storeu_ps(out.as_mut_ptr(), _mm256_mul_ps(vx, vy));
-    }
+        _mm256_storeu_ps(
+            out.as_mut_ptr(),
+            _mm256_mul_ps(dx, _mm256_loadu_ps(dy.as_ptr())),
+        )
+    };
     out
 }
 
@@ -330,7 +347,13 @@ q8_family!(
 macro_rules! q4_1_kernel {
     ($name:ident, $feat:literal, $mul:ident) => {
         #[target_feature(enable = $feat)]
-        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            _scales: &[f32],
+        ) -> [f32; N] {
             let mut acc = [_mm256_setzero_ps(); N];
             let mut summs = [_mm_setzero_ps(); N];
             let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
@@ -409,7 +432,13 @@ fn k4_mins_dot(sm: __m256i, y: &[u8]) -> __m128i {
 macro_rules! q4_k_kernel {
     ($name:ident, $feat:literal) => {
         #[target_feature(enable = $feat)]
-        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            _scales: &[f32],
+        ) -> [f32; N] {
             let mut acc = [_mm256_setzero_ps(); N];
             let mut accm = [_mm_setzero_ps(); N];
             let m4 = _mm256_set1_epi8(0x0F);
@@ -475,7 +504,13 @@ q4_k_kernel!(
 macro_rules! q6_k_kernel {
     ($name:ident, $feat:literal) => {
         #[target_feature(enable = $feat)]
-        fn $name<const N: usize>(n: usize, w: &[u8], acts: &[u8], stride: usize) -> [f32; N] {
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            _scales: &[f32],
+        ) -> [f32; N] {
             let mut acc = [_mm256_setzero_ps(); N];
             let m4 = _mm256_set1_epi8(0x0F);
             let m2 = _mm256_set1_epi8(3);

@@ -1,7 +1,7 @@
 //! Multi-token kernels (`gemm`) against the single-row `vec_dot` they stand in for: every
 //! output must be bit for bit the same, on awkward sizes and token counts.
 
-use powerinfer_quant::gemm::{gemm_for, gemm_variants};
+use powerinfer_quant::gemm::{act_scales, gemm_for, gemm_variants};
 use powerinfer_quant::{GgmlType, all_kernels, quantize_row, row_bytes};
 
 struct SplitMix(u64);
@@ -76,8 +76,10 @@ fn gemm_matches_vec_dot_bit_for_bit() {
                                     }
                                 }
                             }
+                            let mut scales = vec![f32::NAN; 3];
+                            act_scales(&k, n, &acts, stride, n_tok, &mut scales);
                             let mut out = vec![f32::NAN; n_tok];
-                            gemm(n, &w, &acts, stride, &mut out);
+                            gemm(n, &w, &acts, stride, &scales, &mut out);
                             for (t, o) in out.iter().enumerate() {
                                 let a = &acts[t * stride..t * stride + arb];
                                 let want = (k.vec_dot)(n, &w, a);
