@@ -240,6 +240,39 @@ impl Drop for Model {
     }
 }
 
+/// Debug aid (`LLAMACPP_DUMP` set, see the README): every contiguous F32 graph tensor whose
+/// name is asked for, as one JSON line on stderr.
+unsafe extern "C" fn dump_cb(t: *mut sys::ggml_tensor, ask: bool, _u: *mut c_void) -> bool {
+    if ask {
+        // SAFETY: debugging aid.
+        let name = unsafe { CStr::from_ptr((*t).name.as_ptr()) }
+            .to_string_lossy()
+            .into_owned();
+        return match std::env::var("LLAMACPP_DUMP").as_deref() {
+            Ok("none") => false,
+            Ok(prefix) if prefix != "1" => name.starts_with(prefix),
+            _ => true,
+        };
+    }
+    // SAFETY: debugging aid; the scheduler hands a live CPU tensor.
+    unsafe {
+        let t = &*t;
+        let name = CStr::from_ptr(t.name.as_ptr())
+            .to_string_lossy()
+            .into_owned();
+        let n = (t.ne[0] * t.ne[1] * t.ne[2] * t.ne[3]) as usize;
+        let contiguous = t.nb[0] == 4
+            && t.nb[1] == 4 * t.ne[0] as usize
+            && t.nb[2] == t.nb[1] * t.ne[1] as usize;
+        if t.type_ == sys::GGML_TYPE_F32 && contiguous && !t.data.is_null() {
+            let d = std::slice::from_raw_parts(t.data as *const f32, n);
+            let bits: Vec<u32> = d.iter().map(|v| v.to_bits()).collect();
+            eprintln!("{}", json!({"name": name, "ne": t.ne, "bits": bits}));
+        }
+    }
+    true
+}
+
 /// Context settings taken from the command line.
 #[derive(Clone, Copy, Debug)]
 struct CtxOpts {
@@ -267,6 +300,9 @@ impl<'m> Ctx<'m> {
         p.n_threads_batch = o.threads;
         p.flash_attn_type = o.flash_attn;
         p.no_perf = true;
+        if std::env::var_os("LLAMACPP_DUMP").is_some() {
+            p.cb_eval = Some(dump_cb);
+        }
         // SAFETY: live model; params by value.
         let ptr = unsafe { sys::llama_init_from_model(model.ptr.as_ptr(), p) };
         NonNull::new(ptr)

@@ -516,6 +516,14 @@ pub fn matmul_quantized(
     let n_tiles = n_token_tiles * n_row_tiles;
     let cols = w.cols;
     let gemm = powerinfer_quant::gemm::gemm_for(k);
+    // llama.cpp computes some types (Q4_K) in another float order for whole groups of 4
+    // tokens of a batch; its first `split` tokens follow that order here too.
+    let grouped = powerinfer_quant::gemm::grouped_for(k);
+    let split = if grouped.is_some() {
+        n_tokens - n_tokens % 4
+    } else {
+        0
+    };
     let out = SharedSlice::new(y);
     let tile = |t_idx: usize| {
         // Row-tile major: consecutive tiles share weight rows, which stay in cache.
@@ -531,28 +539,41 @@ pub fn matmul_quantized(
             // Token groups outside, rows inside: the group's activations stay in L1 and each
             // token's outputs are written to consecutive addresses.
             let mut buf = [0f32; GEMM_TOKENS];
-            for g0 in (t0..t1).step_by(GEMM_TOKENS) {
-                let g1 = (g0 + GEMM_TOKENS).min(t1);
+            let mut g0 = t0;
+            while g0 < t1 {
+                // Groups never straddle `split`.
+                let mut g1 = (g0 + GEMM_TOKENS).min(t1);
+                if g0 < split {
+                    g1 = g1.min(split);
+                }
+                let kernel = match grouped {
+                    Some((g, _)) if g0 < split => g,
+                    _ => gemm,
+                };
                 let a = &acts_tile[(g0 - t0) * acts.row_bytes..(g1 - t0) * acts.row_bytes];
                 let ss = powerinfer_quant::gemm::scale_stride(cols);
                 let scales = acts.gemm_scales.get(g0 * ss..).unwrap_or(&[]);
                 for r in r0..r1 {
                     let row = &w.data[r * rb..(r + 1) * rb];
                     let part = &mut buf[..g1 - g0];
-                    gemm(cols, row, a, acts.row_bytes, scales, part);
+                    kernel(cols, row, a, acts.row_bytes, scales, part);
                     for (t, &v) in (g0..g1).zip(part.iter()) {
                         // SAFETY: element (t, r) belongs to exactly one tile, and each tile
                         // index is handed to exactly one thread by `for_each_chunk`.
                         unsafe { out.write(t * rows + r, v) };
                     }
                 }
+                g0 = g1;
             }
             return;
         }
         for r in r0..r1 {
             let row = &w.data[r * rb..(r + 1) * rb];
             for (t, act) in (t0..t1).zip(acts_tile.chunks_exact(acts.row_bytes)) {
-                let v = (k.vec_dot)(cols, row, act);
+                let v = match grouped {
+                    Some((_, dot)) if t < split => dot(cols, row, act),
+                    _ => (k.vec_dot)(cols, row, act),
+                };
                 // SAFETY: element (t, r) belongs to exactly one tile, and each tile index is
                 // handed to exactly one thread by `for_each_chunk`.
                 unsafe { out.write(t * rows + r, v) };

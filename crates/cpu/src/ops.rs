@@ -402,7 +402,8 @@ const SQRT_2_OVER_PI: f32 = 0.797_884_6;
 /// `0.5 x (1 + tanh(sqrt(2/pi) x (1 + 0.044715 x^2)))`.
 #[inline]
 pub fn gelu_tanh(x: f32) -> f32 {
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + GELU_COEF_A * x * x)).tanh())
+    // `1 + a x x` fused, as GCC contracts ggml's `1.0f + GELU_COEF_A*x*x` in an FMA build.
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (GELU_COEF_A * x).mul_add(x, 1.0)).tanh())
 }
 
 fn gelu_table() -> &'static [u16] {
@@ -472,7 +473,7 @@ pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), OpsError> 
     check_len("geglu", "out", gate.len(), out.len())?;
     let t = gelu_table();
     for ((o, &g), &u) in out.iter_mut().zip(gate).zip(up) {
-        *o = gelu_with(t, g) * u;
+        *o = geglu_one(t, g, u);
     }
     Ok(())
 }
@@ -482,9 +483,20 @@ pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) -> Result<(), OpsError> {
     check_len("geglu", "up", gate.len(), up.len())?;
     let t = gelu_table();
     for (g, &u) in gate.iter_mut().zip(up) {
-        *g = gelu_with(t, *g) * u;
+        *g = geglu_one(t, *g, u);
     }
     Ok(())
+}
+
+/// One GeGLU output as `ggml_vec_geglu_f32` computes it: exactly `+0` below -10 (not
+/// `0 * u`, which would keep `u`'s sign), `x * u` from 10 on, the table otherwise.
+#[inline]
+fn geglu_one(table: &[u16], x: f32, u: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else {
+        gelu_with(table, x) * u
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -524,7 +536,8 @@ pub fn rope_cache(pos: f32, base: f32, freq_scale: f32, cache: &mut [f32]) -> Re
 
 /// Rotate every head of `x` (`x.len()` a multiple of `head_dim`) by the angles in `cache` (from
 /// [`rope_cache`]; its length is the number of rotated dimensions `n_dims <= head_dim`; the rest of
-/// each head passes through).
+/// each head passes through). Each pair is rotated as ggml computes it in an FMA build:
+/// `(fma(x0, cos, -(x1 sin)), fma(x0, sin, x1 cos))`.
 pub fn rope_apply(
     x: &mut [f32],
     head_dim: usize,
@@ -557,8 +570,10 @@ pub fn rope_apply(
             };
             let x0 = head[a];
             let x1 = head[b];
-            head[a] = x0 * c - x1 * s;
-            head[b] = x0 * s + x1 * c;
+            // ggml's `rotate_pairs` as GCC contracts it in an FMA build:
+            // `fma(x0, c, -(x1 s))` and `fma(x0, s, x1 c)`.
+            head[a] = x0.mul_add(c, -(x1 * s));
+            head[b] = x0.mul_add(s, x1 * c);
         }
     }
     Ok(())
@@ -1346,7 +1361,12 @@ fn attention_unchecked(
                     // `acc = acc * ms + v * vs`, each product rounded on its own (no FMA)
                     scale_axpy_f32(acc, ms, &sc.v, vs);
                 }
-                sc.s[hh] = sc.s[hh] * ms + vs;
+                // ggml's `S = S*ms + vs`, which GCC contracts into one FMA in the one-row kernel
+                sc.s[hh] = if f16_acc {
+                    sc.s[hh].mul_add(ms, vs)
+                } else {
+                    sc.s[hh] * ms + vs
+                };
             }
         }
         for hh in 0..n_h {

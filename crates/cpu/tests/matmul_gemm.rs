@@ -1,5 +1,6 @@
 //! The multi-token (gemm) path of `matmul` against one `vec_dot` per output, over shapes that
-//! span several token tiles and row tiles, with token counts that leave partial kernel groups.
+//! span several token tiles and row tiles, with token counts that leave partial kernel groups
+//! (for Q4_K, the grouped-order dot for whole groups of 4 tokens, as llama.cpp's x86 build).
 
 mod matmul_common;
 
@@ -31,10 +32,17 @@ fn gemm_matmul_matches_vec_dot_per_output() {
         let x = rng.activations(cols * n_tokens);
         let mut acts = ActBuffer::new();
         acts.quantize_with(k, &x, cols, n_tokens).unwrap();
+        // Q4_K: the first `n_tokens - n_tokens % 4` tokens in llama.cpp's grouped order
+        let grouped = powerinfer_quant::gemm::grouped_for(k);
+        let split = n_tokens - n_tokens % 4;
         let mut want = vec![0f32; rows * n_tokens];
         for t in 0..n_tokens {
+            let dot = match grouped {
+                Some((_, g)) if t < split => g,
+                _ => k.vec_dot,
+            };
             for r in 0..rows {
-                want[t * rows + r] = (k.vec_dot)(cols, w.row(r).unwrap(), acts.token(t).unwrap());
+                want[t * rows + r] = dot(cols, w.row(r).unwrap(), acts.token(t).unwrap());
             }
         }
         for pool in &pools {

@@ -1,22 +1,17 @@
 //! Greedy generation against llama.cpp's: `tests/data/llamacpp-token-ids.json` holds llama.cpp's
-//! prompt ids and greedy ids (32 new tokens, 2 threads, flash attention auto) for the five
-//! golden prompts of SmolLM2 and Gemma 3.
+//! prompt ids and greedy ids (32 new tokens, 2 threads, flash attention auto; the same
+//! continuations as the goldens in `shared/data/golden-llamacpp-*.json`) for the five golden
+//! prompts of SmolLM2 and Gemma 3.
 //!
-//! The check is teacher-forced: one batched forward of `prompt + generated[..len-1]` gives our
-//! logits after every prefix of llama.cpp's continuation (our batched and token-by-token forwards
-//! are bit-identical below 64 tokens, see `model_real.rs`), so our greedy continuation equals
-//! llama.cpp's up to the first position whose arg-max differs.
-//!
-//! What is asserted, and why not "the whole continuation": these small quantized models are
-//! chaotic at the level of rounding. llama.cpp itself with flash attention off (same weights,
-//! only the attention rounding changed) gives logits whose difference from its flash-attention
-//! run has a standard deviation of 0.1-0.3 (ours: 0.1-0.2), and its greedy continuations then
-//! equal the golden ones whole on only 1/5 SmolLM2 and 3/5 Gemma 3 prompts (first 16 tokens on
-//! 2/5 and 3/5). Only bit-exact emulation of every kernel would reproduce all of them. So this
-//! test requires the same first token on every prompt, arg-max agreement at >= 93% of the 160
-//! teacher-forced positions per model (llama.cpp with flash attention off: 150/160 and 156/160),
-//! and that wherever we disagree llama.cpp's token is within 0.5 logits of our top one (a
-//! near-tie, not a wrong model); it prints the greedy-prefix lengths.
+//! Generation runs as llama.cpp's does: the prompt in one batch, then one token at a time. These
+//! small quantized models are chaotic at the level of rounding (llama.cpp with flash attention
+//! off, only the attention rounding changed, keeps the whole golden continuation on 1/5 SmolLM2
+//! and 3/5 Gemma 3 prompts), so matching them whole takes the same bits: on x86-64 with AVX2 our
+//! kernels reproduce the x86 build of llama.cpp (its AVX-512 activation and attention
+//! reductions, FMA-contracted RoPE and softmax sum, the repacked Q4_K order for groups of 4
+//! prompt tokens), and the test requires every continuation to equal llama.cpp's token for
+//! token, end-of-generation included. Elsewhere (other CPUs take the scalar kernels) it requires
+//! the first token of every prompt and prints how far each continuation agrees.
 
 use std::path::PathBuf;
 
@@ -85,45 +80,43 @@ fn check_model(model_file: &str) {
     let model = Model::load(&path).unwrap();
     let cases = cases(model_file);
     assert_eq!(cases.len(), 5, "{model_file}: expected 5 cases");
-    let nv = model.config().n_vocab;
     let pool = ThreadPool::new(2);
-    let (mut agree, mut total, mut whole, mut first16) = (0, 0, 0, 0);
+    let (mut whole, mut first16) = (0, 0);
     for c in &cases {
-        // the tokens whose predecessors' logits we need: every generated token, then EOG if any
+        // every generated token, then the end-of-generation token if llama.cpp stopped at one
         let mut targets = c.generated.clone();
         targets.extend(c.eog);
-        let mut input = c.prompt_ids.clone();
-        input.extend(&c.generated[..targets.len() - 1]);
-        let mut st = model.new_state(input.len(), 64).unwrap();
-        let logits = model.forward(&pool, &mut st, &input, Logits::All).unwrap();
-        let np = c.prompt_ids.len();
-        let mut prefix = None;
+        let mut st = model
+            .new_state(c.prompt_ids.len() + targets.len() + 1, 512)
+            .unwrap();
+        let mut logits = model
+            .forward(&pool, &mut st, &c.prompt_ids, Logits::Last)
+            .unwrap()
+            .to_vec();
+        let mut prefix = targets.len();
         for (k, &want) in targets.iter().enumerate() {
-            let row = &logits[(np - 1 + k) * nv..(np + k) * nv];
-            let (got, lead) = argmax_gap(row);
-            total += 1;
-            if got == want {
-                agree += 1;
-                continue;
+            let (got, lead) = argmax_gap(&logits);
+            if got != want {
+                let behind = logits[got as usize] - logits[want as usize];
+                eprintln!(
+                    "{model_file} {:?} step {k}: ours {got} (lead {lead:.3}), llama.cpp's {want} is {behind:.3} below",
+                    c.prompt
+                );
+                assert!(
+                    k > 0,
+                    "{model_file} {:?}: first generated token differs",
+                    c.prompt
+                );
+                prefix = k;
+                break;
             }
-            prefix.get_or_insert(k);
-            let behind = row[got as usize] - row[want as usize];
-            eprintln!(
-                "{model_file} {:?} step {k}: ours {got} (lead {lead:.3}), llama.cpp's {want} is {behind:.3} below",
-                c.prompt
-            );
-            assert!(
-                k > 0,
-                "{model_file} {:?}: first generated token differs",
-                c.prompt
-            );
-            assert!(
-                behind < 0.5,
-                "{model_file} {:?} step {k}: llama.cpp's token is {behind} logits below ours",
-                c.prompt
-            );
+            if k + 1 < targets.len() {
+                logits = model
+                    .forward(&pool, &mut st, &[got], Logits::Last)
+                    .unwrap()
+                    .to_vec();
+            }
         }
-        let prefix = prefix.unwrap_or(targets.len());
         eprintln!(
             "{model_file} {:?}: greedy continuation equals llama.cpp's for {prefix}/{} tokens",
             c.prompt,
@@ -133,12 +126,18 @@ fn check_model(model_file: &str) {
         first16 += usize::from(prefix >= 16.min(targets.len()));
     }
     eprintln!(
-        "{model_file}: teacher-forced arg-max agrees with llama.cpp at {agree}/{total} positions; whole continuation on {whole}/5, first 16 tokens on {first16}/5"
+        "{model_file}: whole continuation equal to llama.cpp's on {whole}/5 prompts, first 16 tokens on {first16}/5"
     );
-    assert!(
-        agree * 100 >= total * 93,
-        "{model_file}: arg-max agrees at only {agree}/{total} positions"
-    );
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
+    {
+        assert_eq!(
+            whole, 5,
+            "{model_file}: llama.cpp's greedy continuation reproduced whole on only {whole}/5 prompts"
+        );
+    }
 }
 
 #[test]

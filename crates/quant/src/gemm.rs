@@ -53,6 +53,9 @@ mod x86;
 pub type GemmFn =
     fn(n: usize, w: &[u8], acts: &[u8], act_stride: usize, scales: &[f32], out: &mut [f32]);
 
+/// A single-row dot product (the signature of [`TypeKernels::vec_dot`]).
+pub type DotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
+
 /// Floats per token in [`act_scales`]' output for rows of `n` elements: one per 32-element
 /// block, rounded up to a multiple of 8.
 pub fn scale_stride(n: usize) -> usize {
@@ -94,6 +97,25 @@ pub fn gemm_for(k: &TypeKernels) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
     {
         x86::gemm_for(k.ty, k.act_ty, k.name)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        None
+    }
+}
+
+/// For types that llama.cpp's x86 build computes in a different float order for whole groups
+/// of 4 prompt tokens than for single tokens (Q4_K, whose matrices it repacks into 8-row
+/// groups: `ggml_gemm_q4_K_8x8_q8_K` accumulates one float per 64 elements where
+/// `ggml_gemv_q4_K_8x8_q8_K`, which `k.vec_dot` follows, accumulates one per 256): a
+/// multi-token kernel and a single-row dot in the grouped order. A batch of `n` tokens that
+/// should match llama.cpp bit for bit uses these for its first `n - n % 4` tokens and the
+/// ordinary kernels for the rest (and for decoding).
+pub fn grouped_for(k: &TypeKernels) -> Option<(GemmFn, DotFn)> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::grouped_for(k.ty, k.act_ty, k.name)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

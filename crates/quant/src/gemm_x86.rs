@@ -4,7 +4,7 @@
 //! same, and 8 tokens per call (32 vector registers).
 
 use crate::GgmlType;
-use crate::gemm::GemmFn;
+use crate::gemm::{DotFn, GemmFn};
 use std::arch::x86_64::*;
 
 /// Tokens per kernel call: 4 accumulators plus the decoded block fit the 16 ymm registers.
@@ -202,6 +202,25 @@ fn mul_u8_f32(ax: __m256i, sy: __m256i) -> __m256 {
 fn h2x2(b: &[u8], off: usize) -> __m128 {
     let v = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
     _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32))
+}
+
+/// The sum of 8 i32 lanes (exact, wrapping like the vector adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32(v: __m256i) -> i32 {
+    hsum_epi32_128(_mm_add_epi32(
+        _mm256_castsi256_si128(v),
+        _mm256_extracti128_si256(v, 1),
+    ))
+}
+
+/// The sum of 4 i32 lanes (exact, wrapping like the vector adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32_128(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
 }
 
 #[inline]
@@ -429,18 +448,21 @@ fn k4_mins_dot(sm: __m256i, y: &[u8]) -> __m128i {
 
 /// The Q4_K kernel, compiled for each instruction set (`$feat`): the same operations, but
 /// AVX-512VL's 32 vector registers hold more tokens' accumulators.
+/// The Q4_K kernel, compiled for each instruction set (`$feat`). `P = false`: one FMA per
+/// super-block and token (llama.cpp's repacked gemv order, the `vec_dot` one); `P = true`: one
+/// per pair of sub-blocks (64 elements), the order of llama.cpp's repacked gemm, which it uses
+/// for whole groups of 4 prompt tokens ([`crate::gemm::grouped_for`]).
 macro_rules! q4_k_kernel {
-    ($name:ident, $feat:literal) => {
+    ($name:ident, $pairs:ident, $imp:ident, $feat:literal) => {
         #[target_feature(enable = $feat)]
-        fn $name<const N: usize>(
+        fn $imp<const N: usize, const P: bool>(
             n: usize,
             w: &[u8],
             acts: &[u8],
             stride: usize,
-            _scales: &[f32],
         ) -> [f32; N] {
-            let mut acc = [_mm256_setzero_ps(); N];
-            let mut accm = [_mm_setzero_ps(); N];
+            let mut acc = [0f32; N];
+            let mut accm = [0f32; N];
             let m4 = _mm256_set1_epi8(0x0F);
             let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
             for (b, x) in w.chunks_exact(144).take(n / 256).enumerate() {
@@ -449,12 +471,21 @@ macro_rules! q4_k_kernel {
                 let dm = h2x2(x, 0);
                 let dx = _mm_cvtss_f32(dm);
                 let mx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
+                let d: [f32; N] = arr!(N, 0f32, |j| dx * rd_f32(y[j], 0));
                 let sm = k4_scales_mins(&x[4..16]);
                 for j in 0..N {
-                    let yd = rd_f32(y[j], 0);
-                    let dmin = mx * yd;
-                    let mins = _mm_cvtepi32_ps(k4_mins_dot(sm, y[j]));
-                    accm[j] = _mm_fmadd_ps(_mm_set1_ps(dmin), mins, accm[j]);
+                    let dmin = mx * rd_f32(y[j], 0);
+                    let mins = k4_mins_dot(sm, y[j]);
+                    if P {
+                        let mut lanes = [0i32; 4];
+                        // SAFETY: `lanes` is 16 writable bytes; unaligned store.
+                        unsafe { _mm_storeu_si128(lanes.as_mut_ptr().cast(), mins) };
+                        for m in lanes {
+                            accm[j] = (m as f32).mul_add(dmin, accm[j]);
+                        }
+                    } else {
+                        accm[j] = (hsum_epi32_128(mins) as f32).mul_add(dmin, accm[j]);
+                    }
                 }
                 let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
                 let mut sumi = [_mm256_setzero_si256(); N];
@@ -470,7 +501,12 @@ macro_rules! q4_k_kernel {
                             let ph = _mm256_maddubs_epi16(hi, load32(y[j], 4 + 64 * $c + 32));
                             let pl = _mm256_madd_epi16(sl, pl);
                             let ph = _mm256_madd_epi16(sh, ph);
-                            sumi[j] = _mm256_add_epi32(sumi[j], _mm256_add_epi32(pl, ph));
+                            let pair = _mm256_add_epi32(pl, ph);
+                            if P {
+                                acc[j] = (hsum_epi32(pair) as f32).mul_add(d[j], acc[j]);
+                            } else {
+                                sumi[j] = _mm256_add_epi32(sumi[j], pair);
+                            }
                         }
                     }};
                 }
@@ -478,26 +514,70 @@ macro_rules! q4_k_kernel {
                 chunk!(1);
                 chunk!(2);
                 chunk!(3);
-                for j in 0..N {
-                    let d = dx * rd_f32(y[j], 0);
-                    acc[j] =
-                        _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi[j]), acc[j]);
+                if !P {
+                    for j in 0..N {
+                        acc[j] = (hsum_epi32(sumi[j]) as f32).mul_add(d[j], acc[j]);
+                    }
                 }
             }
-            arr!(N, 0f32, |j| {
-                let m = _mm_add_ps(accm[j], _mm_movehl_ps(accm[j], accm[j]));
-                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                hsum_ps(acc[j]) - _mm_cvtss_f32(m)
-            })
+            arr!(N, 0f32, |j| acc[j] - accm[j])
+        }
+
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            _scales: &[f32],
+        ) -> [f32; N] {
+            $imp::<N, false>(n, w, acts, stride)
+        }
+
+        #[target_feature(enable = $feat)]
+        fn $pairs<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            _scales: &[f32],
+        ) -> [f32; N] {
+            $imp::<N, true>(n, w, acts, stride)
         }
     };
 }
 
-q4_k_kernel!(q4_k_avx2, "avx2,fma,f16c");
+q4_k_kernel!(q4_k_avx2, q4_k_pairs_avx2, q4_k_avx2_impl, "avx2,fma,f16c");
 q4_k_kernel!(
     q4_k_vnni,
+    q4_k_pairs_vnni,
+    q4_k_vnni_impl,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
+
+driver!(gemm_q4_k_pairs, q4_k_pairs_avx2);
+driver!(gemm_q4_k_pairs_vnni, q4_k_pairs_vnni, NT_VNNI);
+
+/// Q4_K in llama.cpp's repacked-gemm order, one row: the single-token case of
+/// `gemm_q4_k_pairs`.
+fn dot_q4_k_pairs(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    // SAFETY: handed out by `grouped_for` only after AVX2/FMA/F16C were detected.
+    unsafe { q4_k_avx2_impl::<1, true>(n, w, act, act.len())[0] }
+}
+
+/// The grouped-order kernels for these kernels, if llama.cpp's x86 build computes this type in
+/// a different order for whole groups of 4 prompt tokens (Q4_K: its repacked gemm).
+pub(super) fn grouped_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<(GemmFn, DotFn)> {
+    if !matches!((ty, act_ty, name), (GgmlType::Q4_K, GgmlType::Q8_K, "avx2")) || !has_avx2() {
+        return None;
+    }
+    let gemm: GemmFn = if crate::simd_level() == "avx512vnni" && has_vnni() {
+        gemm_q4_k_pairs_vnni
+    } else {
+        gemm_q4_k_pairs
+    };
+    Some((gemm, dot_q4_k_pairs))
+}
 
 /// The Q6_K kernel, compiled for each instruction set (`$feat`): the same operations, but
 /// AVX-512VL's 32 vector registers hold more tokens' accumulators.

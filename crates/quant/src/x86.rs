@@ -1,10 +1,12 @@
 //! x86-64 kernels: AVX2 + FMA + F16C, and AVX-512 VNNI (256-bit `vpdpbusd`, mask moves) for
 //! the Q4_0, Q4_1, Q5_0 and Q8_0 dots. Installed only after run-time feature detection.
 //!
-//! The Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K and Q6_K dots reproduce ggml-cpu's x86 `vec_dot`
-//! bit for bit: the same 8 integer lanes per block, one FMA per block into 8 float lanes in
-//! block order, ggml's `hsum_float_8` at the end (Q4_1/Q5_1: the `m * s` terms summed apart
-//! and added last). Keep that order when changing them (`tests/ggml_oracle.rs` checks it).
+//! The Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q6_K dots reproduce ggml-cpu's x86 `vec_dot` bit for
+//! bit: the same 8 integer lanes per block, one FMA per block into 8 float lanes in block
+//! order, ggml's `hsum_float_8` at the end (Q4_1/Q5_1: the `m * s` terms summed apart and added
+//! last). Keep that order when changing them (`tests/ggml_oracle.rs` checks it). The Q4_K dot
+//! reproduces what llama.cpp's x86 build really runs on Q4_K weights, its repacked gemv (one
+//! float per super-block); see `dot_q4_k_avx2`.
 
 use crate::GgmlType;
 use crate::dispatch::TypeKernels;
@@ -582,10 +584,15 @@ fn k4_mins_dot(sm: __m256i, y: &[u8]) -> __m128i {
     _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pairs)
 }
 
+/// Q4_K x Q8_K in the float order of llama.cpp's x86 build, which repacks Q4_K matrices into
+/// 8-row groups (`ggml_gemv_q4_K_8x8_q8_K` / `ggml_gemm_q4_K_8x8_q8_K`, used whenever the
+/// CPU has AVX2 and the row count is a multiple of 8): per super-block the exact integers
+/// `sum_j sc_j (q_j . y_j)` and `sum_j m_j bsum_j`, each turned into one float and accumulated
+/// with one FMA (`acc += I * (dx dy)`, `accm += M * (dmin dy)`), then `acc - accm`.
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    let mut accm = _mm_setzero_ps();
+    let mut acc = 0f32;
+    let mut accm = 0f32;
     let m4 = _mm256_set1_epi8(0x0F);
     for (x, y) in w.chunks_exact(144).zip(act.chunks_exact(292)).take(n / 256) {
         let yd = rd_f32(y, 0);
@@ -593,8 +600,8 @@ fn dot_q4_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         let d = _mm_cvtss_f32(dm) * yd;
         let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm)) * yd;
         let sm = k4_scales_mins(&x[4..16]);
-        let mins = _mm_cvtepi32_ps(k4_mins_dot(sm, y));
-        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), mins, accm);
+        let mins = hsum_epi32_128(k4_mins_dot(sm, y));
+        accm = (mins as f32).mul_add(dmin, accm);
         let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
         let mut sumi = _mm256_setzero_si256();
         macro_rules! chunk {
@@ -613,11 +620,18 @@ fn dot_q4_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         chunk!(1);
         chunk!(2);
         chunk!(3);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        acc = (hsum_epi32(sumi) as f32).mul_add(d, acc);
     }
-    let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum_ps(acc) - _mm_cvtss_f32(m)
+    acc - accm
+}
+
+/// The sum of 4 i32 lanes (exact, wrapping like the vector adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_epi32_128(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
