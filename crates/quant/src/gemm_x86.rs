@@ -204,6 +204,47 @@ fn h2x2(b: &[u8], off: usize) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32))
 }
 
+/// The token in each lane of [`transpose_mins`]' vectors.
+const PERM: [usize; 8] = [0, 2, 4, 6, 1, 3, 5, 7];
+
+/// Eight tokens' 4 pair sums (`m[j]`, lane `c` = pair `c`) -> 4 vectors, vector `c` holding pair
+/// `c` of every token, lane `l` for token `PERM[l]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose_mins(m: &[__m128i; 8]) -> [__m256i; 4] {
+    let a01 = _mm256_set_m128i(m[1], m[0]);
+    let a23 = _mm256_set_m128i(m[3], m[2]);
+    let a45 = _mm256_set_m128i(m[5], m[4]);
+    let a67 = _mm256_set_m128i(m[7], m[6]);
+    let u0 = _mm256_unpacklo_epi32(a01, a23);
+    let u1 = _mm256_unpackhi_epi32(a01, a23);
+    let u2 = _mm256_unpacklo_epi32(a45, a67);
+    let u3 = _mm256_unpackhi_epi32(a45, a67);
+    [
+        _mm256_unpacklo_epi64(u0, u2),
+        _mm256_unpackhi_epi64(u0, u2),
+        _mm256_unpacklo_epi64(u1, u3),
+        _mm256_unpackhi_epi64(u1, u3),
+    ]
+}
+
+/// `[sum(v[0]), .., sum(v[7])]`: each vector's 8 i32 lanes summed into one lane (exact,
+/// wrapping like the vector adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum8x8(v: &[__m256i; 8]) -> __m256i {
+    let s01 = _mm256_hadd_epi32(v[0], v[1]);
+    let s23 = _mm256_hadd_epi32(v[2], v[3]);
+    let s45 = _mm256_hadd_epi32(v[4], v[5]);
+    let s67 = _mm256_hadd_epi32(v[6], v[7]);
+    let s0123 = _mm256_hadd_epi32(s01, s23);
+    let s4567 = _mm256_hadd_epi32(s45, s67);
+    _mm256_add_epi32(
+        _mm256_permute2x128_si256(s0123, s4567, 0x20),
+        _mm256_permute2x128_si256(s0123, s4567, 0x31),
+    )
+}
+
 /// The sum of 8 i32 lanes (exact, wrapping like the vector adds).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -250,6 +291,9 @@ macro_rules! q8_family {
             let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 34 * nb]);
             // Token j's activation scales as f32 (`act_scales`), 8 per group, zero-padded.
             let dys: [&[f32]; N] = arr!(N, &[][..], |j| &scales[j * ss..(j + 1) * ss]);
+            // Raw pointers for the inner loop (bounds checks and slice reloads there cost as
+            // much as the products): `ys[j]` holds the `34 * nb` bytes of `nb` blocks.
+            let yp: [*const u8; N] = arr!(N, std::ptr::null(), |j| ys[j].as_ptr());
             let w = &w[..nb * $wsz];
             for (g, wc) in w.chunks($wsz * 8).enumerate() {
                 // `dx * dy` of up to 8 blocks per token: the weight scales converted once for
@@ -266,7 +310,10 @@ macro_rules! q8_family {
                     let yo = 34 * (8 * g + i);
                     for j in 0..N {
                         let d = _mm256_set1_ps(dd[j][i]);
-                        let sy = _mm256_sign_epi8(load32(ys[j], yo + 2), qx);
+                        // SAFETY: block `8g + i < nb`, so bytes `yo + 2 .. yo + 34` lie inside
+                        // the `34 * nb` bytes `yp[j]` points to; unaligned load.
+                        let qy = unsafe { _mm256_loadu_si256(yp[j].add(yo + 2).cast()) };
+                        let sy = _mm256_sign_epi8(qy, qx);
                         acc[j] = _mm256_fmadd_ps(d, $mul(ax, sy), acc[j]);
                     }
                 }
@@ -463,6 +510,9 @@ macro_rules! q4_k_kernel {
         ) -> [f32; N] {
             let mut acc = [0f32; N];
             let mut accm = [0f32; N];
+            // P with 8 tokens: token j's accumulator in lane j
+            let mut acc8 = _mm256_setzero_ps();
+            let mut accm8 = _mm256_setzero_ps();
             let m4 = _mm256_set1_epi8(0x0F);
             let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
             for (b, x) in w.chunks_exact(144).take(n / 256).enumerate() {
@@ -473,7 +523,20 @@ macro_rules! q4_k_kernel {
                 let mx = _mm_cvtss_f32(_mm_movehdup_ps(dm));
                 let d: [f32; N] = arr!(N, 0f32, |j| dx * rd_f32(y[j], 0));
                 let sm = k4_scales_mins(&x[4..16]);
+                if P && N == 8 {
+                    // Eight tokens at once: lane l of `accm8` is token `PERM[l]`.
+                    let m: [__m128i; 8] = arr!(8, _mm_setzero_si128(), |j| k4_mins_dot(sm, y[j]));
+                    let dmin: [f32; 8] = arr!(8, 0f32, |l| mx * rd_f32(y[PERM[l]], 0));
+                    // SAFETY: `dmin` holds 8 floats; unaligned load.
+                    let dminv = unsafe { _mm256_loadu_ps(dmin.as_ptr()) };
+                    for c in transpose_mins(&m) {
+                        accm8 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(c), dminv, accm8);
+                    }
+                }
                 for j in 0..N {
+                    if P && N == 8 {
+                        break;
+                    }
                     let dmin = mx * rd_f32(y[j], 0);
                     let mins = k4_mins_dot(sm, y[j]);
                     if P {
@@ -489,6 +552,7 @@ macro_rules! q4_k_kernel {
                 }
                 let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
                 let mut sumi = [_mm256_setzero_si256(); N];
+                let mut pairs = [_mm256_setzero_si256(); 8];
                 macro_rules! chunk {
                     ($c:expr) => {{
                         let q4 = load32(x, 16 + 32 * $c);
@@ -502,11 +566,21 @@ macro_rules! q4_k_kernel {
                             let pl = _mm256_madd_epi16(sl, pl);
                             let ph = _mm256_madd_epi16(sh, ph);
                             let pair = _mm256_add_epi32(pl, ph);
-                            if P {
+                            if P && N != 8 {
                                 acc[j] = (hsum_epi32(pair) as f32).mul_add(d[j], acc[j]);
+                            } else if P {
+                                pairs[j] = pair;
                             } else {
                                 sumi[j] = _mm256_add_epi32(sumi[j], pair);
                             }
+                        }
+                        if P && N == 8 {
+                            // Eight tokens' sums at once, one lane each: the same integers
+                            // and the same per-token FMA as the scalar line above.
+                            let sums = _mm256_cvtepi32_ps(hsum8x8(&pairs));
+                            // SAFETY: `d` holds N == 8 floats; unaligned load.
+                            let dv = unsafe { _mm256_loadu_ps(d.as_ptr()) };
+                            acc8 = _mm256_fmadd_ps(sums, dv, acc8);
                         }
                     }};
                 }
@@ -518,6 +592,16 @@ macro_rules! q4_k_kernel {
                     for j in 0..N {
                         acc[j] = (hsum_epi32(sumi[j]) as f32).mul_add(d[j], acc[j]);
                     }
+                }
+            }
+            if P && N == 8 {
+                // SAFETY: `acc` holds N == 8 floats; unaligned store.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr(), acc8) };
+                let mut perm = [0f32; 8];
+                // SAFETY: `perm` holds 8 floats; unaligned store.
+                unsafe { _mm256_storeu_ps(perm.as_mut_ptr(), accm8) };
+                for (l, &v) in perm.iter().enumerate() {
+                    accm[PERM[l]] = v;
                 }
             }
             arr!(N, 0f32, |j| acc[j] - accm[j])

@@ -120,3 +120,50 @@ fn no_gemm_for_scalar_or_unsupported() {
         assert!(gemm_for(k).is_none(), "{ty:?}");
     }
 }
+
+#[test]
+fn grouped_kernels_agree_and_stay_close_to_vec_dot() {
+    let mut rng = SplitMix(0x6120_2026);
+    let mut checked = 0usize;
+    for k in all_kernels(GgmlType::Q4_K) {
+        let Some((gemm, dot)) = powerinfer_quant::gemm::grouped_for(&k) else {
+            continue;
+        };
+        for blocks in [1usize, 2, 3, 8] {
+            let n = blocks * 256;
+            let rb = row_bytes(GgmlType::Q4_K, n).unwrap();
+            let arb = row_bytes(k.act_ty, n).unwrap();
+            for n_tok in [1usize, 3, 4, 8, 9, 16] {
+                let mut acts = vec![0u8; n_tok * arb];
+                for a in acts.chunks_exact_mut(arb) {
+                    let x: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                    (k.quantize_act)(&x, a);
+                }
+                let wf: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                let mut w = vec![0u8; rb];
+                quantize_row(GgmlType::Q4_K, &wf, &mut w).unwrap();
+                let mut aux = Vec::new();
+                act_scales(&k, n, &acts, arb, n_tok, &mut aux);
+                let mut out = vec![f32::NAN; n_tok];
+                gemm(n, &w, &acts, arb, &aux, &mut out);
+                for (t, o) in out.iter().enumerate() {
+                    let a = &acts[t * arb..(t + 1) * arb];
+                    let want = dot(n, &w, a);
+                    assert_eq!(o.to_bits(), want.to_bits(), "n={n} tokens={n_tok} t={t}");
+                    // the same product in another summation order
+                    let plain = (k.vec_dot)(n, &w, a);
+                    assert!(
+                        (want - plain).abs() <= 1e-4 * (1.0 + plain.abs()),
+                        "{want} vs {plain}"
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        assert!(checked > 100, "{checked}");
+    }
+    let _ = checked;
+}
