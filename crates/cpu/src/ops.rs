@@ -482,7 +482,14 @@ pub fn geglu(gate: &[f32], up: &[f32], out: &mut [f32]) -> Result<(), OpsError> 
 pub fn geglu_inplace(gate: &mut [f32], up: &[f32]) -> Result<(), OpsError> {
     check_len("geglu", "up", gate.len(), up.len())?;
     let t = gelu_table();
-    for (g, &u) in gate.iter_mut().zip(up) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        done = gate.len() / 8 * 8;
+        // SAFETY: AVX2/FMA/F16C detected at run time; `done` elements of both slices exist.
+        unsafe { x86::geglu8(&mut gate[..done], &up[..done], t) };
+    }
+    for (g, &u) in gate[done..].iter_mut().zip(&up[done..]) {
         *g = geglu_one(t, *g, u);
     }
     Ok(())
@@ -751,6 +758,40 @@ fn mad_round_f16(acc: &mut [f32], v: &[f32], s: f32) {
 mod x86 {
     use half::f16;
     use std::arch::x86_64::*;
+
+    /// [`super::geglu_one`] 8 values at a time (the f16 conversion by `vcvtps2ph`, which rounds
+    /// like `f16::from_f32`; the same bits).
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C; `gate.len() == up.len()`, a multiple of 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn geglu8(gate: &mut [f32], up: &[f32], table: &[u16]) {
+        let lo = _mm256_set1_ps(-10.0);
+        let hi = _mm256_set1_ps(10.0);
+        for (g, u) in gate.chunks_exact_mut(8).zip(up.chunks_exact(8)) {
+            // SAFETY: each chunk holds exactly 8 f32s; unaligned loads and stores.
+            unsafe {
+                let x = _mm256_loadu_ps(g.as_ptr());
+                let uv = _mm256_loadu_ps(u.as_ptr());
+                let mut idx = [0u16; 8];
+                _mm_storeu_si128(
+                    idx.as_mut_ptr().cast(),
+                    _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(x),
+                );
+                let mut t = [0u16; 8];
+                for (o, &i) in t.iter_mut().zip(&idx) {
+                    *o = table[usize::from(i)];
+                }
+                let gx = _mm256_cvtph_ps(_mm_loadu_si128(t.as_ptr().cast()));
+                // x >= 10: x itself; x <= -10: exactly +0 (not multiplied by u)
+                let big = _mm256_cmp_ps::<_CMP_GE_OQ>(x, hi);
+                let gx = _mm256_blendv_ps(gx, x, big);
+                let y = _mm256_mul_ps(gx, uv);
+                let small = _mm256_cmp_ps::<_CMP_LE_OQ>(x, lo);
+                _mm256_storeu_ps(g.as_mut_ptr(), _mm256_andnot_ps(small, y));
+            }
+        }
+    }
 
     /// # Safety
     /// Requires AVX2+FMA+F16C; `dst.len() == src.len()`.

@@ -607,3 +607,42 @@ fn dot_f16_values_follows_ggml_avx512_order() {
         );
     }
 }
+
+#[test]
+fn geglu_inplace_equals_the_scalar_geglu() {
+    // awkward lengths (vector body + scalar tail), values around the +-10 cut-offs and the
+    // f16 rounding boundaries
+    let mut s = 0x9e37_79b9u64;
+    let mut next = || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+    };
+    for n in [1usize, 7, 8, 9, 31, 2048, 2051] {
+        let mut g: Vec<f32> = (0..n).map(|_| next() * 12.0).collect();
+        for (i, v) in [
+            -10.0f32, 10.0, -10.000001, 9.999999, 0.0, -0.0, 65520.0, -1e-8,
+        ]
+        .iter()
+        .enumerate()
+        {
+            if i < n {
+                g[i] = *v;
+            }
+        }
+        let u: Vec<f32> = (0..n).map(|_| next() * 3.0).collect();
+        let mut want = vec![0f32; n];
+        powerinfer_cpu::ops::geglu(&g, &u, &mut want).unwrap();
+        let mut got = g.clone();
+        powerinfer_cpu::ops::geglu_inplace(&mut got, &u).unwrap();
+        for i in 0..n {
+            assert_eq!(
+                got[i].to_bits(),
+                want[i].to_bits(),
+                "n={n} i={i} x={}",
+                g[i]
+            );
+        }
+    }
+}
