@@ -124,6 +124,8 @@ pub struct ActBuffer {
     data: Vec<u8>,
     /// What the multi-token kernels read besides `data` (`powerinfer_quant::gemm::act_scales`).
     gemm_scales: Vec<f32>,
+    /// Every token in the single-token order (see [`ActBuffer::set_decode_order`]).
+    decode_order: bool,
 }
 
 impl std::fmt::Debug for ActBuffer {
@@ -197,6 +199,16 @@ impl ActBuffer {
         self.n_tokens = n_tokens;
         self.row_bytes = rb;
         Ok(())
+    }
+
+    /// With `on`, [`matmul_quantized`] gives every token of this buffer exactly what
+    /// [`matvec_quantized`] gives it alone, also for the types whose whole groups of 4 tokens
+    /// llama.cpp sums in another order (`powerinfer_quant::gemm::grouped_for`): for rows that
+    /// are independent sequences decoding together, each of which should get the logits it
+    /// would get alone. Off (the default): a batch of prompt tokens follows llama.cpp's order.
+    /// Kept across [`quantize`](Self::quantize) calls.
+    pub fn set_decode_order(&mut self, on: bool) {
+        self.decode_order = on;
     }
 
     /// The weight type these activations were prepared for, if any.
@@ -518,7 +530,11 @@ pub fn matmul_quantized(
     let gemm = powerinfer_quant::gemm::gemm_for(k);
     // llama.cpp computes some types (Q4_K) in another float order for whole groups of 4
     // tokens of a batch; its first `split` tokens follow that order here too.
-    let grouped = powerinfer_quant::gemm::grouped_for(k);
+    let grouped = if acts.decode_order {
+        None
+    } else {
+        powerinfer_quant::gemm::grouped_for(k)
+    };
     let split = if grouped.is_some() {
         n_tokens - n_tokens % 4
     } else {

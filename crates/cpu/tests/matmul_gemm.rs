@@ -61,3 +61,26 @@ fn gemm_matmul_matches_vec_dot_per_output() {
         }
     }
 }
+
+/// With `set_decode_order`, every token of a Q4_K batch gets the single-token (`vec_dot`) result.
+#[test]
+fn decode_order_gives_every_token_the_single_token_result() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng::new(0x6e33_0002);
+    let (ty, cols, rows, n_tokens) = (GgmlType::Q4_K, 1024, 29, 9);
+    let k = kernels(ty).unwrap();
+    let data = random_weights(ty, rows * cols, &mut rng);
+    let w = Matrix::new(ty, rows, cols, &data).unwrap();
+    let x = rng.activations(cols * n_tokens);
+    let mut acts = ActBuffer::new();
+    acts.set_decode_order(true);
+    acts.quantize_with(k, &x, cols, n_tokens).unwrap();
+    let mut y = vec![f32::NAN; rows * n_tokens];
+    matmul_quantized(&pool, &w, &acts, &mut y).unwrap();
+    for t in 0..n_tokens {
+        for r in 0..rows {
+            let want = (k.vec_dot)(cols, w.row(r).unwrap(), acts.token(t).unwrap());
+            assert_eq!(y[t * rows + r].to_bits(), want.to_bits(), "t{t} r{r}");
+        }
+    }
+}

@@ -392,3 +392,54 @@ fn argmax(l: &[f32]) -> u32 {
         )
         .0 as u32
 }
+
+/// Gemma 3 (Q4_K weights, which prompt batches sum in llama.cpp's grouped order): five rows
+/// decoded together (a whole group of 4 and one more) still get, row for row, exactly the logits
+/// each gets decoded alone.
+#[test]
+fn gemma3_forward_batch_of_five_equals_single_rows() {
+    let p = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../models/gemma-3-270m-q4_k_m.gguf");
+    if !p.exists() {
+        eprintln!("skipping: {} not found", p.display());
+        return;
+    }
+    let model = Model::load(&p).unwrap();
+    let pool = ThreadPool::new(2);
+    let n_vocab = model.config().n_vocab;
+    let mut batched: Vec<ModelState> = Vec::new();
+    let mut alone: Vec<ModelState> = Vec::new();
+    let mut next: Vec<u32> = Vec::new();
+    for r in 0..5u32 {
+        // prompts of different lengths: rows sit at different positions
+        let ids: Vec<u32> = (0..3 + r)
+            .map(|i| 2 + (i * 7919 + r * 104_729) % 200_000)
+            .collect();
+        let mut a = model.new_state(32, 512).unwrap();
+        let mut b = model.new_state(32, 512).unwrap();
+        model.forward(&pool, &mut a, &ids, Logits::Last).unwrap();
+        let l = model.forward(&pool, &mut b, &ids, Logits::Last).unwrap();
+        next.push(argmax(l));
+        batched.push(a);
+        alone.push(b);
+    }
+    let mut batch = model.new_batch_state();
+    for _ in 0..2 {
+        let mut states: Vec<&mut ModelState> = batched.iter_mut().collect();
+        let got = model
+            .forward_batch(&pool, &mut batch, &mut states, &next)
+            .unwrap()
+            .to_vec();
+        for r in 0..5 {
+            let want = model
+                .forward(&pool, &mut alone[r], &[next[r]], Logits::Last)
+                .unwrap();
+            let g = &got[r * n_vocab..(r + 1) * n_vocab];
+            assert!(
+                g.iter().zip(want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "row {r} differs"
+            );
+            next[r] = argmax(g);
+        }
+    }
+}

@@ -4,7 +4,8 @@
 //! embedding, norms, the Q/K/V and output projections, the FFN and the output head — runs once
 //! over all rows as a matrix product (each weight matrix is read once per step, not once per
 //! sequence); attention runs per row over that row's own cache. The batched products equal the
-//! single-row ones bit for bit (`powerinfer_cpu::matmul`), and each row's attention uses the
+//! single-row ones bit for bit (`powerinfer_cpu::matmul`, with `ActBuffer::set_decode_order`, so
+//! also for Q4_K, which prompt batches sum in llama.cpp's grouped order), and each row's attention uses the
 //! numerics of a single-token decode, so a sequence decoded in a batch gets exactly the logits it
 //! would get alone (dense FFNs; a sparse FFN computes the union of the rows' active neurons, so
 //! its rows may differ from single-row runs within the predictor's tolerance).
@@ -81,6 +82,9 @@ impl Model {
                 ));
             }
         }
+        // The rows are independent sequences: each gets what it would get decoded alone.
+        batch.scratch.acts_a.set_decode_order(true);
+        batch.scratch.acts_b.set_decode_order(true);
         if let Some(ln) = &self.ln {
             self.ln_forward_batch(
                 ln,
