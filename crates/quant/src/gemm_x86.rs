@@ -5,6 +5,7 @@
 
 use crate::GgmlType;
 use crate::gemm::{DotFn, GemmFn};
+use crate::x86::{hsum_epi32, hsum_epi32_128};
 use std::arch::x86_64::*;
 
 /// Tokens per kernel call: 4 accumulators plus the decoded block fit the 16 ymm registers.
@@ -245,25 +246,6 @@ fn hsum8x8(v: &[__m256i; 8]) -> __m256i {
     )
 }
 
-/// The sum of 8 i32 lanes (exact, wrapping like the vector adds).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32(v: __m256i) -> i32 {
-    hsum_epi32_128(_mm_add_epi32(
-        _mm256_castsi256_si128(v),
-        _mm256_extracti128_si256(v, 1),
-    ))
-}
-
-/// The sum of 4 i32 lanes (exact, wrapping like the vector adds).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32_128(v: __m128i) -> i32 {
-    let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
-
 #[inline]
 fn rd_f32(b: &[u8], off: usize) -> f32 {
     f32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]])
@@ -493,12 +475,11 @@ fn k4_mins_dot(sm: __m256i, y: &[u8]) -> __m128i {
     _mm_madd_epi16(_mm256_extracti128_si256(sm, 1), pairs)
 }
 
-/// The Q4_K kernel, compiled for each instruction set (`$feat`): the same operations, but
-/// AVX-512VL's 32 vector registers hold more tokens' accumulators.
 /// The Q4_K kernel, compiled for each instruction set (`$feat`). `P = false`: one FMA per
 /// super-block and token (llama.cpp's repacked gemv order, the `vec_dot` one); `P = true`: one
 /// per pair of sub-blocks (64 elements), the order of llama.cpp's repacked gemm, which it uses
-/// for whole groups of 4 prompt tokens ([`crate::gemm::grouped_for`]).
+/// for whole groups of 4 prompt tokens ([`crate::gemm::grouped_for`]); with 8 tokens (AVX-512VL's
+/// 32 vector registers) the grouped order runs one token per lane.
 macro_rules! q4_k_kernel {
     ($name:ident, $pairs:ident, $imp:ident, $feat:literal) => {
         #[target_feature(enable = $feat)]

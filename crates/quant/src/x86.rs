@@ -124,11 +124,21 @@ fn hsum_ps(v: __m256) -> f32 {
     _mm_cvtss_f32(s)
 }
 
+/// The sum of 8 i32 lanes (exact, wrapping like the vector adds).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+pub(crate) fn hsum_epi32(v: __m256i) -> i32 {
+    hsum_epi32_128(_mm_add_epi32(
+        _mm256_castsi256_si128(v),
+        _mm256_extracti128_si256(v, 1),
+    ))
+}
+
+/// The sum of 4 i32 lanes (exact, wrapping like the vector adds).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) fn hsum_epi32_128(v: __m128i) -> i32 {
+    let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
     let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
     _mm_cvtsi128_si32(s)
 }
@@ -623,15 +633,6 @@ fn dot_q4_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         acc = (hsum_epi32(sumi) as f32).mul_add(d, acc);
     }
     acc - accm
-}
-
-/// The sum of 4 i32 lanes (exact, wrapping like the vector adds).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_epi32_128(v: __m128i) -> i32 {
-    let s = _mm_add_epi32(v, _mm_shuffle_epi32(v, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
