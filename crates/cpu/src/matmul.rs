@@ -186,14 +186,20 @@ impl ActBuffer {
                 (kernels.quantize_act)(src, dst);
             }
         }
-        powerinfer_quant::gemm::act_scales(
-            kernels,
-            cols,
-            &self.data,
-            rb,
-            n_tokens,
-            &mut self.gemm_scales,
-        );
+        // Only the multi-token kernels read them, and `matmul_quantized` runs those for two
+        // tokens or more: nothing to do on the decode path.
+        if n_tokens > 1 {
+            powerinfer_quant::gemm::act_scales(
+                kernels,
+                cols,
+                &self.data,
+                rb,
+                n_tokens,
+                &mut self.gemm_scales,
+            );
+        } else {
+            self.gemm_scales.clear();
+        }
         self.kernels = Some(kernels);
         self.cols = cols;
         self.n_tokens = n_tokens;
@@ -527,7 +533,12 @@ pub fn matmul_quantized(
     let n_row_tiles = rows.div_ceil(tile_rows);
     let n_tiles = n_token_tiles * n_row_tiles;
     let cols = w.cols;
-    let gemm = powerinfer_quant::gemm::gemm_for(k);
+    // One token: the single-row dots (the multi-token kernels would give the same bits).
+    let gemm = if n_tokens > 1 {
+        powerinfer_quant::gemm::gemm_for(k)
+    } else {
+        None
+    };
     // llama.cpp computes some types (Q4_K) in another float order for whole groups of 4
     // tokens of a batch; its first `split` tokens follow that order here too.
     let grouped = if acts.decode_order {
