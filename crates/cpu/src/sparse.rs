@@ -470,28 +470,53 @@ pub fn sparse_matvec_with(
         });
         return Ok(());
     }
+    // The products of up to four active rows (the four-row kernel where the type has one:
+    // the same values; a short group repeats its last row, which costs no memory traffic).
+    let dots = |ids: &[u32]| -> [f32; 4] {
+        match k.vec_dot4 {
+            Some(d4) if ids.len() >= 2 => d4(
+                cols,
+                [0, 1, 2, 3].map(|j| row(ids[j.min(ids.len() - 1)])),
+                act,
+            ),
+            _ => {
+                let mut o = [0.0; 4];
+                for (o, &i) in o.iter_mut().zip(ids) {
+                    *o = dot(i);
+                }
+                o
+            }
+        }
+    };
     if pool.n_threads() == 1 || active.len() * rb <= INLINE_BYTES || rb == 0 {
-        for &i in active {
-            y[i as usize] = dot(i);
+        for ids in active.chunks(4) {
+            for (&i, v) in ids.iter().zip(dots(ids)) {
+                y[i as usize] = v;
+            }
         }
         return Ok(());
     }
-    let chunk = chunk_items(active.len(), rb, pool.n_threads());
+    let chunk = chunk_items(active.len(), rb, pool.n_threads()).next_multiple_of(4);
     let out = SharedSlice::new(y);
     pool.for_each_chunk(active.len(), chunk, |range| {
         let end = range.end;
         for &i in active[range.clone()].iter().take(4) {
             prefetch(row(i));
         }
-        for p in range {
-            let i = active[p];
-            if let Some(&next) = active.get(p + 4).filter(|_| p + 4 < end) {
+        let mut p = range.start;
+        while p < end {
+            let q = (p + 4).min(end);
+            for &next in active.get(p + 4..(q + 4).min(end)).unwrap_or(&[]) {
                 prefetch(row(next));
             }
-            // SAFETY: active ids are strictly increasing (checked), so each output index
-            // belongs to exactly one position of `active`, and `for_each_chunk` hands each
-            // position to exactly one thread.
-            unsafe { out.write(i as usize, dot(i)) };
+            let ids = &active[p..q];
+            for (&i, v) in ids.iter().zip(dots(ids)) {
+                // SAFETY: active ids are strictly increasing (checked), so each output index
+                // belongs to exactly one position of `active`, and `for_each_chunk` hands each
+                // position to exactly one thread.
+                unsafe { out.write(i as usize, v) };
+            }
+            p = q;
         }
     });
     Ok(())
@@ -1255,56 +1280,124 @@ pub fn sparse_ffn_with(
     let up = &ffn.up;
     let kind = ffn.kind;
     let zero_below = ffn.zero_below;
+    let up_row = |i: usize| &up.data[i * up_rb..(i + 1) * up_rb];
+    let up_dot = |i: usize| (up_k.vec_dot)(n_embd, up_row(i), up_act);
+    fn gate_row<'a>(g: &Matrix<'a>, rb: usize, i: usize) -> &'a [u8] {
+        &g.data[i * rb..(i + 1) * rb]
+    }
+    // `h` of one neuron from its gate pre-activation (when the kind has a gate) and its up
+    // product, computed only when the gate leaves something to multiply.
+    let h_from = |g: f32, u: &mut dyn FnMut() -> f32| -> f32 {
+        match kind {
+            FfnKind::Plain(f) => f.apply(u()),
+            FfnKind::Gated(f) => {
+                let a = f.apply(g);
+                if a == 0.0 { 0.0 } else { a * u() }
+            }
+            FfnKind::DRelu => {
+                let a = g.max(0.0);
+                if a == 0.0 { 0.0 } else { a * u().max(0.0) }
+            }
+        }
+    };
     let h_of = |i: u32| -> f32 {
         let i = i as usize;
-        let up_dot = || (up_k.vec_dot)(n_embd, &up.data[i * up_rb..(i + 1) * up_rb], up_act);
         match (kind, gate) {
-            (FfnKind::Plain(f), _) => f.apply(up_dot()),
-            (FfnKind::Gated(f), Some((g, rb, k))) => {
-                let a = f.apply((k.vec_dot)(n_embd, &g.data[i * rb..(i + 1) * rb], gate_act));
-                if a == 0.0 { 0.0 } else { a * up_dot() }
-            }
-            (FfnKind::DRelu, Some((g, rb, k))) => {
-                let a = (k.vec_dot)(n_embd, &g.data[i * rb..(i + 1) * rb], gate_act).max(0.0);
-                if a == 0.0 { 0.0 } else { a * up_dot().max(0.0) }
+            (FfnKind::Plain(_), _) => h_from(0.0, &mut || up_dot(i)),
+            (_, Some((g, rb, k))) => {
+                let gv = (k.vec_dot)(n_embd, gate_row(g, rb, i), gate_act);
+                h_from(gv, &mut || up_dot(i))
             }
             // A gated kind without a gate was rejected above.
             (FfnKind::Gated(_) | FfnKind::DRelu, None) => 0.0,
         }
     };
-    let coef_of = |i: u32| -> f32 { apply_zero_below(h_of(i), zero_below) };
+    // Four neurons at a time where the types have four-row kernels (the same values as one at
+    // a time): the gate rows of all four, then the up rows of those the gate leaves active.
+    // Short groups repeat their last neuron (no extra memory traffic: the same rows).
+    let gate_dot4 = gate.and_then(|(_, _, k)| k.vec_dot4);
+    let four = up_k.vec_dot4.is_some() && (gate.is_none() || gate_dot4.is_some());
+    let fill4 = |ids: &[u32], out: &mut [f32]| {
+        let (Some(up4), true) = (up_k.vec_dot4, four && ids.len() >= 2) else {
+            for (o, &i) in out.iter_mut().zip(ids) {
+                *o = apply_zero_below(h_of(i), zero_below);
+            }
+            return;
+        };
+        let pick = |j: usize| ids[j.min(ids.len() - 1)] as usize;
+        let g4 = match (gate, gate_dot4) {
+            (Some((g, rb, _)), Some(d4)) => d4(
+                n_embd,
+                [0, 1, 2, 3].map(|j| gate_row(g, rb, pick(j))),
+                gate_act,
+            ),
+            _ => [0.0; 4],
+        };
+        // Which neurons need their up product.
+        let mut need = [0usize; 4];
+        let mut n_need = 0;
+        for (j, &g) in g4.iter().enumerate().take(ids.len()) {
+            let live = match kind {
+                FfnKind::Plain(_) => true,
+                FfnKind::Gated(f) => f.apply(g) != 0.0,
+                FfnKind::DRelu => g > 0.0,
+            };
+            if live {
+                need[n_need] = j;
+                n_need += 1;
+            }
+        }
+        let mut u4 = [0.0f32; 4];
+        if n_need >= 2 {
+            let at = |m: usize| pick(need[m.min(n_need - 1)]);
+            let r = up4(n_embd, [0, 1, 2, 3].map(|m| up_row(at(m))), up_act);
+            for (&j, v) in need.iter().zip(r).take(n_need) {
+                u4[j] = v;
+            }
+        } else if n_need == 1 {
+            u4[need[0]] = up_dot(pick(need[0]));
+        }
+        for ((o, &g), &u) in out.iter_mut().zip(&g4).zip(&u4).take(ids.len()) {
+            *o = apply_zero_below(h_from(g, &mut || u), zero_below);
+        }
+    };
 
     scratch.vals.clear();
     scratch.vals.resize(active.len(), 0.0);
     let row_bytes = up_rb + gate.map_or(0, |(_, rb, _)| rb);
     if pool.n_threads() == 1 || active.len() * row_bytes <= INLINE_BYTES || row_bytes == 0 {
-        for (v, &i) in scratch.vals.iter_mut().zip(active) {
-            *v = coef_of(i);
+        for (ids, v) in active.chunks(4).zip(scratch.vals.chunks_mut(4)) {
+            fill4(ids, v);
         }
     } else {
-        let chunk = chunk_items(active.len(), row_bytes, pool.n_threads());
+        // Whole groups of four per chunk.
+        let chunk = chunk_items(active.len(), row_bytes, pool.n_threads()).next_multiple_of(4);
         let vals = SharedSlice::new(&mut scratch.vals);
-        // Rows of neurons this far ahead are requested from memory while the current one is
+        // Rows of neurons this far ahead are requested from memory while the current ones are
         // computed (scattered rows: the hardware prefetcher cannot guess them).
-        const AHEAD: usize = 2;
+        const AHEAD: usize = 4;
         let fetch = |i: u32| {
             let i = i as usize;
             if let Some((g, rb, _)) = gate {
-                prefetch(&g.data[i * rb..(i + 1) * rb]);
+                prefetch(gate_row(g, rb, i));
             }
-            prefetch(&up.data[i * up_rb..(i + 1) * up_rb]);
+            prefetch(up_row(i));
         };
         pool.for_each_chunk(active.len(), chunk, |range| {
             let end = range.end;
             for &i in active[range.clone()].iter().take(AHEAD) {
                 fetch(i);
             }
-            for p in range {
-                if p + AHEAD < end {
-                    fetch(active[p + AHEAD]);
+            let mut p = range.start;
+            while p < end {
+                let q = (p + 4).min(end);
+                for &i in active.get(p + AHEAD..(q + AHEAD).min(end)).unwrap_or(&[]) {
+                    fetch(i);
                 }
                 // SAFETY: `for_each_chunk` hands each position to exactly one thread.
-                unsafe { vals.write(p, coef_of(active[p])) };
+                let out = unsafe { vals.slice_mut(p..q) };
+                fill4(&active[p..q], out);
+                p = q;
             }
         });
     }

@@ -227,29 +227,32 @@ fn results_do_not_depend_on_thread_count() {
         let n_tok = 5;
         let x = rng.vec(n_embd * n_tok);
         let act = rng.vec(n_ff * n_tok);
-        let sets: Vec<Vec<u32>> = (0..n_tok).map(|_| rng.subset(n_ff, 0.6)).collect();
-        let run = |pool: &ThreadPool| {
-            let mut y = vec![0.0; n_ff];
-            sparse_matvec(pool, &gate, &x[..n_embd], &sets[0], &mut y).unwrap();
-            let mut o = vec![0.0; n_embd];
-            sparse_axpy(pool, &down_t, &act[..n_ff], &sets[0], &mut o).unwrap();
-            let mut f = vec![0.0; n_embd];
-            sparse_ffn(pool, &ffn, &x[..n_embd], &sets[0], &mut f).unwrap();
-            let mut ym = vec![0.0; n_ff * n_tok];
-            sparse_matmul(pool, &gate, &x, n_tok, &sets, &mut ym).unwrap();
-            let mut ob = vec![0.0; n_embd * n_tok];
-            sparse_axpy_batch(pool, &down_t, &act, n_tok, &sets, &mut ob).unwrap();
-            [y, o, f, ym, ob].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
-        };
-        let first = run(&pools[0]);
-        for pool in &pools {
-            for _ in 0..3 {
-                assert_eq!(
-                    run(pool),
-                    first,
-                    "{ty}: {} threads differ",
-                    pool.n_threads()
-                );
+        // Dense-ish sets (every row streamed) and sparse ones (rows gathered, four at a time).
+        for share in [0.6, 0.25] {
+            let sets: Vec<Vec<u32>> = (0..n_tok).map(|_| rng.subset(n_ff, share)).collect();
+            let run = |pool: &ThreadPool| {
+                let mut y = vec![0.0; n_ff];
+                sparse_matvec(pool, &gate, &x[..n_embd], &sets[0], &mut y).unwrap();
+                let mut o = vec![0.0; n_embd];
+                sparse_axpy(pool, &down_t, &act[..n_ff], &sets[0], &mut o).unwrap();
+                let mut f = vec![0.0; n_embd];
+                sparse_ffn(pool, &ffn, &x[..n_embd], &sets[0], &mut f).unwrap();
+                let mut ym = vec![0.0; n_ff * n_tok];
+                sparse_matmul(pool, &gate, &x, n_tok, &sets, &mut ym).unwrap();
+                let mut ob = vec![0.0; n_embd * n_tok];
+                sparse_axpy_batch(pool, &down_t, &act, n_tok, &sets, &mut ob).unwrap();
+                [y, o, f, ym, ob].map(|v| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>())
+            };
+            let first = run(&pools[0]);
+            for pool in &pools {
+                for _ in 0..3 {
+                    assert_eq!(
+                        run(pool),
+                        first,
+                        "{ty} at {share}: {} threads differ",
+                        pool.n_threads()
+                    );
+                }
             }
         }
     }
@@ -292,7 +295,11 @@ fn fused_ffn_equals_unfused_and_reference() {
                 zero_below: 0.0,
                 down_grouped: None,
             };
-            for active in [rng.subset(n_ff, 0.4), (0..n_ff as u32).collect()] {
+            for active in [
+                rng.subset(n_ff, 0.4),
+                rng.subset(n_ff, 0.3),
+                (0..n_ff as u32).collect(),
+            ] {
                 let mut out = vec![f32::NAN; n_embd];
                 sparse_ffn(&pool, &ffn, &x, &active, &mut out).unwrap();
 

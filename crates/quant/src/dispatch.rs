@@ -20,9 +20,17 @@ pub struct TypeKernels {
     pub quantize_act: fn(src: &[f32], dst: &mut [u8]),
     /// `ty` row -> f32 (as many whole blocks as both slices hold).
     pub dequantize: fn(src: &[u8], dst: &mut [f32]),
+    /// Four rows at once, where the type has such a kernel here: `vec_dot4(n, [w0, w1, w2,
+    /// w3], act)[i]` equals `vec_dot(n, wi, act)` bit for bit. It shares the activation loads
+    /// and the per-block work that depends only on them across the rows and keeps four
+    /// independent accumulator chains, so it computes more rows per cycle than four calls.
+    pub vec_dot4: Option<Dot4Fn>,
     /// Which implementation: "scalar", "avx2", "avx512vnni", "neon".
     pub name: &'static str,
 }
+
+/// The signature of [`TypeKernels::vec_dot4`].
+pub type Dot4Fn = fn(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4];
 
 macro_rules! k {
     ($ty:ident, $act:ident, $dot:path, $qa:path, $dq:path) => {
@@ -32,6 +40,7 @@ macro_rules! k {
             vec_dot: $dot,
             quantize_act: $qa,
             dequantize: $dq,
+            vec_dot4: None,
             name: "scalar",
         }
     };

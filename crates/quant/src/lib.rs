@@ -49,7 +49,7 @@ pub use blocks::{
     BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
     BlockQ8K, QK, QK_K,
 };
-pub use dispatch::{TypeKernels, all_kernels, kernels, scalar_kernels, simd_level};
+pub use dispatch::{Dot4Fn, TypeKernels, all_kernels, kernels, scalar_kernels, simd_level};
 pub use half;
 pub use half::{bf16, f16};
 pub use powerinfer_gguf::GgmlType;

@@ -78,7 +78,10 @@ fn patch_avx2(t: &mut [TypeKernels]) {
 
 fn patch_vnni(t: &mut [TypeKernels]) {
     let n = "avx512vnni";
-    set(t, GgmlType::Q4_0, n, |k| k.vec_dot = dot_q4_0_vnni);
+    set(t, GgmlType::Q4_0, n, |k| {
+        k.vec_dot = dot_q4_0_vnni;
+        k.vec_dot4 = Some(dot4_q4_0_vnni);
+    });
     set(t, GgmlType::Q8_0, n, |k| k.vec_dot = dot_q8_0_vnni);
     set(t, GgmlType::Q4_1, n, |k| k.vec_dot = dot_q4_1_vnni);
     set(t, GgmlType::Q5_0, n, |k| k.vec_dot = dot_q5_0_vnni);
@@ -525,6 +528,67 @@ fn dot_q4_0_vnni_impl(n: usize, w: &[u8], act: &[u8]) -> f32 {
         acc = _mm256_fmadd_ps(d, q, acc);
     });
     hsum_ps(acc)
+}
+
+fn dot4_q4_0_vnni(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe { dot4_q4_0_vnni_impl(n, w, act) }
+}
+
+/// [`dot_q4_0_vnni_impl`] on four rows: per block the activation load and the `8 * y` term
+/// once for all rows, then each row's integers, float conversion and FMA exactly as the
+/// one-row kernel does them (the same values bit for bit). Four accumulator chains instead of
+/// one: the one-row kernel waits on its FMA's latency every block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot4_q4_0_vnni_impl(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    let nb = n / 32;
+    let act = &act[..nb * 34];
+    let w = w.map(|r| &r[..nb * 18]);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let eight = _mm256_set1_epi8(8);
+    for (g, ac) in act.chunks(8 * 34).enumerate() {
+        let at = g * 8 * 18..g * 8 * 18 + ac.len() / 34 * 18;
+        let wc = [
+            &w[0][at.clone()],
+            &w[1][at.clone()],
+            &w[2][at.clone()],
+            &w[3][at],
+        ];
+        let mut dd = [
+            dd8(wc[0], 18, ac, 34),
+            dd8(wc[1], 18, ac, 34),
+            dd8(wc[2], 18, ac, 34),
+            dd8(wc[3], 18, ac, 34),
+        ];
+        // Keep the products in memory: each is then broadcast by a load (see `q8_family`).
+        std::hint::black_box(&mut dd);
+        let wp = wc.map(<[u8]>::as_ptr);
+        for (i, y) in ac.chunks_exact(34).enumerate() {
+            let qy = load32(y, 2);
+            let m = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, qy);
+            for r in 0..4 {
+                // SAFETY: block `i` of this group lies inside every row's chunk `wc[r]`
+                // (`ac` and each `wc[r]` hold the same number of blocks); unaligned load.
+                let t = unsafe { _mm_loadu_si128(wp[r].add(18 * i + 2).cast()) };
+                let qx = _mm256_and_si256(
+                    _mm256_srlv_epi32(
+                        _mm256_broadcastsi128_si256(t),
+                        _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4),
+                    ),
+                    _mm256_set1_epi8(0x0F),
+                );
+                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy);
+                let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, m));
+                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), q, acc[r]);
+            }
+        }
+    }
+    [
+        hsum_ps(acc[0]),
+        hsum_ps(acc[1]),
+        hsum_ps(acc[2]),
+        hsum_ps(acc[3]),
+    ]
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]

@@ -150,6 +150,49 @@ fn every_simd_dot_matches_scalar() {
     eprintln!("checked {checked} SIMD dot results");
 }
 
+/// Every four-row kernel gives each row exactly its one-row kernel's result, on raw random
+/// weights and on quantized ones, at awkward block counts (partial groups of 8 blocks).
+#[test]
+fn four_row_dots_equal_one_row_dots_bit_for_bit() {
+    let mut rng = Rng(0xD074);
+    let mut checked = 0;
+    for ty in WEIGHT_TYPES {
+        for k in all_kernels(ty) {
+            let Some(dot4) = k.vec_dot4 else { continue };
+            for nb in [1usize, 2, 7, 8, 9, 17, 130] {
+                let n = nb * ty.block_size();
+                let rows: Vec<Vec<u8>> = (0..4)
+                    .map(|r| {
+                        if r % 2 == 0 {
+                            raw_weights(ty, nb, &mut rng)
+                        } else {
+                            quant(ty, &rng.vec(n, 0.5))
+                        }
+                    })
+                    .collect();
+                let mut act = vec![0u8; row_bytes(k.act_ty, n).unwrap()];
+                (k.quantize_act)(&rng.vec(n, 1.0), &mut act);
+                let got = dot4(n, [&rows[0], &rows[1], &rows[2], &rows[3]], &act);
+                for (r, row) in rows.iter().enumerate() {
+                    let want = (k.vec_dot)(n, row, &act);
+                    assert_eq!(
+                        got[r].to_bits(),
+                        want.to_bits(),
+                        "{ty} {} nb={nb} row {r}: {} vs {want}",
+                        k.name,
+                        got[r]
+                    );
+                    checked += 1;
+                }
+            }
+        }
+    }
+    if cfg!(target_arch = "x86_64") && std::arch::is_x86_feature_detected!("avx512vnni") {
+        assert!(checked > 0, "no four-row kernel was checked on a VNNI CPU");
+    }
+    eprintln!("checked {checked} four-row dot results");
+}
+
 #[test]
 fn quantize_act_fast_vs_reference() {
     let mut rng = Rng(42);
