@@ -22,7 +22,10 @@ use powerinfer_gguf::GgmlType;
 
 const N_EMBD: usize = 4096;
 const N_FF: usize = 11008;
-const LAYERS: usize = 3;
+/// Layers cycled through, so that a layer's active rows are read from memory, not from the
+/// last-level cache (32 MB here): with 3 layers the 10% gathers ran from L3 and measured
+/// about 1.8x faster than in a real 32-layer model.
+const LAYERS: usize = 12;
 
 struct Rng(u64);
 
