@@ -458,7 +458,14 @@ pub fn matvec_rows(
 
 /// The inner loop: one `vec_dot` per output. Callers have checked every size.
 #[inline]
-fn dot_rows(k: &TypeKernels, w: &Matrix, rb: usize, act: &[u8], first: usize, y: &mut [f32]) {
+pub(crate) fn dot_rows(
+    k: &TypeKernels,
+    w: &Matrix,
+    rb: usize,
+    act: &[u8],
+    first: usize,
+    y: &mut [f32],
+) {
     let rows = &w.data[first * rb..(first + y.len()) * rb];
     if rb == 0 {
         y.fill(0.0);

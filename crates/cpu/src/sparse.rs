@@ -458,13 +458,17 @@ pub fn sparse_matvec_with(
         // scattered rows do not) and keep the active outputs.
         pool.for_each_chunk(w.rows, chunk, |range| {
             let mut p = active.partition_point(|&i| (i as usize) < range.start);
-            for r in range {
-                let v = (k.vec_dot)(cols, &w.data[r * rb..(r + 1) * rb], act);
-                if active.get(p).is_some_and(|&i| i as usize == r) {
-                    // SAFETY: row `r` belongs to exactly one chunk, and `for_each_chunk` hands
-                    // each chunk to exactly one thread.
-                    unsafe { out.write(r, v) };
+            let first = range.start;
+            // SAFETY: `for_each_chunk` hands each chunk (a disjoint row range) to exactly one
+            // thread.
+            let part = unsafe { out.slice_mut(range) };
+            // Every row of the chunk as `matvec` computes it, then the inactive ones zeroed.
+            crate::matmul::dot_rows(k, w, rb, act, first, part);
+            for (r, v) in part.iter_mut().enumerate() {
+                if active.get(p).is_some_and(|&i| i as usize == first + r) {
                     p += 1;
+                } else {
+                    *v = 0.0;
                 }
             }
         });

@@ -44,6 +44,7 @@ fn patch_avx2(t: &mut [TypeKernels]) {
     set(t, T::BF16, n, |k| k.vec_dot = dot_bf16);
     set(t, T::Q4_0, n, |k| {
         k.vec_dot = dot_q4_0;
+        k.vec_dot4 = Some(dot4_q4_0);
         k.quantize_act = quant_q8_0;
     });
     set(t, T::Q4_1, n, |k| {
@@ -380,6 +381,71 @@ fn quant_f16_avx2(src: &[f32], dst: &mut [u8]) {
     crate::scalar::quantize_f16(&src[np..n], &mut dst[2 * np..2 * n]);
 }
 
+/// The loop of a four-row dot over 32-element blocks of `$wsz` bytes (f16 scale first) and
+/// Q8_0 activations, in the float order of the one-row kernels: per group of 8 blocks each
+/// row's `dx * dy` (as `blocks8!` computes them), per block `$shared` once from the activation
+/// block `$y`, then for each row `$row` (with `$x` pointing at that row's block and `$s` the
+/// shared value) gives the 8 float lanes that one FMA adds to that row's accumulator. Four
+/// accumulator chains instead of one: a one-row kernel waits on its FMA's latency every block.
+macro_rules! dot4_blocks {
+    ($n:expr, $w:expr, $act:expr, $wsz:expr, |$y:ident| $shared:expr, |$x:ident, $s:ident| $row:expr) => {{
+        let nb = $n / 32;
+        let act = &$act[..nb * 34];
+        let w = $w.map(|r| &r[..nb * $wsz]);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for (g, ac) in act.chunks(8 * 34).enumerate() {
+            let at = g * 8 * $wsz..g * 8 * $wsz + ac.len() / 34 * $wsz;
+            let wc = [
+                &w[0][at.clone()],
+                &w[1][at.clone()],
+                &w[2][at.clone()],
+                &w[3][at],
+            ];
+            let mut dd = [
+                dd8(wc[0], $wsz, ac, 34),
+                dd8(wc[1], $wsz, ac, 34),
+                dd8(wc[2], $wsz, ac, 34),
+                dd8(wc[3], $wsz, ac, 34),
+            ];
+            // Keep the products in memory: each is then broadcast by a load (see `q8_family`).
+            std::hint::black_box(&mut dd);
+            let wp = wc.map(<[u8]>::as_ptr);
+            for (i, $y) in ac.chunks_exact(34).enumerate() {
+                let $s = $shared;
+                for r in 0..4 {
+                    // Block `i` of this group: `wc[r]` holds as many blocks as `ac`, so the
+                    // `$wsz` bytes at `$x` are inside it.
+                    let $x = wp[r].wrapping_add($wsz * i);
+                    let q: __m256 = $row;
+                    acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), q, acc[r]);
+                }
+            }
+        }
+        [
+            hsum_ps(acc[0]),
+            hsum_ps(acc[1]),
+            hsum_ps(acc[2]),
+            hsum_ps(acc[3]),
+        ]
+    }};
+}
+
+/// The 32 nibbles of a Q4_0 / Q4_1 block's 16 bytes at `q` as bytes (as [`nibbles32`]).
+///
+/// # Safety
+/// `q` must point at 16 readable bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn nibbles32_at(q: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; unaligned load.
+    let t = unsafe { _mm_loadu_si128(q.cast()) };
+    let v = _mm256_srlv_epi32(
+        _mm256_broadcastsi128_si256(t),
+        _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4),
+    );
+    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
+}
+
 // ---------------------------------------------------------------------------------------------
 // 32-element block dots
 
@@ -398,6 +464,21 @@ fn dot_q4_0_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         acc = _mm256_fmadd_ps(d, q, acc);
     });
     hsum_ps(acc)
+}
+
+fn dot4_q4_0(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    // SAFETY: installed only after `has_avx2()` succeeded at run time.
+    unsafe { dot4_q4_0_avx2(n, w, act) }
+}
+
+/// [`dot_q4_0_avx2`] on four rows (see `dot4_blocks!`): the same values bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q4_0_avx2(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    dot4_blocks!(n, w, act, 18, |y| load32(y, 2), |x, qy| {
+        // SAFETY: `x` points at a whole 18-byte block (see `dot4_blocks!`).
+        let qx = unsafe { nibbles32_at(x.add(2)) };
+        mul_i8_f32(_mm256_sub_epi8(qx, _mm256_set1_epi8(8)), qy)
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -537,58 +618,26 @@ fn dot4_q4_0_vnni(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
 
 /// [`dot_q4_0_vnni_impl`] on four rows: per block the activation load and the `8 * y` term
 /// once for all rows, then each row's integers, float conversion and FMA exactly as the
-/// one-row kernel does them (the same values bit for bit). Four accumulator chains instead of
-/// one: the one-row kernel waits on its FMA's latency every block.
+/// one-row kernel does them (the same values bit for bit).
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn dot4_q4_0_vnni_impl(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
-    let nb = n / 32;
-    let act = &act[..nb * 34];
-    let w = w.map(|r| &r[..nb * 18]);
-    let mut acc = [_mm256_setzero_ps(); 4];
     let eight = _mm256_set1_epi8(8);
-    for (g, ac) in act.chunks(8 * 34).enumerate() {
-        let at = g * 8 * 18..g * 8 * 18 + ac.len() / 34 * 18;
-        let wc = [
-            &w[0][at.clone()],
-            &w[1][at.clone()],
-            &w[2][at.clone()],
-            &w[3][at],
-        ];
-        let mut dd = [
-            dd8(wc[0], 18, ac, 34),
-            dd8(wc[1], 18, ac, 34),
-            dd8(wc[2], 18, ac, 34),
-            dd8(wc[3], 18, ac, 34),
-        ];
-        // Keep the products in memory: each is then broadcast by a load (see `q8_family`).
-        std::hint::black_box(&mut dd);
-        let wp = wc.map(<[u8]>::as_ptr);
-        for (i, y) in ac.chunks_exact(34).enumerate() {
+    dot4_blocks!(
+        n,
+        w,
+        act,
+        18,
+        |y| {
             let qy = load32(y, 2);
-            let m = _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, qy);
-            for r in 0..4 {
-                // SAFETY: block `i` of this group lies inside every row's chunk `wc[r]`
-                // (`ac` and each `wc[r]` hold the same number of blocks); unaligned load.
-                let t = unsafe { _mm_loadu_si128(wp[r].add(18 * i + 2).cast()) };
-                let qx = _mm256_and_si256(
-                    _mm256_srlv_epi32(
-                        _mm256_broadcastsi128_si256(t),
-                        _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4),
-                    ),
-                    _mm256_set1_epi8(0x0F),
-                );
-                let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, qy);
-                let q = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, m));
-                acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dd[r][i]), q, acc[r]);
-            }
+            (qy, _mm256_dpbusd_epi32(_mm256_setzero_si256(), eight, qy))
+        },
+        |x, s| {
+            // SAFETY: `x` points at a whole 18-byte block (see `dot4_blocks!`).
+            let qx = unsafe { nibbles32_at(x.add(2)) };
+            let p = _mm256_dpbusd_epi32(_mm256_setzero_si256(), qx, s.0);
+            _mm256_cvtepi32_ps(_mm256_sub_epi32(p, s.1))
         }
-    }
-    [
-        hsum_ps(acc[0]),
-        hsum_ps(acc[1]),
-        hsum_ps(acc[2]),
-        hsum_ps(acc[3]),
-    ]
+    )
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
