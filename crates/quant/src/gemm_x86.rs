@@ -404,18 +404,29 @@ macro_rules! q4_1_kernel {
         ) -> [f32; N] {
             let mut acc = [_mm256_setzero_ps(); N];
             let mut summs = [_mm_setzero_ps(); N];
-            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..]);
-            for (b, x) in w.chunks_exact(20).take(n / 32).enumerate() {
+            let nb = n / 32;
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 36 * nb]);
+            // Raw pointers in the inner loop (as in `q8_family`): `yp[j]` holds `36 * nb` bytes.
+            let yp: [*const u8; N] = arr!(N, std::ptr::null(), |j| ys[j].as_ptr());
+            for (b, x) in w.chunks_exact(20).take(nb).enumerate() {
                 let hx = h2x2(x, 0);
                 let qx = nibbles32(x, 4);
-                let yo = 36 * b;
                 for j in 0..N {
-                    let y = &ys[j][yo..yo + 36];
+                    // SAFETY: block `b < nb`: the 36 bytes at `36 * b` lie inside the `36 * nb`
+                    // bytes `yp[j]` points to; unaligned loads (a whole 32-bit load for the two
+                    // f16, see `h2x2`).
+                    let (hy, qy) = unsafe {
+                        let y = yp[j].add(36 * b);
+                        (
+                            _mm_cvtph_ps(_mm_cvtsi32_si128(y.cast::<i32>().read_unaligned())),
+                            _mm256_loadu_si256(y.add(4).cast()),
+                        )
+                    };
                     // [dx * dy, mx * sy]
-                    let p = _mm_mul_ps(hx, h2x2(y, 0));
+                    let p = _mm_mul_ps(hx, hy);
                     summs[j] = _mm_add_ps(summs[j], p);
                     let d = _mm256_broadcastss_ps(p);
-                    acc[j] = _mm256_fmadd_ps(d, $mul(qx, load32(y, 4)), acc[j]);
+                    acc[j] = _mm256_fmadd_ps(d, $mul(qx, qy), acc[j]);
                 }
             }
             arr!(N, 0f32, |j| hsum_ps(acc[j])
