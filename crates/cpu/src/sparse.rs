@@ -1320,7 +1320,8 @@ pub fn sparse_ffn_with(
     // a time): the gate rows of all four, then the up rows of those the gate leaves active.
     // Short groups repeat their last neuron (no extra memory traffic: the same rows).
     let gate_dot4 = gate.and_then(|(_, _, k)| k.vec_dot4);
-    let four = up_k.vec_dot4.is_some() && (gate.is_none() || gate_dot4.is_some());
+    let four = up_k.vec_dot4.is_some()
+        && (matches!(kind, FfnKind::Plain(_)) || gate.is_none() || gate_dot4.is_some());
     let fill4 = |ids: &[u32], out: &mut [f32]| {
         let (Some(up4), true) = (up_k.vec_dot4, four && ids.len() >= 2) else {
             for (o, &i) in out.iter_mut().zip(ids) {
@@ -1329,8 +1330,10 @@ pub fn sparse_ffn_with(
             return;
         };
         let pick = |j: usize| ids[j.min(ids.len() - 1)] as usize;
-        let g4 = match (gate, gate_dot4) {
-            (Some((g, rb, _)), Some(d4)) => d4(
+        let g4 = match (kind, gate, gate_dot4) {
+            // A plain FFN reads no gate rows, even if it was given a gate matrix.
+            (FfnKind::Plain(_), _, _) => [0.0; 4],
+            (_, Some((g, rb, _)), Some(d4)) => d4(
                 n_embd,
                 [0, 1, 2, 3].map(|j| gate_row(g, rb, pick(j))),
                 gate_act,
