@@ -1160,6 +1160,9 @@ pub struct AttnScratch {
     s: Vec<f32>,
     /// f32 path: per head and key, the softmax rescale `ms` and weight `vs`.
     w: Vec<f32>,
+    /// Legacy path: the V sums' 64 accumulators per output, and one value row as f32.
+    vacc: Vec<f32>,
+    vrow: Vec<f32>,
 }
 
 impl AttnScratch {
@@ -1175,6 +1178,8 @@ impl AttnScratch {
             m: vec![0.0; group],
             s: vec![0.0; group],
             w: Vec::new(),
+            vacc: Vec::new(),
+            vrow: Vec::new(),
         }
     }
 
@@ -1445,11 +1450,10 @@ fn legacy_attention(
     // llama.cpp attended a cache view padded to a multiple of 32 cells; the masked cells weigh
     // exactly 0 but decide which part of ggml's dot product sums which element.
     let n_kv = (pos + 1).div_ceil(32) * 32;
-    if sc.w.len() < 2 * n_kv {
-        sc.w.resize(2 * n_kv, 0.0);
+    if sc.w.len() < n_kv {
+        sc.w.resize(n_kv, 0.0);
     }
-    let (probs, col) = sc.w.split_at_mut(n_kv);
-    let col = &mut col[..n_kv];
+    let probs = &mut sc.w[..n_kv];
     for h in heads.clone() {
         let g = h / group;
         let qh = &mut sc.q[..dk];
@@ -1484,16 +1488,90 @@ fn legacy_attention(
             *pj = f16::from_f32(*pj * inv).to_f32();
         }
         let o = &mut out[(h - heads.start) * dv..(h - heads.start + 1) * dv];
-        for (d, od) in o.iter_mut().enumerate() {
-            for (j, c) in col.iter_mut().enumerate() {
-                *c = if j <= pos {
-                    v[j * vd + g * dv + d].to_f32()
-                } else {
-                    0.0
-                };
-            }
-            *od = dot_f16_values_ggml(col, probs);
+        legacy_v_sums(
+            &v[g * dv..],
+            vd,
+            dv,
+            pos,
+            probs,
+            o,
+            &mut sc.vacc,
+            &mut sc.vrow,
+        );
+    }
+}
+
+/// `out[d] = dot_f16_values_ggml(col_d, probs)` for every `d < dv`, where `col_d[j]` is
+/// `v[j * vd + d]` (as f32) for `j <= pos` and 0 after: the same sums in the same order, but
+/// each value row converted once and the sums vectorised across `d` instead of run one `d` at
+/// a time over a gathered column (which converted every value with a scalar call).
+#[allow(clippy::too_many_arguments)]
+fn legacy_v_sums(
+    v: &[f16],
+    vd: usize,
+    dv: usize,
+    pos: usize,
+    probs: &[f32],
+    out: &mut [f32],
+    acc: &mut Vec<f32>,
+    row: &mut Vec<f32>,
+) {
+    let n = probs.len();
+    let np = n / 64 * 64;
+    // acc[(16 * jb + l) * dv + d]: ggml's accumulator `jb` (of 4), lane `l` (of 16), for `d`.
+    acc.clear();
+    acc.resize(64 * dv, 0.0);
+    row.resize(dv, 0.0);
+    let load = |j: usize, row: &mut Vec<f32>| {
+        if j <= pos {
+            let _ = f16_to_f32(&v[j * vd..j * vd + dv], row);
+        } else {
+            row.fill(0.0);
         }
+    };
+    for c in 0..np / 64 {
+        for k in 0..64 {
+            let j = 64 * c + k;
+            load(j, row);
+            let pj = probs[j];
+            for (a, &x) in acc[k * dv..(k + 1) * dv].iter_mut().zip(row.iter()) {
+                *a += x * pj;
+            }
+        }
+    }
+    // The reduction of `dot_f16_values_ggml`, lane by lane for every `d` at once: `x[l]` into
+    // `acc[l]`, then halves 8, 4, then `(l0 + l2) + (l1 + l3)` into `out`.
+    let (head, _) = acc.split_at_mut(64 * dv);
+    for l in 0..16 {
+        for d in 0..dv {
+            let a = |jb: usize| head[(16 * jb + l) * dv + d];
+            head[l * dv + d] = (a(0) + a(2)) + (a(1) + a(3));
+        }
+    }
+    for l in 0..8 {
+        for d in 0..dv {
+            head[l * dv + d] += head[(l + 8) * dv + d];
+        }
+    }
+    for l in 0..4 {
+        for d in 0..dv {
+            head[l * dv + d] += head[(l + 4) * dv + d];
+        }
+    }
+    let mut sums: Vec<f64> = (0..dv)
+        .map(|d| {
+            let t = |l: usize| head[l * dv + d];
+            f64::from((t(0) + t(2)) + (t(1) + t(3)))
+        })
+        .collect();
+    for (j, &pj) in probs.iter().enumerate().skip(np) {
+        load(j, row);
+        for (s, &x) in sums.iter_mut().zip(row.iter()) {
+            *s += f64::from(x * pj);
+        }
+    }
+    for (o, s) in out.iter_mut().zip(sums) {
+        *o = s as f32;
     }
 }
 
@@ -1583,6 +1661,65 @@ mod tests {
         }
         fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.f()).collect()
+        }
+    }
+
+    /// The legacy path's V sums, vectorised across outputs, equal the column-by-column
+    /// `dot_f16_values_ggml` they replace, bit for bit (positions before, at and after a
+    /// 64-key boundary; value rows wider than one head; an awkward head size).
+    #[test]
+    fn legacy_v_sums_equal_columnwise_ggml_dots() {
+        let mut r = Rng(11);
+        let (mut acc, mut row) = (Vec::new(), Vec::new());
+        for dv in [64usize, 80, 128] {
+            let vd = 3 * dv;
+            for pos in [0usize, 5, 31, 32, 63, 64, 95, 127, 128, 200] {
+                let n_kv = (pos + 1).div_ceil(32) * 32;
+                let v: Vec<f16> = r
+                    .vec((pos + 1) * vd)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                // Softmax-like weights, f16-representable, 0 past `pos` (as the caller leaves them).
+                let probs: Vec<f32> = (0..n_kv)
+                    .map(|j| {
+                        if j <= pos {
+                            f16::from_f32(r.f().abs()).to_f32()
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
+                let g = 1;
+                let mut got = vec![f32::NAN; dv];
+                legacy_v_sums(
+                    &v[g * dv..],
+                    vd,
+                    dv,
+                    pos,
+                    &probs,
+                    &mut got,
+                    &mut acc,
+                    &mut row,
+                );
+                for (d, &o) in got.iter().enumerate() {
+                    let col: Vec<f32> = (0..n_kv)
+                        .map(|j| {
+                            if j <= pos {
+                                v[j * vd + g * dv + d].to_f32()
+                            } else {
+                                0.0
+                            }
+                        })
+                        .collect();
+                    let want = dot_f16_values_ggml(&col, &probs);
+                    assert_eq!(
+                        o.to_bits(),
+                        want.to_bits(),
+                        "dv {dv} pos {pos} d {d}: {o} vs {want}"
+                    );
+                }
+            }
         }
     }
 

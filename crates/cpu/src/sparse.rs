@@ -480,7 +480,10 @@ pub fn sparse_matvec_with(
         match k.vec_dot4 {
             Some(d4) if ids.len() >= 2 => d4(
                 cols,
-                [0, 1, 2, 3].map(|j| row(ids[j.min(ids.len() - 1)])),
+                {
+                    let r = |j: usize| row(ids[j.min(ids.len() - 1)]);
+                    [r(0), r(1), r(2), r(3)]
+                },
                 act,
             ),
             _ => {
@@ -1335,7 +1338,12 @@ pub fn sparse_ffn_with(
             (FfnKind::Plain(_), _, _) => [0.0; 4],
             (_, Some((g, rb, _)), Some(d4)) => d4(
                 n_embd,
-                [0, 1, 2, 3].map(|j| gate_row(g, rb, pick(j))),
+                [
+                    gate_row(g, rb, pick(0)),
+                    gate_row(g, rb, pick(1)),
+                    gate_row(g, rb, pick(2)),
+                    gate_row(g, rb, pick(3)),
+                ],
                 gate_act,
             ),
             _ => [0.0; 4],
@@ -1357,7 +1365,8 @@ pub fn sparse_ffn_with(
         let mut u4 = [0.0f32; 4];
         if n_need >= 2 {
             let at = |m: usize| pick(need[m.min(n_need - 1)]);
-            let r = up4(n_embd, [0, 1, 2, 3].map(|m| up_row(at(m))), up_act);
+            let rows = [up_row(at(0)), up_row(at(1)), up_row(at(2)), up_row(at(3))];
+            let r = up4(n_embd, rows, up_act);
             for (&j, v) in need.iter().zip(r).take(n_need) {
                 u4[j] = v;
             }

@@ -391,7 +391,12 @@ macro_rules! dot4_blocks {
     ($n:expr, $w:expr, $act:expr, $wsz:expr, |$y:ident| $shared:expr, |$x:ident, $s:ident| $row:expr) => {{
         let nb = $n / 32;
         let act = &$act[..nb * 34];
-        let w = $w.map(|r| &r[..nb * $wsz]);
+        let w = [
+            &$w[0][..nb * $wsz],
+            &$w[1][..nb * $wsz],
+            &$w[2][..nb * $wsz],
+            &$w[3][..nb * $wsz],
+        ];
         let mut acc = [_mm256_setzero_ps(); 4];
         for (g, ac) in act.chunks(8 * 34).enumerate() {
             let at = g * 8 * $wsz..g * 8 * $wsz + ac.len() / 34 * $wsz;
@@ -409,7 +414,12 @@ macro_rules! dot4_blocks {
             ];
             // Keep the products in memory: each is then broadcast by a load (see `q8_family`).
             std::hint::black_box(&mut dd);
-            let wp = wc.map(<[u8]>::as_ptr);
+            let wp = [
+                wc[0].as_ptr(),
+                wc[1].as_ptr(),
+                wc[2].as_ptr(),
+                wc[3].as_ptr(),
+            ];
             for (i, $y) in ac.chunks_exact(34).enumerate() {
                 let $s = $shared;
                 for r in 0..4 {
