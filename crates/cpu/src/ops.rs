@@ -1160,9 +1160,11 @@ pub struct AttnScratch {
     s: Vec<f32>,
     /// f32 path: per head and key, the softmax rescale `ms` and weight `vs`.
     w: Vec<f32>,
-    /// Legacy path: the V sums' 64 accumulators per output, and one value row as f32.
+    /// Legacy path: the V sums' 64 accumulators per output, one value row as f32, and the
+    /// outputs' f64 sums.
     vacc: Vec<f32>,
     vrow: Vec<f32>,
+    vsum: Vec<f64>,
 }
 
 impl AttnScratch {
@@ -1180,6 +1182,7 @@ impl AttnScratch {
             w: Vec::new(),
             vacc: Vec::new(),
             vrow: Vec::new(),
+            vsum: Vec::new(),
         }
     }
 
@@ -1497,6 +1500,7 @@ fn legacy_attention(
             o,
             &mut sc.vacc,
             &mut sc.vrow,
+            &mut sc.vsum,
         );
     }
 }
@@ -1515,6 +1519,7 @@ fn legacy_v_sums(
     out: &mut [f32],
     acc: &mut Vec<f32>,
     row: &mut Vec<f32>,
+    sums: &mut Vec<f64>,
 ) {
     let n = probs.len();
     let np = n / 64 * 64;
@@ -1558,19 +1563,18 @@ fn legacy_v_sums(
             head[l * dv + d] += head[(l + 4) * dv + d];
         }
     }
-    let mut sums: Vec<f64> = (0..dv)
-        .map(|d| {
-            let t = |l: usize| head[l * dv + d];
-            f64::from((t(0) + t(2)) + (t(1) + t(3)))
-        })
-        .collect();
+    sums.clear();
+    sums.extend((0..dv).map(|d| {
+        let t = |l: usize| head[l * dv + d];
+        f64::from((t(0) + t(2)) + (t(1) + t(3)))
+    }));
     for (j, &pj) in probs.iter().enumerate().skip(np) {
         load(j, row);
         for (s, &x) in sums.iter_mut().zip(row.iter()) {
             *s += f64::from(x * pj);
         }
     }
-    for (o, s) in out.iter_mut().zip(sums) {
+    for (o, &s) in out.iter_mut().zip(sums.iter()) {
         *o = s as f32;
     }
 }
@@ -1670,7 +1674,7 @@ mod tests {
     #[test]
     fn legacy_v_sums_equal_columnwise_ggml_dots() {
         let mut r = Rng(11);
-        let (mut acc, mut row) = (Vec::new(), Vec::new());
+        let (mut acc, mut row, mut sums) = (Vec::new(), Vec::new(), Vec::new());
         for dv in [64usize, 80, 128] {
             let vd = 3 * dv;
             for pos in [0usize, 5, 31, 32, 63, 64, 95, 127, 128, 200] {
@@ -1701,6 +1705,7 @@ mod tests {
                     &mut got,
                     &mut acc,
                     &mut row,
+                    &mut sums,
                 );
                 for (d, &o) in got.iter().enumerate() {
                     let col: Vec<f32> = (0..n_kv)
