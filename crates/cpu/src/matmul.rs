@@ -456,7 +456,9 @@ pub fn matvec_rows(
     Ok(())
 }
 
-/// The inner loop: one `vec_dot` per output. Callers have checked every size.
+/// The inner loop: `y[i] = dot(w[first + i], act)`, four rows at a time through `vec_dot4`
+/// where the type has it (the same values as `vec_dot`), the rest one by one. Callers have
+/// checked every size.
 #[inline]
 pub(crate) fn dot_rows(
     k: &TypeKernels,
