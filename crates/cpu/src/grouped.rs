@@ -20,8 +20,11 @@
 //! qh_i` (Q8_1's f16 `s`, as the dense product uses it)
 //!
 //! (Q4_0's values are `q - 8`: `S - 8 * Q`), the dense block dot product restricted to the
-//! active neurons. The integer sums are exact, so the AVX2 kernel (pairs of neurons through
-//! `maddubs`) gives the same bits as the scalar [`grouped_axpy_scalar`]. A group is skipped when
+//! active neurons. The integer sums are exact in any order, so the SIMD kernels give the same
+//! bits as the scalar [`grouped_axpy_scalar`]: AVX2 takes the active neurons of a group two by
+//! two through `maddubs`; AVX-512 takes them four by four through `vpdpbusd` (a `vpermb` puts
+//! the four neurons' values of each output side by side) and keeps the sums of 128 outputs in
+//! registers over all of a group's neurons before the float step. A group is skipped when
 //! none of its neurons is active; the scales of a touched group cost 20% of the Q4_1 matrix's
 //! bytes (11% for Q4_0) when every group is touched.
 //!
@@ -391,15 +394,36 @@ pub fn grouped_axpy(
     Ok(())
 }
 
-/// [`part_scalar`] with the AVX2 kernel where the CPU has it.
+/// [`part_scalar`] with the fastest kernel the CPU has (AVX-512 VNNI, then AVX2; the
+/// AVX-512 one only where `powerinfer_quant` chose that level, so `POWERINFER_SIMD=avx2`
+/// caps this kernel too).
 fn part_fast(down: &GroupedDown, ids: &[u32], coef: &[f32], out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c") {
+    if has_avx512() && powerinfer_quant::simd_level() == "avx512vnni" {
+        // SAFETY: AVX-512 F, BW, VBMI and VNNI were just detected.
+        unsafe { avx512::part(down, ids, coef, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() {
         // SAFETY: AVX2 and F16C were just detected.
         unsafe { avx2::part(down, ids, coef, out) };
         return;
     }
     part_scalar(down, ids, coef, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx2() -> bool {
+    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("f16c")
+}
+
+#[cfg(target_arch = "x86_64")]
+fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512vbmi")
+        && std::arch::is_x86_feature_detected!("avx512vnni")
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -515,6 +539,213 @@ mod avx2 {
                     }
                     let o = out[j..j + 8].as_mut_ptr();
                     _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), t));
+                }
+            }
+        }
+    }
+}
+
+/// The AVX-512 kernel: four active neurons at a time through `vpdpbusd`, output blocks in the
+/// outer loop so that a chunk's integer sums stay in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    use super::{GROUP, GroupedDown, group_coef, group_runs, scale_count, value_row_bytes};
+
+    /// Output blocks (32 outputs each) whose sums one pass over a group's neurons keeps in
+    /// registers: two accumulators of 16 lanes per block.
+    const CHUNK: usize = 4;
+
+    /// The byte permutation that turns four neurons' 16 bytes (neuron `r` in bytes `16 r..`)
+    /// into 16 quads: byte `4 u + r` takes byte `16 r + u`, so lane `u` of `vpdpbusd` sums
+    /// output `u` over the four neurons.
+    fn quad_index() -> [u8; 64] {
+        let mut idx = [0u8; 64];
+        for (p, v) in idx.iter_mut().enumerate() {
+            *v = (16 * (p % 4) + p / 4) as u8;
+        }
+        idx
+    }
+
+    /// Adds the four neurons' products over `NB` blocks starting at block `blk` to `acc`
+    /// (`acc[2 t]`: outputs `0..16` of block `blk + t`, `acc[2 t + 1]`: `16..32`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    fn quad_blocks<const NB: usize>(
+        rows: [&[u8]; 4],
+        blk: usize,
+        coef: __m512i,
+        idx: __m512i,
+        acc: &mut [__m512i; 2 * CHUNK],
+    ) {
+        let m4 = _mm512_set1_epi8(0x0F);
+        for t in 0..NB {
+            let at = (blk + t) * 16;
+            for r in &rows {
+                assert!(r.len() >= at + 16);
+            }
+            // SAFETY: 16 readable bytes at `at` in each row (asserted); unaligned loads.
+            let z = unsafe {
+                let p = |r: &[u8]| _mm_loadu_si128(r.as_ptr().add(at).cast());
+                let z = _mm512_castsi128_si512(p(rows[0]));
+                let z = _mm512_inserti32x4::<1>(z, p(rows[1]));
+                let z = _mm512_inserti32x4::<2>(z, p(rows[2]));
+                _mm512_inserti32x4::<3>(z, p(rows[3]))
+            };
+            let lo = _mm512_permutexvar_epi8(idx, _mm512_and_si512(z, m4));
+            let hi = _mm512_permutexvar_epi8(idx, _mm512_and_si512(_mm512_srli_epi16::<4>(z), m4));
+            acc[2 * t] = _mm512_dpbusd_epi32(acc[2 * t], lo, coef);
+            acc[2 * t + 1] = _mm512_dpbusd_epi32(acc[2 * t + 1], hi, coef);
+        }
+    }
+
+    /// [`super::part_scalar`] with AVX-512 VNNI: the same integer sums (exact, in any order),
+    /// then the same float operations per output.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F, BW, VBMI and VNNI.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vbmi,avx512vnni")]
+    pub(super) unsafe fn part(down: &GroupedDown, ids: &[u32], coef: &[f32], out: &mut [f32]) {
+        let (n, k) = (down.n_embd, scale_count(down.ty));
+        let vb = value_row_bytes(n);
+        let blocks = n / 32;
+        let row = |i: usize| &down.values[i * vb..(i + 1) * vb];
+        let idx_bytes = quad_index();
+        // SAFETY: 64 readable bytes; unaligned load.
+        let idx = unsafe { _mm512_loadu_si512(idx_bytes.as_ptr().cast()) };
+        let mut rows: Vec<(usize, i8)> = Vec::with_capacity(GROUP + 3);
+        for (g, a, b) in group_runs(ids) {
+            let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
+            rows.clear();
+            rows.extend(ids[a..b].iter().filter_map(|&i| {
+                let q = c.qh[i as usize - g * GROUP];
+                (q != 0).then_some((i as usize, q))
+            }));
+            if rows.is_empty() {
+                continue;
+            }
+            while !rows.len().is_multiple_of(4) {
+                // A zero coefficient on a row already read pads the last quad.
+                rows.push((rows[0].0, 0));
+            }
+            let sc = &down.scales[g * k * n..(g + 1) * k * n];
+            let dh = _mm512_set1_ps(c.dh);
+            let hq = _mm512_set1_ps(c.hs);
+            let off = _mm512_set1_epi32(8 * c.q_sum);
+            let mut blk = 0;
+            while blk < blocks {
+                let nb = (blocks - blk).min(CHUNK);
+                let mut acc = [_mm512_setzero_si512(); 2 * CHUNK];
+                for q in rows.chunks_exact(4) {
+                    let w = _mm512_set1_epi32(i32::from_le_bytes([
+                        q[0].1 as u8,
+                        q[1].1 as u8,
+                        q[2].1 as u8,
+                        q[3].1 as u8,
+                    ]));
+                    let r = [row(q[0].0), row(q[1].0), row(q[2].0), row(q[3].0)];
+                    match nb {
+                        4 => quad_blocks::<4>(r, blk, w, idx, &mut acc),
+                        3 => quad_blocks::<3>(r, blk, w, idx, &mut acc),
+                        2 => quad_blocks::<2>(r, blk, w, idx, &mut acc),
+                        _ => quad_blocks::<1>(r, blk, w, idx, &mut acc),
+                    }
+                }
+                // (d * dh) * S (Q4_0: S - 8 Q) + m * (dh * Q), as the scalar code.
+                for (h, &s) in acc.iter().enumerate().take(2 * nb) {
+                    let j = blk * 32 + h * 16;
+                    assert!(j + 16 <= n && (k == 1 || n + j + 16 <= sc.len()));
+                    // SAFETY: `sc[j..j + 16]`, `sc[n + j..n + j + 16]` (Q4_1) and
+                    // `out[j..j + 16]` are in bounds (asserted; `out` has `n`); unaligned
+                    // loads and stores.
+                    unsafe {
+                        let f16x16 =
+                            |p: &[u16]| _mm512_cvtph_ps(_mm256_loadu_si256(p.as_ptr().cast()));
+                        let mut sj = s;
+                        if k == 1 {
+                            sj = _mm512_sub_epi32(sj, off);
+                        }
+                        let mut t = _mm512_mul_ps(
+                            _mm512_mul_ps(f16x16(&sc[j..]), dh),
+                            _mm512_cvtepi32_ps(sj),
+                        );
+                        if k == 2 {
+                            t = _mm512_add_ps(t, _mm512_mul_ps(f16x16(&sc[n + j..]), hq));
+                        }
+                        let o = out[j..j + 16].as_mut_ptr();
+                        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), t));
+                    }
+                }
+                blk += nb;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every SIMD kernel this CPU has against [`part_scalar`], bit for bit, whatever the
+    /// dispatcher would choose (the public tests see only the chosen one).
+    #[test]
+    fn every_part_kernel_equals_the_scalar_one() {
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for ty in [GgmlType::Q4_0, GgmlType::Q4_1] {
+            // Output counts 1..=19 blocks: every tail of the four-block chunks.
+            for (n_embd, n_ff) in [(32, 64), (96, 96), (160, 224), (608, 320)] {
+                let rb = powerinfer_quant::row_bytes(ty, n_ff).unwrap();
+                let mut data = vec![0u8; n_embd * rb];
+                for r in data.chunks_exact_mut(rb) {
+                    let v: Vec<f32> = (0..n_ff)
+                        .map(|_| (next() % 2001) as f32 / 1000.0 - 0.7)
+                        .collect();
+                    powerinfer_quant::quantize_row(ty, &v, r).unwrap();
+                }
+                let down =
+                    GroupedDown::from_down(&Matrix::new(ty, n_embd, n_ff, &data).unwrap()).unwrap();
+                for share in [1u64, 3, 10] {
+                    let ids: Vec<u32> = (0..n_ff as u32).filter(|_| next() % 10 < share).collect();
+                    let coef: Vec<f32> = ids
+                        .iter()
+                        .map(|_| (next() % 2001) as f32 / 1000.0 - 1.0)
+                        .collect();
+                    let mut want = vec![0.5f32; n_embd];
+                    part_scalar(&down, &ids, &coef, &mut want);
+                    #[allow(unused_mut)]
+                    let mut kernels: Vec<(&str, Vec<f32>)> = Vec::new();
+                    #[cfg(target_arch = "x86_64")]
+                    {
+                        if has_avx2() {
+                            let mut got = vec![0.5f32; n_embd];
+                            // SAFETY: AVX2 and F16C detected.
+                            unsafe { avx2::part(&down, &ids, &coef, &mut got) };
+                            kernels.push(("avx2", got));
+                        }
+                        if has_avx512() {
+                            let mut got = vec![0.5f32; n_embd];
+                            // SAFETY: AVX-512 F, BW, VBMI and VNNI detected.
+                            unsafe { avx512::part(&down, &ids, &coef, &mut got) };
+                            kernels.push(("avx512", got));
+                        }
+                    }
+                    for (name, got) in kernels {
+                        let same = got
+                            .iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{ty} {n_embd}x{n_ff} share {share}/10: {name} differs"
+                        );
+                    }
                 }
             }
         }
