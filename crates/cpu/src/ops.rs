@@ -1027,6 +1027,85 @@ mod x86 {
         }
     }
 
+    /// [`super::dot_f16_values_ggml`] of `q` (f16-representable values) with the f16 key row
+    /// `k` converted on the fly, for `k.len()` a multiple of 64: the same four 16-lane
+    /// accumulators (as eight 8-lane halves), the same pairwise reduction, so the same bits.
+    /// (A product of two f16 values is exact in f32, so the FMA equals ggml's multiply-add.)
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn dot_f16_row_ggml(q: &[f32], k: &[f16]) -> f32 {
+        let n = k.len();
+        assert!(n.is_multiple_of(64) && q.len() >= n);
+        // acc[2 a + h]: lanes 8 h .. 8 h + 8 of ggml's accumulator a.
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for c in (0..n).step_by(64) {
+            for (i, a) in acc.iter_mut().enumerate() {
+                // SAFETY: c + 8 i + 8 <= n <= q.len() (asserted); unaligned loads.
+                unsafe {
+                    let kv = _mm256_cvtph_ps(_mm_loadu_si128(k.as_ptr().add(c + 8 * i).cast()));
+                    let qv = _mm256_loadu_ps(q.as_ptr().add(c + 8 * i));
+                    *a = _mm256_fmadd_ps(qv, kv, *a);
+                }
+            }
+        }
+        // x[l] = (acc0[l] + acc2[l]) + (acc1[l] + acc3[l]), low and high halves
+        let x_lo = _mm256_add_ps(_mm256_add_ps(acc[0], acc[4]), _mm256_add_ps(acc[2], acc[6]));
+        let x_hi = _mm256_add_ps(_mm256_add_ps(acc[1], acc[5]), _mm256_add_ps(acc[3], acc[7]));
+        // t8[l] = x[l + 8] + x[l]; t4[l] = t8[l + 4] + t8[l]
+        let t8 = _mm256_add_ps(x_hi, x_lo);
+        let t4 = _mm_add_ps(_mm256_extractf128_ps::<1>(t8), _mm256_castps256_ps128(t8));
+        // (t4[0] + t4[2]) + (t4[1] + t4[3])
+        let t2 = _mm_add_ps(t4, _mm_movehl_ps(t4, t4));
+        _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps::<1>(t2, t2)))
+    }
+
+    /// The F16-accumulate attention of one KV group (heads `h0..h0 + n_h`, keys `lo..=pos`)
+    /// into `sc.acc`, `sc.m`, `sc.s`: the generic loop of `attention_unchecked` operation for
+    /// operation, with each key row converted inside the dot and no call per row.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C; `head_dim_k` a multiple of 64, `head_dim_v` of 8.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn f16_acc_group(
+        p: &super::AttnParams,
+        pos: usize,
+        lo: usize,
+        g: usize,
+        h0: usize,
+        n_h: usize,
+        k: &[f16],
+        v: &[f16],
+        sc: &mut super::AttnScratch,
+    ) {
+        let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+        let (kd, vd) = (p.k_dim(), p.v_dim());
+        for j in lo..=pos {
+            let kr = &k[j * kd + g * dk..j * kd + (g + 1) * dk];
+            // SAFETY: AVX2+FMA+F16C are enabled here; equal lengths.
+            unsafe { f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v[..dv]) };
+            for hh in 0..n_h {
+                let h = h0 + hh;
+                let s = dot_f16_row_ggml(&sc.q[h * dk..(h + 1) * dk], kr) * p.scale;
+                let m_old = sc.m[hh];
+                let mut ms = 1.0f32;
+                let mut vs = 1.0f32;
+                let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
+                if s > m_old {
+                    sc.m[hh] = s;
+                    ms = (m_old - s).exp();
+                    // SAFETY: AVX2+FMA+F16C are enabled here.
+                    unsafe { scale_round(acc, ms) };
+                } else {
+                    vs = (s - m_old).exp();
+                }
+                // SAFETY: AVX2+FMA+F16C are enabled here.
+                unsafe { mad_round(acc, &sc.v[..dv], vs) };
+                sc.s[hh] = sc.s[hh].mul_add(ms, vs);
+            }
+        }
+    }
+
     /// # Safety
     /// Requires AVX2+FMA+F16C.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1325,7 +1404,6 @@ fn attention_unchecked(
 ) {
     let (dk, dv) = (p.head_dim_k, p.head_dim_v);
     let group = p.n_head / p.n_head_kv;
-    let (kd, vd) = (p.k_dim(), p.v_dim());
     if heads.is_empty() {
         return;
     }
@@ -1356,67 +1434,8 @@ fn attention_unchecked(
         sc.acc[..n_h * dv].iter_mut().for_each(|a| *a = 0.0);
         sc.m[..n_h].iter_mut().for_each(|m| *m = f32::NEG_INFINITY);
         sc.s[..n_h].iter_mut().for_each(|s| *s = 0.0);
-        #[cfg(target_arch = "x86_64")]
-        if !f16_acc && has_avx2_fma_f16c() {
-            f32_group_avx(p, pos, lo, g, h0, n_h, k, v, sc);
-            for hh in 0..n_h {
-                let o = (h0 + hh - heads.start) * dv;
-                let inv = if sc.s[hh] == 0.0 { 0.0 } else { 1.0 / sc.s[hh] };
-                for (o, &a) in out[o..o + dv]
-                    .iter_mut()
-                    .zip(&sc.acc[hh * dv..(hh + 1) * dv])
-                {
-                    *o = a * inv;
-                }
-            }
-            continue;
-        }
-        for j in lo..=pos {
-            let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
-            let _ = f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v);
-            let mut dots4 = [0.0f32; 4];
-            for hh in 0..n_h {
-                let h = h0 + hh;
-                let (qh, kh) = (&sc.q[h * dk..(h + 1) * dk], &sc.k[..]);
-                let s = if f16_acc {
-                    dot_f16_values_ggml(qh, kh)
-                } else if hh % 4 == 0 && hh + 4 <= n_h {
-                    // four heads against the same key at once (same per-head order as the
-                    // one-head dot), kept for the next three heads
-                    let qs = &sc.q[h * dk..(h + 4) * dk];
-                    dots4 = dot_f32_x4(qs, kh);
-                    dots4[0]
-                } else if hh / 4 * 4 + 4 <= n_h {
-                    dots4[hh % 4]
-                } else {
-                    dot_f32_unchecked(qh, kh)
-                } * p.scale;
-                let m_old = sc.m[hh];
-                let mut ms = 1.0f32;
-                let mut vs = 1.0f32;
-                let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
-                if s > m_old {
-                    sc.m[hh] = s;
-                    ms = (m_old - s).exp();
-                    if f16_acc {
-                        scale_round_f16(acc, ms);
-                    }
-                } else {
-                    vs = (s - m_old).exp();
-                }
-                if f16_acc {
-                    mad_round_f16(acc, &sc.v, vs);
-                } else {
-                    // `acc = acc * ms + v * vs`, each product rounded on its own (no FMA)
-                    scale_axpy_f32(acc, ms, &sc.v, vs);
-                }
-                // ggml's `S = S*ms + vs`, which GCC contracts into one FMA in the one-row kernel
-                sc.s[hh] = if f16_acc {
-                    sc.s[hh].mul_add(ms, vs)
-                } else {
-                    sc.s[hh] * ms + vs
-                };
-            }
+        if !group_simd(p, pos, lo, g, h0, n_h, k, v, sc) {
+            group_generic(p, pos, lo, g, h0, n_h, k, v, sc);
         }
         for hh in 0..n_h {
             let o = (h0 + hh - heads.start) * dv;
@@ -1427,6 +1446,107 @@ fn attention_unchecked(
             {
                 *o = a * inv;
             }
+        }
+    }
+}
+
+/// [`group_generic`] by a SIMD kernel where this CPU and the head sizes have one; `false`
+/// (nothing done) otherwise.
+#[allow(clippy::too_many_arguments)]
+fn group_simd(
+    p: &AttnParams,
+    pos: usize,
+    lo: usize,
+    g: usize,
+    h0: usize,
+    n_h: usize,
+    k: &[f16],
+    v: &[f16],
+    sc: &mut AttnScratch,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() {
+        match p.precision {
+            AttnPrecision::F32 => {
+                f32_group_avx(p, pos, lo, g, h0, n_h, k, v, sc);
+                return true;
+            }
+            AttnPrecision::F16Accumulate
+                if p.head_dim_k.is_multiple_of(64) && p.head_dim_v.is_multiple_of(8) =>
+            {
+                // SAFETY: the CPU features were checked, and the head sizes.
+                unsafe { x86::f16_acc_group(p, pos, lo, g, h0, n_h, k, v, sc) };
+                return true;
+            }
+            _ => {}
+        }
+    }
+    let _ = (p, pos, lo, g, h0, n_h, k, v, sc);
+    false
+}
+
+/// One KV group's attention (heads `h0..h0 + n_h`, keys `lo..=pos`) into `sc.acc`, `sc.m` and
+/// `sc.s`, key by key in ggml's order: the plain code the SIMD group kernels reproduce.
+#[allow(clippy::too_many_arguments)]
+fn group_generic(
+    p: &AttnParams,
+    pos: usize,
+    lo: usize,
+    g: usize,
+    h0: usize,
+    n_h: usize,
+    k: &[f16],
+    v: &[f16],
+    sc: &mut AttnScratch,
+) {
+    let (dk, dv) = (p.head_dim_k, p.head_dim_v);
+    let (kd, vd) = (p.k_dim(), p.v_dim());
+    let f16_acc = p.precision == AttnPrecision::F16Accumulate;
+    for j in lo..=pos {
+        let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
+        let _ = f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v);
+        let mut dots4 = [0.0f32; 4];
+        for hh in 0..n_h {
+            let h = h0 + hh;
+            let (qh, kh) = (&sc.q[h * dk..(h + 1) * dk], &sc.k[..]);
+            let s = if f16_acc {
+                dot_f16_values_ggml(qh, kh)
+            } else if hh % 4 == 0 && hh + 4 <= n_h {
+                // four heads against the same key at once (same per-head order as the
+                // one-head dot), kept for the next three heads
+                let qs = &sc.q[h * dk..(h + 4) * dk];
+                dots4 = dot_f32_x4(qs, kh);
+                dots4[0]
+            } else if hh / 4 * 4 + 4 <= n_h {
+                dots4[hh % 4]
+            } else {
+                dot_f32_unchecked(qh, kh)
+            } * p.scale;
+            let m_old = sc.m[hh];
+            let mut ms = 1.0f32;
+            let mut vs = 1.0f32;
+            let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
+            if s > m_old {
+                sc.m[hh] = s;
+                ms = (m_old - s).exp();
+                if f16_acc {
+                    scale_round_f16(acc, ms);
+                }
+            } else {
+                vs = (s - m_old).exp();
+            }
+            if f16_acc {
+                mad_round_f16(acc, &sc.v, vs);
+            } else {
+                // `acc = acc * ms + v * vs`, each product rounded on its own (no FMA)
+                scale_axpy_f32(acc, ms, &sc.v, vs);
+            }
+            // ggml's `S = S*ms + vs`, which GCC contracts into one FMA in the one-row kernel
+            sc.s[hh] = if f16_acc {
+                sc.s[hh].mul_add(ms, vs)
+            } else {
+                sc.s[hh] * ms + vs
+            };
         }
     }
 }
@@ -1665,6 +1785,73 @@ mod tests {
         }
         fn vec(&mut self, n: usize) -> Vec<f32> {
             (0..n).map(|_| self.f()).collect()
+        }
+    }
+
+    /// The F16-accumulate SIMD group kernel (where this CPU has it) equals [`group_generic`]
+    /// bit for bit: head sizes of one and several 64-wide chunks, grouped heads, windows. (The
+    /// F32 one follows ggml's tiled kernel instead, a different order.)
+    #[test]
+    fn simd_attention_groups_equal_the_generic_loop() {
+        let mut r = Rng(12);
+        for precision in [AttnPrecision::F16Accumulate] {
+            for (n_head, n_head_kv, dk, dv, window) in [
+                (9usize, 3usize, 64usize, 64usize, None),
+                (4, 1, 256, 256, Some(7)),
+                (6, 2, 128, 64, None),
+                (5, 5, 64, 72, Some(1)),
+            ] {
+                let p = AttnParams {
+                    n_head,
+                    n_head_kv,
+                    head_dim_k: dk,
+                    head_dim_v: dv,
+                    scale: 1.0 / (dk as f32).sqrt(),
+                    window,
+                    precision,
+                };
+                let n_ctx = 41;
+                let to16 = |v: Vec<f32>| -> Vec<f16> {
+                    v.iter().map(|&x| f16::from_f32(3.0 * x)).collect()
+                };
+                let k = to16(r.vec(n_ctx * p.k_dim()));
+                let v = to16(r.vec(n_ctx * p.v_dim()));
+                let group = n_head / n_head_kv;
+                for pos in [0usize, 1, 17, 40] {
+                    let lo = window.map_or(0, |w| (pos + 1).saturating_sub(w));
+                    for g in 0..n_head_kv {
+                        // f16-representable queries, as the caller leaves them
+                        let q: Vec<f32> = r
+                            .vec(p.q_dim())
+                            .iter()
+                            .map(|&x| f16::from_f32(2.0 * x).to_f32())
+                            .collect();
+                        let mut runs = Vec::new();
+                        for simd in [false, true] {
+                            let mut sc = AttnScratch::new(&p);
+                            sc.q.copy_from_slice(&q);
+                            sc.m.fill(f32::NEG_INFINITY);
+                            let h0 = g * group;
+                            if simd {
+                                if !group_simd(&p, pos, lo, g, h0, group, &k, &v, &mut sc) {
+                                    continue;
+                                }
+                            } else {
+                                group_generic(&p, pos, lo, g, h0, group, &k, &v, &mut sc);
+                            }
+                            let bits =
+                                |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                            runs.push((bits(&sc.acc), bits(&sc.m), bits(&sc.s)));
+                        }
+                        if runs.len() == 2 {
+                            assert!(
+                                runs[0] == runs[1],
+                                "{precision:?} dk {dk} dv {dv} pos {pos} group {g}: SIMD differs"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 
