@@ -557,7 +557,12 @@ pub fn matmul_quantized(
         y.fill(0.0);
         return Ok(());
     }
-    let tile_tokens = (MATMUL_TILE_ACT_BYTES / acts.row_bytes).clamp(1, n_tokens);
+    // Whole groups of the multi-token kernels per tile (a leftover token per tile would
+    // decode every weight block once more for itself).
+    let mut tile_tokens = (MATMUL_TILE_ACT_BYTES / acts.row_bytes).clamp(1, n_tokens);
+    if tile_tokens > GEMM_TOKENS {
+        tile_tokens -= tile_tokens % GEMM_TOKENS;
+    }
     let tile_rows = (MATMUL_TILE_WEIGHT_BYTES / rb).clamp(1, rows);
     let n_token_tiles = n_tokens.div_ceil(tile_tokens);
     let n_row_tiles = rows.div_ceil(tile_rows);

@@ -56,16 +56,18 @@ pub type GemmFn =
 /// A single-row dot product (the signature of [`TypeKernels::vec_dot`]).
 pub type DotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 
-/// Floats per token in [`act_scales`]' output for rows of `n` elements: one per 32-element
-/// block, rounded up to a multiple of 8.
+/// Floats per token in [`act_scales`]' output for rows of `n` elements: two halves (block
+/// scales `d`, then Q8_1's block sums `s`) of one float per 32-element block, each rounded up to
+/// a multiple of 8.
 pub fn scale_stride(n: usize) -> usize {
-    (n / 32).div_ceil(8) * 8
+    2 * (n / 32).div_ceil(8) * 8
 }
 
 /// The per-token data a [`GemmFn`] for `k` reads besides the activations, into `out`
-/// (replacing its contents): for Q8_0 activations, every block's f16 scale as f32,
-/// [`scale_stride`]`(n)` floats per token, zero-padded; nothing for other activation types.
-/// `acts` holds `n_tokens` tokens of `n` elements, token `j` at byte `j * act_stride`.
+/// (replacing its contents), [`scale_stride`]`(n)` floats per token, zero-padded: for Q8_0
+/// activations every block's f16 scale as f32 in the first half; for Q8_1 also every block's
+/// f16 sum `s` in the second half; nothing for other activation types. `acts` holds
+/// `n_tokens` tokens of `n` elements, token `j` at byte `j * act_stride`.
 ///
 /// Panics if `acts` is too short.
 pub fn act_scales(
@@ -77,15 +79,22 @@ pub fn act_scales(
     out: &mut Vec<f32>,
 ) {
     out.clear();
-    if k.act_ty != crate::GgmlType::Q8_0 {
-        return;
-    }
+    let bsz = match k.act_ty {
+        crate::GgmlType::Q8_0 => 34,
+        crate::GgmlType::Q8_1 => 36,
+        _ => return,
+    };
     let (nb, ss) = (n / 32, scale_stride(n));
     out.resize(n_tokens * ss, 0.0);
+    let f16 = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
     for (t, dst) in out.chunks_exact_mut(ss).enumerate() {
-        let a = &acts[t * act_stride..t * act_stride + 34 * nb];
-        for (d, blk) in dst.iter_mut().zip(a.chunks_exact(34)) {
-            *d = half::f16::from_le_bytes([blk[0], blk[1]]).to_f32();
+        let a = &acts[t * act_stride..t * act_stride + bsz * nb];
+        let (d, s) = dst.split_at_mut(ss / 2);
+        for (i, blk) in a.chunks_exact(bsz).enumerate() {
+            d[i] = f16(blk);
+            if bsz == 36 {
+                s[i] = f16(&blk[2..]);
+            }
         }
     }
 }

@@ -87,7 +87,8 @@ pub(super) fn variants(ty: GgmlType, act_ty: GgmlType, name: &str) -> Vec<(&'sta
     v
 }
 
-/// Runs `$kern::<$nt>` over groups of `$nt` tokens and `$kern::<1>` over the rest.
+/// Runs `$kern::<$nt>` over groups of `$nt` tokens, then the rest in groups of 4, 2 and 1 (a
+/// batch of 7 sequences decodes each weight block 3 times, not 7).
 macro_rules! driver {
     ($name:ident, $kern:ident) => {
         driver!($name, $kern, NT);
@@ -103,6 +104,18 @@ macro_rules! driver {
                 let r = unsafe { $kern::<{ $nt }>(n, w, &acts[t * stride..], stride, sc(t)) };
                 out[t..t + $nt].copy_from_slice(&r);
                 t += $nt;
+            }
+            if $nt > 4 && t + 4 <= out.len() {
+                // SAFETY: as above.
+                let r = unsafe { $kern::<4>(n, w, &acts[t * stride..], stride, sc(t)) };
+                out[t..t + 4].copy_from_slice(&r);
+                t += 4;
+            }
+            if $nt > 2 && t + 2 <= out.len() {
+                // SAFETY: as above.
+                let r = unsafe { $kern::<2>(n, w, &acts[t * stride..], stride, sc(t)) };
+                out[t..t + 2].copy_from_slice(&r);
+                t += 2;
             }
             while t < out.len() {
                 // SAFETY: as above.
@@ -391,55 +404,168 @@ q8_family!(
     }
 );
 
-/// Q4_1 (unsigned nibbles, `dx * dy` and `mx * sy` per block) against Q8_1 activations.
+/// Q4_1 (unsigned nibbles, `dx * dy` and `mx * sy` per block) against Q8_1 activations, as the
+/// single-row kernel computes it: `acc += (dx * dy) * sum(qx * qy)` per block into 8 lanes, and
+/// the `mx * sy` terms summed apart in block order. Per group of 8 blocks, the weight scales
+/// and minimums are converted once for all tokens, and the products `dx * dy` and `mx * sy` of
+/// the 8 blocks formed by one vector multiply per token from the scales `act_scales` converted;
+/// the `mx * sy` products are transposed so that one vector add per block carries every
+/// token's sum (lane `j`: token `j`).
 macro_rules! q4_1_kernel {
-    ($name:ident, $feat:literal, $mul:ident) => {
+    ($name:ident, $feat:literal, $mul:ident, $dm8:ident) => {
         #[target_feature(enable = $feat)]
         fn $name<const N: usize>(
             n: usize,
             w: &[u8],
             acts: &[u8],
             stride: usize,
-            _scales: &[f32],
+            scales: &[f32],
         ) -> [f32; N] {
+            const { assert!(N <= 8) };
             let mut acc = [_mm256_setzero_ps(); N];
-            let mut summs = [_mm_setzero_ps(); N];
+            let mut summs = _mm256_setzero_ps();
             let nb = n / 32;
+            let ss = crate::gemm::scale_stride(n);
             let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 36 * nb]);
+            // Token j's `d` (first half) and `s` (second half) as f32 (`act_scales`).
+            let dys: [&[f32]; N] = arr!(N, &[][..], |j| &scales[j * ss..(j + 1) * ss]);
             // Raw pointers in the inner loop (as in `q8_family`): `yp[j]` holds `36 * nb` bytes.
             let yp: [*const u8; N] = arr!(N, std::ptr::null(), |j| ys[j].as_ptr());
-            for (b, x) in w.chunks_exact(20).take(nb).enumerate() {
-                let hx = h2x2(x, 0);
-                let qx = nibbles32(x, 4);
+            let w = &w[..nb * 20];
+            for (g, wc) in w.chunks(20 * 8).enumerate() {
+                let (dx, mx) = $dm8(wc);
+                let mut dd: [[f32; 8]; N] = arr!(N, [0f32; 8], |j| mul8(dx, &dys[j][8 * g..]));
+                // In memory: broadcast by a load (see `q8_family`).
+                std::hint::black_box(&mut dd);
+                let mut mrow = [_mm256_setzero_ps(); 8];
                 for j in 0..N {
-                    // SAFETY: block `b < nb`: the 36 bytes at `36 * b` lie inside the `36 * nb`
-                    // bytes `yp[j]` points to; unaligned loads (a whole 32-bit load for the two
-                    // f16, see `h2x2`).
-                    let (hy, qy) = unsafe {
-                        let y = yp[j].add(36 * b);
-                        (
-                            _mm_cvtph_ps(_mm_cvtsi32_si128(y.cast::<i32>().read_unaligned())),
-                            _mm256_loadu_si256(y.add(4).cast()),
-                        )
-                    };
-                    // [dx * dy, mx * sy]
-                    let p = _mm_mul_ps(hx, hy);
-                    summs[j] = _mm_add_ps(summs[j], p);
-                    let d = _mm256_broadcastss_ps(p);
-                    acc[j] = _mm256_fmadd_ps(d, $mul(qx, qy), acc[j]);
+                    let sy = &dys[j][ss / 2 + 8 * g..ss / 2 + 8 * g + 8];
+                    // SAFETY: `sy` is 8 readable floats; unaligned load.
+                    mrow[j] = _mm256_mul_ps(mx, unsafe { _mm256_loadu_ps(sy.as_ptr()) });
+                }
+                // mmt[i] lane j: token j's `mx * sy` of block 8 g + i.
+                let mmt = transpose8x8(&mrow);
+                for (i, x) in wc.chunks_exact(20).enumerate() {
+                    let qx = nibbles32(x, 4);
+                    let yo = 36 * (8 * g + i) + 4;
+                    for j in 0..N {
+                        let d = _mm256_set1_ps(dd[j][i]);
+                        // SAFETY: block `8g + i < nb`: the 32 bytes at `yo` lie inside the
+                        // `36 * nb` bytes `yp[j]` points to; unaligned load.
+                        let qy = unsafe { _mm256_loadu_si256(yp[j].add(yo).cast()) };
+                        acc[j] = _mm256_fmadd_ps(d, $mul(qx, qy), acc[j]);
+                    }
+                    summs = _mm256_add_ps(summs, mmt[i]);
                 }
             }
-            arr!(N, 0f32, |j| hsum_ps(acc[j])
-                + _mm_cvtss_f32(_mm_movehdup_ps(summs[j])))
+            let mut s = [0f32; 8];
+            // SAFETY: `s` is 8 writable floats; unaligned store.
+            unsafe { _mm256_storeu_ps(s.as_mut_ptr(), summs) };
+            arr!(N, 0f32, |j| hsum_ps(acc[j]) + s[j])
         }
     };
 }
 
-q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32);
+/// The f16 scales `d` and minimums `m` (bytes 0..4) of up to 8 consecutive Q4_1 blocks as f32
+/// vectors (zero for missing blocks), inserted into registers one by one (building them in a
+/// stack array costs a failed store-to-load forwarding per group; a gather is slower still).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn q4_1_dm8(w: &[u8]) -> (__m256, __m256) {
+    let count = (w.len() / 20).min(8);
+    let mut dm = _mm256_setzero_si256();
+    macro_rules! lane {
+        ($($i:literal)*) => {$(
+            if $i < count {
+                let x = &w[20 * $i..20 * $i + 4];
+                let v = i32::from_le_bytes([x[0], x[1], x[2], x[3]]);
+                dm = _mm256_insert_epi32::<$i>(dm, v);
+            }
+        )*};
+    }
+    lane!(0 1 2 3 4 5 6 7);
+    let d = _mm256_and_si256(dm, _mm256_set1_epi32(0xFFFF));
+    let m = _mm256_srli_epi32::<16>(dm);
+    // Per 128-bit lane [d0..d3, m0..m3 | d4..d7, m4..m7], then [d0..d7 | m0..m7].
+    let p = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_packus_epi32(d, m));
+    (
+        _mm256_cvtph_ps(_mm256_castsi256_si128(p)),
+        _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(p)),
+    )
+}
+
+/// [`q4_1_dm8`] with AVX-512 BW: two (masked) 64-byte loads and one word permutation instead
+/// of a gather, whose latency the group's setup waited on.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_1_dm8_512(w: &[u8]) -> (__m256, __m256) {
+    let len = w.len().min(160);
+    let mask = |from: usize| -> u64 {
+        let n = len.saturating_sub(from).min(64);
+        if n == 64 { u64::MAX } else { (1u64 << n) - 1 }
+    };
+    // SAFETY: masked loads read only the bytes under their masks, all inside `w[..len]`.
+    let (a, b) = unsafe {
+        (
+            _mm512_maskz_loadu_epi8(mask(0), w.as_ptr().cast()),
+            _mm512_maskz_loadu_epi8(mask(80), w.as_ptr().wrapping_add(80).cast()),
+        )
+    };
+    // Word 10 i of the group (block i's `d`) is word 10 i of `a` for i < 4, word 10 i - 40 of
+    // `b` (index 32 + ...) for i >= 4; `m` is the next word.
+    let mut idx = [0u16; 32];
+    for i in 0..8 {
+        let wd = if i < 4 { 10 * i } else { 32 + 10 * i - 40 };
+        idx[i] = wd as u16;
+        idx[8 + i] = wd as u16 + 1;
+    }
+    // SAFETY: `idx` is 64 readable bytes; unaligned load.
+    let idx = unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) };
+    let p = _mm512_permutex2var_epi16(a, idx, b);
+    (
+        _mm256_cvtph_ps(_mm512_castsi512_si128(p)),
+        _mm256_cvtph_ps(_mm512_extracti32x4_epi32::<1>(p)),
+    )
+}
+
+/// The transpose of 8 vectors of 8 floats: lane `j` of output `i` is lane `i` of input `j`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn transpose8x8(r: &[__m256; 8]) -> [__m256; 8] {
+    let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+    let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+    let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+    let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+    let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+    let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+    let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+    let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+    let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+    let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+    let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+    let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+    let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+    let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+    let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+    let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+    [
+        _mm256_permute2f128_ps::<0x20>(u0, u4),
+        _mm256_permute2f128_ps::<0x20>(u1, u5),
+        _mm256_permute2f128_ps::<0x20>(u2, u6),
+        _mm256_permute2f128_ps::<0x20>(u3, u7),
+        _mm256_permute2f128_ps::<0x31>(u0, u4),
+        _mm256_permute2f128_ps::<0x31>(u1, u5),
+        _mm256_permute2f128_ps::<0x31>(u2, u6),
+        _mm256_permute2f128_ps::<0x31>(u3, u7),
+    ]
+}
+
+q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32, q4_1_dm8);
 q4_1_kernel!(
     q4_1_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    mul_u8_f32_vnni
+    mul_u8_f32_vnni,
+    q4_1_dm8_512
 );
 
 // ---------------------------------------------------------------------------------------------
