@@ -319,6 +319,16 @@ fn group_runs(ids: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     })
 }
 
+/// The neurons of group `g` among `ids` whose quantized coefficient is not zero, with it, into
+/// `rows` (replacing its contents).
+fn nonzero_rows(c: &GroupCoef, g: usize, ids: &[u32], rows: &mut Vec<(usize, i8)>) {
+    rows.clear();
+    rows.extend(ids.iter().filter_map(|&i| {
+        let q = c.qh[i as usize - g * GROUP];
+        (q != 0).then_some((i as usize, q))
+    }));
+}
+
 /// Adds the group's `(d * dh) * S + m * (dh * Q)` to `out` (all `n_embd` outputs).
 fn finish_group_scalar(down: &GroupedDown, g: usize, c: &GroupCoef, s: &[i32], out: &mut [f32]) {
     let (n, k) = (down.n_embd, scale_count(down.ty));
@@ -430,7 +440,9 @@ fn has_avx512() -> bool {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, GroupedDown, group_coef, group_runs, scale_count, value_row_bytes};
+    use super::{
+        GROUP, GroupedDown, group_coef, group_runs, nonzero_rows, scale_count, value_row_bytes,
+    };
 
     /// Eight f16 at `s[0..8]` as floats.
     #[inline]
@@ -498,11 +510,7 @@ mod avx2 {
         let mut rows: Vec<(usize, i8)> = Vec::with_capacity(GROUP + 1);
         for (g, a, b) in group_runs(ids) {
             let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
-            rows.clear();
-            rows.extend(ids[a..b].iter().filter_map(|&i| {
-                let q = c.qh[i as usize - g * GROUP];
-                (q != 0).then_some((i as usize, q))
-            }));
+            nonzero_rows(&c, g, &ids[a..b], &mut rows);
             if rows.is_empty() {
                 continue;
             }
@@ -551,7 +559,9 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{GROUP, GroupedDown, group_coef, group_runs, scale_count, value_row_bytes};
+    use super::{
+        GROUP, GroupedDown, group_coef, group_runs, nonzero_rows, scale_count, value_row_bytes,
+    };
 
     /// Output blocks (32 outputs each) whose sums one pass over a group's neurons keeps in
     /// registers: two accumulators of 16 lanes per block.
@@ -617,11 +627,7 @@ mod avx512 {
         let mut rows: Vec<(usize, i8)> = Vec::with_capacity(GROUP + 3);
         for (g, a, b) in group_runs(ids) {
             let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
-            rows.clear();
-            rows.extend(ids[a..b].iter().filter_map(|&i| {
-                let q = c.qh[i as usize - g * GROUP];
-                (q != 0).then_some((i as usize, q))
-            }));
+            nonzero_rows(&c, g, &ids[a..b], &mut rows);
             if rows.is_empty() {
                 continue;
             }

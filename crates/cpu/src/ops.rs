@@ -1702,8 +1702,8 @@ fn legacy_v_sums(
 /// The f32-precision attention of query heads `h0..h0 + n_h` (KV group `g`) over keys
 /// `lo..=pos`, leaving the unnormalised V sums in `sc.acc` and the softmax sums in `sc.s`.
 ///
-/// Same operations per output element as the key-by-key loop of [`attention_unchecked`], in
-/// the same order; only the loop nest differs: scores and softmax factors are computed first,
+/// Same operations per output element as the key-by-key loop of [`group_generic`], in the
+/// same order; only the loop nest differs (the running maximum in `sc.m` is not kept): scores and softmax factors are computed first,
 /// then each 64-wide slice of a head's V sum is accumulated over all keys in registers.
 #[cfg(target_arch = "x86_64")]
 #[allow(clippy::too_many_arguments)]
@@ -1788,13 +1788,13 @@ mod tests {
         }
     }
 
-    /// The F16-accumulate SIMD group kernel (where this CPU has it) equals [`group_generic`]
-    /// bit for bit: head sizes of one and several 64-wide chunks, grouped heads, windows. (The
-    /// F32 one follows ggml's tiled kernel instead, a different order.)
+    /// The SIMD group kernels (where this CPU has them) equal [`group_generic`] bit for bit:
+    /// head sizes of one and several 64-wide chunks, grouped heads, windows. (The F32 kernel
+    /// leaves no running maximum in `sc.m`; its sums are compared.)
     #[test]
     fn simd_attention_groups_equal_the_generic_loop() {
         let mut r = Rng(12);
-        for precision in [AttnPrecision::F16Accumulate] {
+        for precision in [AttnPrecision::F16Accumulate, AttnPrecision::F32] {
             for (n_head, n_head_kv, dk, dv, window) in [
                 (9usize, 3usize, 64usize, 64usize, None),
                 (4, 1, 256, 256, Some(7)),
@@ -1841,7 +1841,12 @@ mod tests {
                             }
                             let bits =
                                 |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                            runs.push((bits(&sc.acc), bits(&sc.m), bits(&sc.s)));
+                            let m = if precision == AttnPrecision::F32 {
+                                Vec::new()
+                            } else {
+                                bits(&sc.m)
+                            };
+                            runs.push((bits(&sc.acc), m, bits(&sc.s)));
                         }
                         if runs.len() == 2 {
                             assert!(
