@@ -1059,6 +1059,23 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(t2, _mm_shuffle_ps::<1>(t2, t2)))
     }
 
+    /// [`super::legacy_scores`]' kernel: every key row converted inside the ggml-order dot.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C; `k.dk` a multiple of 64.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn scores_f16_ggml(
+        q: &[f32],
+        k: super::KeyRows,
+        keys: std::ops::Range<usize>,
+        scale: f32,
+        scores: &mut [f32],
+    ) {
+        for j in keys {
+            scores[j] = dot_f16_row_ggml(q, k.row(j)) * scale;
+        }
+    }
+
     /// The F16-accumulate attention of one KV group (heads `h0..h0 + n_h`, keys `lo..=pos`)
     /// into `sc.acc`, `sc.m`, `sc.s`: the generic loop of `attention_unchecked` operation for
     /// operation, with each key row converted inside the dot and no call per row.
@@ -1551,6 +1568,44 @@ fn group_generic(
     }
 }
 
+/// Where one KV head's key rows lie in the cache: row `j` is `k[j * kd + first..][..dk]`.
+#[derive(Clone, Copy)]
+struct KeyRows<'a> {
+    k: &'a [f16],
+    kd: usize,
+    first: usize,
+    dk: usize,
+}
+
+impl<'a> KeyRows<'a> {
+    fn row(&self, j: usize) -> &'a [f16] {
+        &self.k[j * self.kd + self.first..j * self.kd + self.first + self.dk]
+    }
+}
+
+/// `scores[j] = dot_f16_values_ggml(q, key j) * scale` for `j` in `keys` (`q` f16-representable
+/// values): the AVX2 kernel that converts each key row inside the dot where the CPU and the
+/// head size allow it (the same bits), else row by row through `tmp`.
+fn legacy_scores(
+    q: &[f32],
+    k: KeyRows,
+    keys: std::ops::Range<usize>,
+    scale: f32,
+    scores: &mut [f32],
+    tmp: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma_f16c() && k.dk.is_multiple_of(64) {
+        // SAFETY: the CPU features and the head size were checked.
+        unsafe { x86::scores_f16_ggml(q, k, keys, scale, scores) };
+        return;
+    }
+    for j in keys {
+        let _ = f16_to_f32(k.row(j), &mut tmp[..k.dk]);
+        scores[j] = dot_f16_values_ggml(q, &tmp[..k.dk]) * scale;
+    }
+}
+
 /// [`AttnPrecision::Legacy`]: one query row, heads `heads`, keys `lo..=pos`.
 #[allow(clippy::too_many_arguments)]
 fn legacy_attention(
@@ -1583,17 +1638,17 @@ fn legacy_attention(
         for (d, &x) in qh.iter_mut().zip(&q[h * dk..(h + 1) * dk]) {
             *d = f16::from_f32(x).to_f32();
         }
-        let mut max = f32::NEG_INFINITY;
-        for j in 0..n_kv {
-            probs[j] = if j < lo || j > pos {
-                f32::NEG_INFINITY
-            } else {
-                let _ = f16_to_f32(&k[j * kd + g * dk..j * kd + (g + 1) * dk], &mut sc.k);
-                let s = dot_f16_values_ggml(&sc.q[..dk], &sc.k) * p.scale;
-                max = max.max(s);
-                s
-            };
-        }
+        probs[..n_kv].fill(f32::NEG_INFINITY);
+        let krows = KeyRows {
+            k,
+            kd,
+            first: g * dk,
+            dk,
+        };
+        legacy_scores(&sc.q[..dk], krows, lo..pos + 1, p.scale, probs, &mut sc.k);
+        let max = probs[lo..=pos]
+            .iter()
+            .fold(f32::NEG_INFINITY, |m, &s| m.max(s));
         let mut sum = 0.0f64;
         for pj in probs.iter_mut() {
             if *pj == f32::NEG_INFINITY {
@@ -1855,6 +1910,47 @@ mod tests {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// The legacy path's key scores equal the row-by-row conversion and
+    /// `dot_f16_values_ggml` bit for bit (whichever kernel `legacy_scores` picks here).
+    #[test]
+    fn legacy_scores_equal_row_by_row_ggml_dots() {
+        let mut r = Rng(13);
+        for (dk, n_kv_heads) in [(64usize, 1usize), (128, 3), (256, 2), (96, 2)] {
+            let kd = dk * n_kv_heads;
+            let n = 45;
+            let k: Vec<f16> = r
+                .vec(n * kd)
+                .iter()
+                .map(|&x| f16::from_f32(4.0 * x))
+                .collect();
+            let q: Vec<f32> = r
+                .vec(dk)
+                .iter()
+                .map(|&x| f16::from_f32(3.0 * x).to_f32())
+                .collect();
+            for g in 0..n_kv_heads {
+                let rows = KeyRows {
+                    k: &k,
+                    kd,
+                    first: g * dk,
+                    dk,
+                };
+                let mut got = vec![f32::NEG_INFINITY; n];
+                let mut tmp = vec![0.0f32; dk];
+                legacy_scores(&q, rows, 3..n, 0.125, &mut got, &mut tmp);
+                for (j, got) in got.iter().enumerate() {
+                    let want = if j < 3 {
+                        f32::NEG_INFINITY
+                    } else {
+                        let kf: Vec<f32> = rows.row(j).iter().map(|h| h.to_f32()).collect();
+                        dot_f16_values_ggml(&q, &kf) * 0.125
+                    };
+                    assert_eq!(got.to_bits(), want.to_bits(), "dk {dk} group {g} key {j}");
                 }
             }
         }
