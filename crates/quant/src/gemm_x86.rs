@@ -412,7 +412,7 @@ q8_family!(
 /// the `mx * sy` products are transposed so that one vector add per block carries every
 /// token's sum (lane `j`: token `j`).
 macro_rules! q4_1_kernel {
-    ($name:ident, $feat:literal, $mul:ident, $dm8:ident) => {
+    ($name:ident, $feat:literal, $mul:ident) => {
         #[target_feature(enable = $feat)]
         fn $name<const N: usize>(
             n: usize,
@@ -433,7 +433,7 @@ macro_rules! q4_1_kernel {
             let yp: [*const u8; N] = arr!(N, std::ptr::null(), |j| ys[j].as_ptr());
             let w = &w[..nb * 20];
             for (g, wc) in w.chunks(20 * 8).enumerate() {
-                let (dx, mx) = $dm8(wc);
+                let (dx, mx) = q4_1_dm8(wc);
                 let mut dd: [[f32; 8]; N] = arr!(N, [0f32; 8], |j| mul8(dx, &dys[j][8 * g..]));
                 // In memory: broadcast by a load (see `q8_family`).
                 std::hint::black_box(&mut dd);
@@ -468,7 +468,8 @@ macro_rules! q4_1_kernel {
 
 /// The f16 scales `d` and minimums `m` (bytes 0..4) of up to 8 consecutive Q4_1 blocks as f32
 /// vectors (zero for missing blocks), inserted into registers one by one (building them in a
-/// stack array costs a failed store-to-load forwarding per group; a gather is slower still).
+/// stack array costs a failed store-to-load forwarding per group; an AVX2 gather is slower
+/// still, and two masked AVX-512 loads with a word permutation measured the same).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn q4_1_dm8(w: &[u8]) -> (__m256, __m256) {
@@ -491,40 +492,6 @@ fn q4_1_dm8(w: &[u8]) -> (__m256, __m256) {
     (
         _mm256_cvtph_ps(_mm256_castsi256_si128(p)),
         _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(p)),
-    )
-}
-
-/// [`q4_1_dm8`] with AVX-512 BW: two (masked) 64-byte loads and one word permutation instead
-/// of a gather, whose latency the group's setup waited on.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_1_dm8_512(w: &[u8]) -> (__m256, __m256) {
-    let len = w.len().min(160);
-    let mask = |from: usize| -> u64 {
-        let n = len.saturating_sub(from).min(64);
-        if n == 64 { u64::MAX } else { (1u64 << n) - 1 }
-    };
-    // SAFETY: masked loads read only the bytes under their masks, all inside `w[..len]`.
-    let (a, b) = unsafe {
-        (
-            _mm512_maskz_loadu_epi8(mask(0), w.as_ptr().cast()),
-            _mm512_maskz_loadu_epi8(mask(80), w.as_ptr().wrapping_add(80).cast()),
-        )
-    };
-    // Word 10 i of the group (block i's `d`) is word 10 i of `a` for i < 4, word 10 i - 40 of
-    // `b` (index 32 + ...) for i >= 4; `m` is the next word.
-    let mut idx = [0u16; 32];
-    for i in 0..8 {
-        let wd = if i < 4 { 10 * i } else { 32 + 10 * i - 40 };
-        idx[i] = wd as u16;
-        idx[8 + i] = wd as u16 + 1;
-    }
-    // SAFETY: `idx` is 64 readable bytes; unaligned load.
-    let idx = unsafe { _mm512_loadu_si512(idx.as_ptr().cast()) };
-    let p = _mm512_permutex2var_epi16(a, idx, b);
-    (
-        _mm256_cvtph_ps(_mm512_castsi512_si128(p)),
-        _mm256_cvtph_ps(_mm512_extracti32x4_epi32::<1>(p)),
     )
 }
 
@@ -560,12 +527,11 @@ fn transpose8x8(r: &[__m256; 8]) -> [__m256; 8] {
     ]
 }
 
-q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32, q4_1_dm8);
+q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32);
 q4_1_kernel!(
     q4_1_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
-    mul_u8_f32_vnni,
-    q4_1_dm8_512
+    mul_u8_f32_vnni
 );
 
 // ---------------------------------------------------------------------------------------------
