@@ -319,14 +319,39 @@ fn group_runs(ids: &[u32]) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
     })
 }
 
-/// The neurons of group `g` among `ids` whose quantized coefficient is not zero, with it, into
-/// `rows` (replacing its contents).
-fn nonzero_rows(c: &GroupCoef, g: usize, ids: &[u32], rows: &mut Vec<(usize, i8)>) {
-    rows.clear();
-    rows.extend(ids.iter().filter_map(|&i| {
+/// The neurons of group `g` among `ids` whose quantized coefficient is not zero, with it,
+/// padded to a multiple of `multiple` (at most 4) by repeating the first one with a zero
+/// coefficient (a row already read: no extra memory traffic). On the stack: the kernels run
+/// once per group and token.
+fn nonzero_rows(c: &GroupCoef, g: usize, ids: &[u32], multiple: usize) -> NonzeroRows {
+    let mut r = NonzeroRows {
+        rows: [(0, 0); GROUP + 3],
+        len: 0,
+    };
+    for &i in ids {
         let q = c.qh[i as usize - g * GROUP];
-        (q != 0).then_some((i as usize, q))
-    }));
+        if q != 0 {
+            r.rows[r.len] = (i as usize, q);
+            r.len += 1;
+        }
+    }
+    while r.len > 0 && !r.len.is_multiple_of(multiple) {
+        r.rows[r.len] = (r.rows[0].0, 0);
+        r.len += 1;
+    }
+    r
+}
+
+/// What [`nonzero_rows`] returns: `(neuron, coefficient)` pairs.
+struct NonzeroRows {
+    rows: [(usize, i8); GROUP + 3],
+    len: usize,
+}
+
+impl NonzeroRows {
+    fn as_slice(&self) -> &[(usize, i8)] {
+        &self.rows[..self.len]
+    }
 }
 
 /// Adds the group's `(d * dh) * S + m * (dh * Q)` to `out` (all `n_embd` outputs).
@@ -440,9 +465,7 @@ fn has_avx512() -> bool {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{
-        GROUP, GroupedDown, group_coef, group_runs, nonzero_rows, scale_count, value_row_bytes,
-    };
+    use super::{GroupedDown, group_coef, group_runs, nonzero_rows, scale_count, value_row_bytes};
 
     /// Eight f16 at `s[0..8]` as floats.
     #[inline]
@@ -507,16 +530,12 @@ mod avx2 {
         let vb = value_row_bytes(n);
         let row = |i: usize| &down.values[i * vb..(i + 1) * vb];
         let mut s = vec![0i32; n];
-        let mut rows: Vec<(usize, i8)> = Vec::with_capacity(GROUP + 1);
         for (g, a, b) in group_runs(ids) {
             let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
-            nonzero_rows(&c, g, &ids[a..b], &mut rows);
+            let nz = nonzero_rows(&c, g, &ids[a..b], 2);
+            let rows = nz.as_slice();
             if rows.is_empty() {
                 continue;
-            }
-            if rows.len() % 2 == 1 {
-                // A zero coefficient on a row already read pads the last pair.
-                rows.push((rows[0].0, 0));
             }
             s.fill(0);
             for p in rows.chunks_exact(2) {
@@ -559,9 +578,7 @@ mod avx2 {
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{
-        GROUP, GroupedDown, group_coef, group_runs, nonzero_rows, scale_count, value_row_bytes,
-    };
+    use super::{GroupedDown, group_coef, group_runs, nonzero_rows, scale_count, value_row_bytes};
 
     /// Output blocks (32 outputs each) whose sums one pass over a group's neurons keeps in
     /// registers: two accumulators of 16 lanes per block.
@@ -624,16 +641,12 @@ mod avx512 {
         let idx_bytes = quad_index();
         // SAFETY: 64 readable bytes; unaligned load.
         let idx = unsafe { _mm512_loadu_si512(idx_bytes.as_ptr().cast()) };
-        let mut rows: Vec<(usize, i8)> = Vec::with_capacity(GROUP + 3);
         for (g, a, b) in group_runs(ids) {
             let c = group_coef(down, g, &ids[a..b], &coef[a..b]);
-            nonzero_rows(&c, g, &ids[a..b], &mut rows);
+            let nz = nonzero_rows(&c, g, &ids[a..b], 4);
+            let rows = nz.as_slice();
             if rows.is_empty() {
                 continue;
-            }
-            while !rows.len().is_multiple_of(4) {
-                // A zero coefficient on a row already read pads the last quad.
-                rows.push((rows[0].0, 0));
             }
             let sc = &down.scales[g * k * n..(g + 1) * k * n];
             let dh = _mm512_set1_ps(c.dh);
