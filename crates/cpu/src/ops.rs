@@ -1096,9 +1096,15 @@ mod x86 {
         sc: &mut super::AttnScratch,
     ) {
         let (dk, dv) = (p.head_dim_k, p.head_dim_v);
-        let (kd, vd) = (p.k_dim(), p.v_dim());
+        let vd = p.v_dim();
+        let keys = super::KeyRows {
+            k,
+            kd: p.k_dim(),
+            first: g * dk,
+            dk,
+        };
         for j in lo..=pos {
-            let kr = &k[j * kd + g * dk..j * kd + (g + 1) * dk];
+            let kr = keys.row(j);
             // SAFETY: AVX2+FMA+F16C are enabled here; equal lengths.
             unsafe { f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v[..dv]) };
             for hh in 0..n_h {
