@@ -276,7 +276,8 @@ fn fused_ffn_equals_unfused_and_reference() {
         } else {
             ty
         };
-        let n_ff = 173;
+        // Enough neurons that a 15% set is split across the threads (over 32 KiB of rows).
+        let n_ff = 1201;
         let n_embd = awkward_cols(ty, if ty.block_size() == 256 { 2 } else { 9 });
         let gd = random_matrix(&mut rng, ty, n_ff, n_embd);
         let ud = random_matrix(&mut rng, up_ty, n_ff, n_embd);
@@ -298,6 +299,8 @@ fn fused_ffn_equals_unfused_and_reference() {
             for active in [
                 rng.subset(n_ff, 0.4),
                 rng.subset(n_ff, 0.3),
+                rng.subset(n_ff, 0.15),
+                rng.subset(n_ff, 0.01),
                 (0..n_ff as u32).collect(),
             ] {
                 let mut out = vec![f32::NAN; n_embd];
@@ -386,10 +389,13 @@ fn fused_ffn_equals_unfused_and_reference() {
                     reference::ffn_coefficients(Some(&gate), &up, kind, &x, &active).unwrap();
                 let mut r = vec![0.0; n_embd];
                 reference::sparse_axpy(&down_t, &href, &active, &mut r).unwrap();
+                // The products quantize `x` to 8 bits (per the weight type's activation
+                // format) and the reference does not: with 1201 neurons summed, a few percent
+                // of the mean magnitude.
                 let scale: f32 = r.iter().map(|v| v.abs()).sum::<f32>() / n_embd as f32;
                 for j in 0..n_embd {
                     assert!(
-                        (out[j] - r[j]).abs() <= 0.05 * scale + 1e-4,
+                        (out[j] - r[j]).abs() <= 0.08 * scale + 1e-4,
                         "{ty} {kind:?} col {j}: {} vs reference {} (mean |ref| {scale})",
                         out[j],
                         r[j]
