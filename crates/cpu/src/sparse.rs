@@ -713,6 +713,20 @@ fn decode_f16_impl(src: &[u8], dst: &mut [f32]) {
     }
 }
 
+/// A Q4_0 block's 16 quant bytes as its 32 signed values `q - 8`: elements 0..16 (low
+/// nibbles), then 16..32 (high nibbles). SSE2 only, so any x86-64 kernel can inline it.
+#[cfg(target_arch = "x86_64")]
+#[inline]
+#[target_feature(enable = "sse2")]
+fn q4_0_values(q: std::arch::x86_64::__m128i) -> [std::arch::x86_64::__m128i; 2] {
+    use std::arch::x86_64::*;
+    let (m4, eight) = (_mm_set1_epi8(0x0F), _mm_set1_epi8(8));
+    [
+        _mm_sub_epi8(_mm_and_si128(q, m4), eight),
+        _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), m4), eight),
+    ]
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
@@ -799,13 +813,10 @@ mod avx2 {
         a: &[f32; R],
         rows: &[&[u8]; R],
     ) {
-        let m4 = _mm_set1_epi8(0x0F);
-        let eight = _mm_set1_epi8(8);
         acc_loop!("acc_q4_0", out, a, rows, 18, |b| {
             // SAFETY: `b[2..18]` is 16 readable bytes; unaligned load.
             let q = unsafe { _mm_loadu_si128(b[2..].as_ptr().cast()) };
-            let lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
-            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), m4), eight);
+            let [lo, hi] = super::q4_0_values(q);
             let [e0, e1] = i8x16_to_f32(lo);
             let [e2, e3] = i8x16_to_f32(hi);
             [e0, e1, e2, e3]
@@ -929,13 +940,10 @@ mod avx512 {
         a: &[f32; R],
         rows: &[&[u8]; R],
     ) {
-        let m4 = _mm_set1_epi8(0x0F);
-        let eight = _mm_set1_epi8(8);
         acc512_loop!("acc_q4_0", out, a, rows, 18, |b| {
             // SAFETY: bytes 2..18 of the block are readable; unaligned load.
             let q = unsafe { _mm_loadu_si128(b.add(2).cast()) };
-            let lo = _mm_sub_epi8(_mm_and_si128(q, m4), eight);
-            let hi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16::<4>(q), m4), eight);
+            let [lo, hi] = super::q4_0_values(q);
             [_mm512_cvtepi8_epi32(lo), _mm512_cvtepi8_epi32(hi)]
         })
     }
