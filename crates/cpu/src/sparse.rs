@@ -30,8 +30,9 @@
 //!   product and the axpy prefetch a few rows ahead into L2 (this halved their time at 10%
 //!   active, and the L2 hint instead of L1 nearly halved it again).
 //! - Scattered rows stream far below sequential bandwidth on the test machine: gathering 30% of
-//!   the rows took about 90% of the dense time. From 40% active on, [`sparse_matvec`] streams
-//!   every row in order and keeps the active outputs (same values, dense speed).
+//!   the rows took about 90% of the dense time (measured before the L2 prefetch hint, so the
+//!   crossover may now lie higher). From 40% active on, [`sparse_matvec`] streams every row in
+//!   order and keeps the active outputs (same values, dense speed).
 //! - The axpy is compute-bound (f32 dequantize-and-add per weight against the integer dot
 //!   product of the matvec): it decodes Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16 itself with loops the
 //!   compiler vectorizes (an AVX2 build chosen at run time), exactly reproducing the reference
