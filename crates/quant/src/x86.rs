@@ -83,8 +83,14 @@ fn patch_vnni(t: &mut [TypeKernels]) {
         k.vec_dot = dot_q4_0_vnni;
         k.vec_dot4 = Some(dot4_q4_0_vnni);
     });
-    set(t, GgmlType::Q8_0, n, |k| k.vec_dot = dot_q8_0_vnni);
-    set(t, GgmlType::Q4_1, n, |k| k.vec_dot = dot_q4_1_vnni);
+    set(t, GgmlType::Q8_0, n, |k| {
+        k.vec_dot = dot_q8_0_vnni;
+        k.vec_dot4 = Some(dot4_q8_0_vnni);
+    });
+    set(t, GgmlType::Q4_1, n, |k| {
+        k.vec_dot = dot_q4_1_vnni;
+        k.vec_dot4 = Some(dot4_q4_1_vnni);
+    });
     set(t, GgmlType::Q5_0, n, |k| k.vec_dot = dot_q5_0_vnni);
 }
 
@@ -649,6 +655,59 @@ fn dot_q4_1_vnni_impl(n: usize, w: &[u8], act: &[u8]) -> f32 {
         acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), acc);
     }
     hsum_ps(acc) + _mm_cvtss_f32(_mm_movehdup_ps(summs))
+}
+
+fn dot4_q4_1_vnni(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe { dot4_q4_1_vnni_impl(n, w, act) }
+}
+
+/// [`dot_q4_1_vnni_impl`] on four rows: the activation block's scales and integers loaded once
+/// for the four rows, then each row's operations exactly as the one-row kernel does them (the
+/// same values bit for bit). Four accumulator chains instead of one: the one-row kernel waits
+/// on its FMA's latency every block.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot4_q4_1_vnni_impl(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    let nb = n / 32;
+    let w = [
+        &w[0][..nb * 20],
+        &w[1][..nb * 20],
+        &w[2][..nb * 20],
+        &w[3][..nb * 20],
+    ];
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut summs = [_mm_setzero_ps(); 4];
+    for (i, y) in act.chunks_exact(36).take(nb).enumerate() {
+        let hy = h2x2(y, 0);
+        let qy = load32(y, 4);
+        for r in 0..4 {
+            let x = &w[r][i * 20..(i + 1) * 20];
+            // [dx * dy, mx * sy]
+            let p = _mm_mul_ps(h2x2(x, 0), hy);
+            summs[r] = _mm_add_ps(summs[r], p);
+            let d = _mm256_broadcastss_ps(p);
+            let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(x, 4), qy);
+            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), acc[r]);
+        }
+    }
+    std::array::from_fn(|r| hsum_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[r])))
+}
+
+fn dot4_q8_0_vnni(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe { dot4_q8_0_vnni_impl(n, w, act) }
+}
+
+/// [`dot_q8_0_vnni_impl`] on four rows (see `dot4_blocks!`): the same values bit for bit.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn dot4_q8_0_vnni_impl(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    dot4_blocks!(n, w, act, 34, |y| load32(y, 2), |x, qy| {
+        // SAFETY: `x` points at a whole 34-byte block (see `dot4_blocks!`).
+        let qx = unsafe { _mm256_loadu_si256(x.add(2).cast()) };
+        let ax = _mm256_sign_epi8(qx, qx);
+        let sy = _mm256_sign_epi8(qy, qx);
+        _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(_mm256_setzero_si256(), ax, sy))
+    })
 }
 
 /// [`dot_q5_0_avx2`] with the fifth bits expanded by a mask move and the products by
