@@ -49,6 +49,7 @@ fn patch_avx2(t: &mut [TypeKernels]) {
     });
     set(t, T::Q4_1, n, |k| {
         k.vec_dot = dot_q4_1;
+        k.vec_dot4 = Some(dot4_q4_1);
         k.quantize_act = quant_q8_1;
     });
     set(t, T::Q5_0, n, |k| {
@@ -61,6 +62,7 @@ fn patch_avx2(t: &mut [TypeKernels]) {
     });
     set(t, T::Q8_0, n, |k| {
         k.vec_dot = dot_q8_0;
+        k.vec_dot4 = Some(dot4_q8_0);
         k.quantize_act = quant_q8_0;
     });
     set(t, T::Q4_K, n, |k| {
@@ -563,6 +565,65 @@ fn dot4_q4_0_avx2(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
     })
 }
 
+/// The loop of a four-row Q4_1 x Q8_1 dot: per block the activation's scales and integers
+/// loaded once, then for each row the one-row kernels' operations in their order (`$prod` turns
+/// the row's nibbles `$qx` and the activation bytes `$qy` into 8 float lanes), so each result
+/// is the one-row kernel's bit for bit. Four accumulator chains instead of one.
+macro_rules! dot4_q4_1 {
+    ($n:expr, $w:expr, $act:expr, |$qx:ident, $qy:ident| $prod:expr) => {{
+        let nb = $n / 32;
+        let w = [
+            &$w[0][..nb * 20],
+            &$w[1][..nb * 20],
+            &$w[2][..nb * 20],
+            &$w[3][..nb * 20],
+        ];
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [_mm_setzero_ps(); 4];
+        for (i, y) in $act.chunks_exact(36).take(nb).enumerate() {
+            let hy = h2x2(y, 0);
+            let $qy = load32(y, 4);
+            for r in 0..4 {
+                let x = &w[r][i * 20..(i + 1) * 20];
+                // [dx * dy, mx * sy]
+                let p = _mm_mul_ps(h2x2(x, 0), hy);
+                summs[r] = _mm_add_ps(summs[r], p);
+                let d = _mm256_broadcastss_ps(p);
+                let $qx = nibbles32(x, 4);
+                let q: __m256 = $prod;
+                acc[r] = _mm256_fmadd_ps(d, q, acc[r]);
+            }
+        }
+        [0, 1, 2, 3].map(|r| hsum_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[r])))
+    }};
+}
+
+fn dot4_q4_1(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    // SAFETY: installed only after `has_avx2()` succeeded at run time.
+    unsafe { dot4_q4_1_avx2(n, w, act) }
+}
+
+/// [`dot_q4_1_avx2`] on four rows (see `dot4_q4_1!`): the same values bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q4_1_avx2(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    dot4_q4_1!(n, w, act, |qx, qy| mul_u8_f32(qx, qy))
+}
+
+fn dot4_q8_0(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    // SAFETY: installed only after `has_avx2()` succeeded at run time.
+    unsafe { dot4_q8_0_avx2(n, w, act) }
+}
+
+/// [`dot_q8_0_avx2`] on four rows (see `dot4_blocks!`): the same values bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot4_q8_0_avx2(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
+    dot4_blocks!(n, w, act, 34, |y| load32(y, 2), |x, qy| {
+        // SAFETY: `x` points at a whole 34-byte block (see `dot4_blocks!`).
+        let qx = unsafe { _mm256_loadu_si256(x.add(2).cast()) };
+        mul_i8_f32(qx, qy)
+    })
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q4_1_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
@@ -668,29 +729,11 @@ fn dot4_q4_1_vnni(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
 /// on its FMA's latency every block.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn dot4_q4_1_vnni_impl(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
-    let nb = n / 32;
-    let w = [
-        &w[0][..nb * 20],
-        &w[1][..nb * 20],
-        &w[2][..nb * 20],
-        &w[3][..nb * 20],
-    ];
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut summs = [_mm_setzero_ps(); 4];
-    for (i, y) in act.chunks_exact(36).take(nb).enumerate() {
-        let hy = h2x2(y, 0);
-        let qy = load32(y, 4);
-        for r in 0..4 {
-            let x = &w[r][i * 20..(i + 1) * 20];
-            // [dx * dy, mx * sy]
-            let p = _mm_mul_ps(h2x2(x, 0), hy);
-            summs[r] = _mm_add_ps(summs[r], p);
-            let d = _mm256_broadcastss_ps(p);
-            let q = _mm256_dpbusd_epi32(_mm256_setzero_si256(), nibbles32(x, 4), qy);
-            acc[r] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(q), acc[r]);
-        }
-    }
-    std::array::from_fn(|r| hsum_ps(acc[r]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[r])))
+    dot4_q4_1!(n, w, act, |qx, qy| _mm256_cvtepi32_ps(_mm256_dpbusd_epi32(
+        _mm256_setzero_si256(),
+        qx,
+        qy
+    )))
 }
 
 fn dot4_q8_0_vnni(n: usize, w: [&[u8]; 4], act: &[u8]) -> [f32; 4] {
