@@ -1035,7 +1035,11 @@ fn axpy_segment_fast<B: Block32>(
     let mut pend_r: [&[u8]; 4] = [&[]; 4];
     let mut n = 0;
     for (p, (&i, &a)) in ids.iter().zip(coef).enumerate() {
-        if let Some(&ahead) = ids.get(p + 16) {
+        // Rows whose coefficient is zero are skipped, so never fetched (after a ReLU gate
+        // that is often half of the ids).
+        if let (Some(&ahead), Some(&c)) = (ids.get(p + 16), coef.get(p + 16))
+            && c != 0.0
+        {
             prefetch(row(ahead));
         }
         if a == 0.0 {
