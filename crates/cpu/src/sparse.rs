@@ -29,10 +29,10 @@
 //! - Active rows are scattered, so the hardware prefetcher cannot follow them; the row-gather
 //!   product and the axpy prefetch a few rows ahead into L2 (this halved their time at 10%
 //!   active, and the L2 hint instead of L1 nearly halved it again).
-//! - Scattered rows stream far below sequential bandwidth on the test machine: gathering 30% of
-//!   the rows took about 90% of the dense time (measured before the L2 prefetch hint, so the
-//!   crossover may now lie higher). From 40% active on, [`sparse_matvec`] streams every row in
-//!   order and keeps the active outputs (same values, dense speed).
+//! - Scattered rows stream below sequential bandwidth on the test machine: gathering 50% of the
+//!   rows takes about 80% of the dense time (30%: about 50%). From 65% active on,
+//!   [`sparse_matvec`] streams every row in order and keeps the active outputs (same values,
+//!   dense speed).
 //! - The axpy is compute-bound (f32 dequantize-and-add per weight against the integer dot
 //!   product of the matvec): it decodes Q4_0/Q4_1/Q5_0/Q5_1/Q8_0/F16 itself with loops the
 //!   compiler vectorizes (an AVX2 build chosen at run time), exactly reproducing the reference
@@ -42,8 +42,8 @@
 //!   the per-neuron pass and the unfused sequence were within run-to-run noise of each other at
 //!   10-30% active; with an imperfect predictor (30% active, precision 0.5) the per-neuron pass
 //!   was faster in each of five runs (8-26%), because it skips the up rows of neurons whose
-//!   activation is zero. From 40% active on, the streamed gate/up products win, so
-//!   [`sparse_ffn`] uses the per-neuron pass below 40% and the two streamed row-gather
+//!   activation is zero. From 65% active on, the streamed gate/up products win, so
+//!   [`sparse_ffn`] uses the per-neuron pass below 65% and the two streamed row-gather
 //!   products above (same values either way). Use [`sparse_ffn`] on the decode path.
 
 use std::cell::Cell;
@@ -74,8 +74,10 @@ fn chunk_items(n_items: usize, item_bytes: usize, n_threads: usize) -> usize {
 const INLINE_BYTES: usize = 32 * 1024;
 
 /// At or above this share of active rows (in percent), [`sparse_matvec`] reads every row in
-/// order instead of gathering the active ones (measured crossover at LLaMA-7B shapes, Q4_0).
-const DENSE_SWEEP_PERCENT: usize = 40;
+/// order instead of gathering the active ones. Measured at LLaMA-7B shapes, Q4_0, 2 threads,
+/// rows from DRAM, with the L2 prefetch hint: gathering 30/40/50% of the rows took 0.51/0.67/
+/// 0.80 of the time of the sweep (0.9 at 30% with the earlier L1 hint, hence the earlier 40).
+const DENSE_SWEEP_PERCENT: usize = 65;
 
 /// Output floats per column segment of the batched axpy (a segment of every token in a token
 /// tile stays in L2 while the union rows stream past).
@@ -402,7 +404,7 @@ fn round_compact(
 ///
 /// `x.len() == w.cols`, `y.len() == w.rows`; `active` holds strictly increasing row ids below
 /// `w.rows`. `x` is quantized once to the weight type's vec_dot type; the active rows are split
-/// across the pool's threads (from 40% active on, every row is streamed in order and only the
+/// across the pool's threads (from 65% active on, every row is streamed in order and only the
 /// active outputs kept). Each active output is bit-identical to what [`crate::matvec`] gives.
 ///
 /// ```
@@ -1252,7 +1254,7 @@ pub fn sparse_axpy_with(
 /// what [`sparse_matvec`] on gate and up gives for that neuron, so the result is bit-identical to
 /// the unfused sequence (gate and up `sparse_matvec`, activation, [`sparse_axpy`]); the fused
 /// form saves the up rows of neurons whose activation is zero and one pass over the outputs.
-/// From 40% active on it runs the unfused sequence instead, whose gate and up products then
+/// From 65% active on it runs the unfused sequence instead, whose gate and up products then
 /// stream every row in order (faster there; the result is the same).
 pub fn sparse_ffn(
     pool: &ThreadPool,

@@ -84,6 +84,8 @@ fn active_sets(rng: &mut Rng, rows: usize) -> Vec<Vec<u32>> {
         (0..rows as u32).collect(),
         rng.subset(rows, 0.1),
         rng.subset(rows, 0.5),
+        // Above the share at which the products sweep every row instead of gathering.
+        rng.subset(rows, 0.8),
     ]
 }
 
@@ -297,6 +299,7 @@ fn fused_ffn_equals_unfused_and_reference() {
                 down_grouped: None,
             };
             for active in [
+                rng.subset(n_ff, 0.8),
                 rng.subset(n_ff, 0.4),
                 rng.subset(n_ff, 0.3),
                 rng.subset(n_ff, 0.15),
@@ -390,12 +393,13 @@ fn fused_ffn_equals_unfused_and_reference() {
                 let mut r = vec![0.0; n_embd];
                 reference::sparse_axpy(&down_t, &href, &active, &mut r).unwrap();
                 // The products quantize `x` to 8 bits (per the weight type's activation
-                // format) and the reference does not: with 1201 neurons summed, a few percent
-                // of the mean magnitude.
+                // format) and the reference does not: with up to ~960 of 1201 neurons summed,
+                // up to about 9% of the mean magnitude (Q4_K, DRelu, whose two rounded
+                // products multiply). The bit-exact comparisons above are the sharp checks.
                 let scale: f32 = r.iter().map(|v| v.abs()).sum::<f32>() / n_embd as f32;
                 for j in 0..n_embd {
                     assert!(
-                        (out[j] - r[j]).abs() <= 0.08 * scale + 1e-4,
+                        (out[j] - r[j]).abs() <= 0.12 * scale + 1e-4,
                         "{ty} {kind:?} col {j}: {} vs reference {} (mean |ref| {scale})",
                         out[j],
                         r[j]
