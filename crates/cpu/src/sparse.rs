@@ -1461,6 +1461,11 @@ pub fn sparse_ffn_with(
     const AHEAD: usize = 8;
     const LAG: usize = 8;
     const RING: usize = 32;
+    // The ring holds at most `4 + LAG - 1` waiting neurons plus the 4 just pushed.
+    const _: () = assert!(
+        LAG + 8 <= RING,
+        "the ring of pending up products would wrap"
+    );
     let fill = |ids: &[u32], out: &mut [f32]| {
         debug_assert_eq!(ids.len(), out.len());
         let n = ids.len();
