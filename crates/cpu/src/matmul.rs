@@ -44,6 +44,11 @@ const MATMUL_TILE_WEIGHT_BYTES: usize = 16 * 1024;
 /// 8 with AVX-512 VNNI).
 const GEMM_TOKENS: usize = 8;
 
+/// Rows per call of a multi-row kernel (`powerinfer_quant::gemm::GemmRowsFn`): its results are
+/// scattered to the output after each call, in small bursts (a whole tile's at once stalled on
+/// the stores).
+const ROWS_CHUNK: usize = 16;
+
 /// A ggml weight matrix borrowed from memory (usually a memory-mapped model file).
 ///
 /// Layout: `rows` consecutive rows, each `cols` elements of `ty` (ggml `ne[0] = cols`,
@@ -574,6 +579,12 @@ pub fn matmul_quantized(
     } else {
         None
     };
+    // Several rows per call where a group holds exactly the multi-row kernels' token count.
+    let gemm_rows = if gemm.is_some() {
+        powerinfer_quant::gemm::gemm_rows_for(k)
+    } else {
+        None
+    };
     // llama.cpp computes some types (Q4_K) in another float order for whole groups of 4
     // tokens of a batch; its first `split` tokens follow that order here too.
     let grouped = if acts.decode_order {
@@ -601,6 +612,8 @@ pub fn matmul_quantized(
             // Token groups outside, rows inside: the group's activations stay in L1 and each
             // token's outputs are written to consecutive addresses.
             let mut buf = [0f32; GEMM_TOKENS];
+            // Up to `ROWS_CHUNK` rows of the multi-row kernel's results, row-major.
+            let mut part = [0f32; ROWS_CHUNK * powerinfer_quant::gemm::ROWS_TOKENS];
             let mut g0 = t0;
             while g0 < t1 {
                 // Groups never straddle `split`.
@@ -615,6 +628,37 @@ pub fn matmul_quantized(
                 let a = &acts_tile[(g0 - t0) * acts.row_bytes..(g1 - t0) * acts.row_bytes];
                 let ss = powerinfer_quant::gemm::scale_stride(cols);
                 let scales = acts.gemm_scales.get(g0 * ss..).unwrap_or(&[]);
+                const RT: usize = powerinfer_quant::gemm::ROWS_TOKENS;
+                if let Some(rows_fn) = gemm_rows
+                    && g1 - g0 == RT
+                    && g0 >= split
+                {
+                    let mut c0 = r0;
+                    while c0 < r1 {
+                        let c1 = (c0 + ROWS_CHUNK).min(r1);
+                        let part = &mut part[..(c1 - c0) * RT];
+                        rows_fn(
+                            cols,
+                            &w.data[c0 * rb..c1 * rb],
+                            rb,
+                            a,
+                            acts.row_bytes,
+                            scales,
+                            part,
+                        );
+                        for (r, vals) in (c0..c1).zip(part.chunks_exact(RT)) {
+                            for (t, &v) in (g0..g1).zip(vals) {
+                                // SAFETY: element (t, r) belongs to exactly one tile, and each
+                                // tile index is handed to exactly one thread by
+                                // `for_each_chunk`.
+                                unsafe { out.write(t * rows + r, v) };
+                            }
+                        }
+                        c0 = c1;
+                    }
+                    g0 = g1;
+                    continue;
+                }
                 for r in r0..r1 {
                     let row = &w.data[r * rb..(r + 1) * rb];
                     let part = &mut buf[..g1 - g0];

@@ -53,6 +53,24 @@ mod x86;
 pub type GemmFn =
     fn(n: usize, w: &[u8], acts: &[u8], act_stride: usize, scales: &[f32], out: &mut [f32]);
 
+/// Tokens per call of a [`GemmRowsFn`].
+pub const ROWS_TOKENS: usize = 8;
+
+/// `out[r * ROWS_TOKENS + j] = vec_dot(n, row r, &acts[j * act_stride..])` for the
+/// `out.len() / ROWS_TOKENS` rows of `w` (row `r` at byte `r * row_bytes`) and exactly
+/// [`ROWS_TOKENS`] tokens: a [`GemmFn`] that takes several weight rows per call, so each
+/// token's activation block is loaded once for several rows and the per-token data shared by
+/// every row is prepared once per call. `scales` as for [`GemmFn`]. Bit for bit `vec_dot`.
+pub type GemmRowsFn = fn(
+    n: usize,
+    w: &[u8],
+    row_bytes: usize,
+    acts: &[u8],
+    act_stride: usize,
+    scales: &[f32],
+    out: &mut [f32],
+);
+
 /// A single-row dot product (the signature of [`TypeKernels::vec_dot`]).
 pub type DotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 
@@ -106,6 +124,20 @@ pub fn gemm_for(k: &TypeKernels) -> Option<GemmFn> {
     #[cfg(target_arch = "x86_64")]
     {
         x86::gemm_for(k.ty, k.act_ty, k.name)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        None
+    }
+}
+
+/// A multi-row kernel ([`GemmRowsFn`]) for `k`, if this build and CPU have one (x86-64 with
+/// AVX-512 VNNI: Q4_0, Q4_1, Q5_0, Q8_0). Its results are [`gemm_for`]'s, bit for bit.
+pub fn gemm_rows_for(k: &TypeKernels) -> Option<GemmRowsFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::rows_for(k.ty, k.act_ty, k.name)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {

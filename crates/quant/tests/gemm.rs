@@ -1,7 +1,7 @@
 //! Multi-token kernels (`gemm`) against the single-row `vec_dot` they stand in for: every
 //! output must be bit for bit the same, on awkward sizes and token counts.
 
-use powerinfer_quant::gemm::{act_scales, gemm_for, gemm_variants};
+use powerinfer_quant::gemm::{ROWS_TOKENS, act_scales, gemm_for, gemm_rows_for, gemm_variants};
 use powerinfer_quant::{GgmlType, all_kernels, quantize_row, row_bytes};
 
 struct SplitMix(u64);
@@ -104,6 +104,70 @@ fn gemm_matches_vec_dot_bit_for_bit() {
     {
         // Every type above has an AVX2 multi-token kernel.
         assert!(checked >= TYPES.len() * 4 * 9 * 3);
+    }
+    let _ = checked;
+}
+
+#[test]
+fn multi_row_kernels_match_vec_dot_bit_for_bit() {
+    let mut rng = SplitMix(0x7077_2026);
+    let mut checked = 0usize;
+    for ty in TYPES {
+        for k in all_kernels(ty) {
+            let Some(rows_fn) = gemm_rows_for(&k) else {
+                continue;
+            };
+            // 257 blocks: past the kernels' stack table, the row-by-row fallback.
+            for blocks in [1usize, 2, 7, 8, 9, 17, 48, 257] {
+                let n = blocks * ty.block_size();
+                let rb = row_bytes(ty, n).unwrap();
+                let arb = row_bytes(k.act_ty, n).unwrap();
+                let stride = arb + 3;
+                let mut acts = vec![0u8; ROWS_TOKENS * stride];
+                for a in acts.chunks_exact_mut(stride) {
+                    let x: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                    (k.quantize_act)(&x, &mut a[..arb]);
+                }
+                let mut scales = Vec::new();
+                act_scales(&k, n, &acts, stride, ROWS_TOKENS, &mut scales);
+                for n_rows in [1usize, 2, 3, 6, 7] {
+                    // Rows padded apart (the kernels take a row size, not the packed one).
+                    let row_bytes_padded = rb + 7;
+                    let mut w = vec![0u8; n_rows * row_bytes_padded];
+                    for row in w.chunks_exact_mut(row_bytes_padded) {
+                        let wf: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                        quantize_row(ty, &wf, &mut row[..rb]).unwrap();
+                        if let Some((bsz, skip)) = quant_bytes(ty) {
+                            for b in row[..rb].chunks_exact_mut(bsz) {
+                                for v in &mut b[skip..] {
+                                    *v = rng.next() as u8;
+                                }
+                            }
+                        }
+                    }
+                    let mut out = vec![f32::NAN; n_rows * ROWS_TOKENS];
+                    rows_fn(n, &w, row_bytes_padded, &acts, stride, &scales, &mut out);
+                    for (r, row) in w.chunks_exact(row_bytes_padded).enumerate() {
+                        for t in 0..ROWS_TOKENS {
+                            let want = (k.vec_dot)(n, &row[..rb], &acts[t * stride..]);
+                            let got = out[r * ROWS_TOKENS + t];
+                            assert_eq!(
+                                got.to_bits(),
+                                want.to_bits(),
+                                "{ty:?} {} n={n} rows={n_rows} r={r} t={t}: {got} vs {want}",
+                                k.name
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+        // The Q4_1 kernel runs on this CPU (for its "avx2" and "avx512vnni" kernel sets).
+        assert!(checked >= 8 * 19 * ROWS_TOKENS, "{checked}");
     }
     let _ = checked;
 }
