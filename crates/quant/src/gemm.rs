@@ -56,19 +56,34 @@ pub type GemmFn =
 /// Tokens per call of a [`GemmRowsFn`].
 pub const ROWS_TOKENS: usize = 8;
 
-/// `out[r * ROWS_TOKENS + j] = vec_dot(n, row r, &acts[j * act_stride..])` for the
-/// `out.len() / ROWS_TOKENS` rows of `w` (row `r` at byte `r * row_bytes`) and exactly
-/// [`ROWS_TOKENS`] tokens: a [`GemmFn`] that takes several weight rows per call, so each
-/// token's activation block is loaded once for several rows and the per-token data shared by
-/// every row is prepared once per call. `scales` as for [`GemmFn`]. Bit for bit `vec_dot`.
+/// The tokens a [`GemmRowsFn`] multiplies: exactly [`ROWS_TOKENS`] tokens' activations in
+/// the weight type's `vec_dot` type, token `j` at byte `j * stride` of `acts`, and what
+/// [`act_scales`] computed for them.
+#[derive(Clone, Copy, Debug)]
+pub struct GemmTokens<'a> {
+    /// The quantized activations.
+    pub acts: &'a [u8],
+    /// Bytes from one token's activations to the next's.
+    pub stride: usize,
+    /// [`act_scales`]' output for these tokens.
+    pub scales: &'a [f32],
+}
+
+/// `out[j * out_stride + r] = vec_dot(n, row r, token j)` for the `n_rows` rows of `w` (row
+/// `r` at byte `r * row_bytes`) and the [`ROWS_TOKENS`] tokens of `tokens`: a [`GemmFn`] that
+/// takes several weight rows per call, so each token's activation block is loaded once for
+/// several rows and the per-token data shared by every row is prepared once per call. The
+/// results come out token-major, as a matrix product's output is laid out. Bit for bit
+/// `vec_dot`. Panics if `n_rows > out_stride` or `out` is shorter than
+/// `7 * out_stride + n_rows`.
 pub type GemmRowsFn = fn(
     n: usize,
     w: &[u8],
     row_bytes: usize,
-    acts: &[u8],
-    act_stride: usize,
-    scales: &[f32],
+    n_rows: usize,
+    tokens: GemmTokens<'_>,
     out: &mut [f32],
+    out_stride: usize,
 );
 
 /// A single-row dot product (the signature of [`TypeKernels::vec_dot`]).

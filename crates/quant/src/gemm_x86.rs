@@ -4,7 +4,7 @@
 //! same, and 8 tokens per call (32 vector registers).
 
 use crate::GgmlType;
-use crate::gemm::{DotFn, GemmFn, GemmRowsFn};
+use crate::gemm::{DotFn, GemmFn, GemmRowsFn, GemmTokens};
 use crate::x86::{hsum_epi32, hsum_epi32_128};
 use std::arch::x86_64::*;
 
@@ -421,19 +421,19 @@ q8_family!(
 
 /// [`q8_family!`]'s kernel on `R` rows at once (AVX-512 VNNI, 8 tokens): each token's
 /// activation block is loaded once for the `R` rows. Per token the same operations in the same
-/// order as the one-row kernel, so the same bits. Writes `out[r * 8 + j]` with scalar stores.
+/// order as the one-row kernel, so the same bits. Writes `out[j * os + r]`.
 macro_rules! q8_rows {
     ($name:ident, $wsz:expr, |$x:ident| $decode:block) => {
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
         fn $name<const R: usize>(
             n: usize,
             w: [&[u8]; R],
-            acts: &[u8],
-            stride: usize,
-            scales: &[f32],
+            t: GemmTokens<'_>,
             out: &mut [f32],
+            os: usize,
         ) {
             const N: usize = 8;
+            let (acts, stride, scales) = (t.acts, t.stride, t.scales);
             let nb = n / 32;
             let ss = crate::gemm::scale_stride(n);
             assert!(scales.len() >= N * ss);
@@ -479,10 +479,10 @@ macro_rules! q8_rows {
                     }
                 }
             }
-            let out = &mut out[..R * N];
+            let out = &mut out[..(N - 1) * os + R];
             for r in 0..R {
                 for j in 0..N {
-                    out[r * N + j] = hsum_ps(acc[r][j]);
+                    out[j * os + r] = hsum_ps(acc[r][j]);
                 }
             }
         }
@@ -505,12 +505,12 @@ macro_rules! rows_driver {
             n: usize,
             w: &[u8],
             row_bytes: usize,
-            acts: &[u8],
-            stride: usize,
-            scales: &[f32],
+            n_rows: usize,
+            t: GemmTokens<'_>,
             out: &mut [f32],
+            out_stride: usize,
         ) {
-            let n_rows = out.len() / 8;
+            assert!(n_rows <= out_stride && out.len() >= 7 * out_stride + n_rows);
             let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
             let mut r = 0;
             while r + 2 <= n_rows {
@@ -518,15 +518,15 @@ macro_rules! rows_driver {
                 {
                     prefetch_lines(next);
                 }
-                let o = &mut out[8 * r..8 * r + 16];
+                let o = &mut out[r..];
                 // SAFETY: installed only after `has_vnni()` succeeded at run time.
-                unsafe { $kern::<2>(n, [row(r), row(r + 1)], acts, stride, scales, o) };
+                unsafe { $kern::<2>(n, [row(r), row(r + 1)], t, o, out_stride) };
                 r += 2;
             }
             if r < n_rows {
-                let o = &mut out[8 * r..8 * r + 8];
+                let o = &mut out[r..];
                 // SAFETY: as above.
-                unsafe { $kern::<1>(n, [row(r)], acts, stride, scales, o) };
+                unsafe { $kern::<1>(n, [row(r)], t, o, out_stride) };
             }
         }
     };
@@ -679,13 +679,13 @@ const _: () = assert!(ROWS_MAX_BLOCKS.is_multiple_of(8));
 fn q4_1_rows_vnni<const R: usize>(
     n: usize,
     w: [&[u8]; R],
-    acts: &[u8],
-    stride: usize,
-    scales: &[f32],
+    t: GemmTokens<'_>,
     syt: &[[f32; 8]],
     out: &mut [f32],
+    os: usize,
 ) {
     const N: usize = 8;
+    let (acts, stride, scales) = (t.acts, t.stride, t.scales);
     let nb = n / 32;
     let ss = crate::gemm::scale_stride(n);
     assert!(syt.len() >= nb && scales.len() >= N * ss);
@@ -734,13 +734,11 @@ fn q4_1_rows_vnni<const R: usize>(
             }
         }
     }
-    // Scalar stores only: the caller reads them one by one (a vector store read back as
-    // scalars misses store-to-load forwarding).
-    let out = &mut out[..R * N];
+    let out = &mut out[..(N - 1) * os + R];
     for r in 0..R {
         for j in 0..N {
             let s = _mm256_permutevar8x32_ps(summs[r], _mm256_set1_epi32(j as i32));
-            out[r * N + j] = hsum_ps(acc[r][j]) + _mm256_cvtss_f32(s);
+            out[j * os + r] = hsum_ps(acc[r][j]) + _mm256_cvtss_f32(s);
         }
     }
 }
@@ -778,23 +776,28 @@ fn prefetch_lines(b: &[u8]) {
     }
 }
 
-/// `out[r * 8 + j]` = row `r` of `w` (rows of `row_bytes`) against token `j`, for
-/// `out.len() / 8` rows and exactly 8 tokens: [`q4_1_rows_vnni`] on pairs of rows.
+/// A [`crate::gemm::GemmRowsFn`]: [`q4_1_rows_vnni`] on pairs of rows (and a last single
+/// row), each pair's successor prefetched.
 fn gemm_rows_q4_1_vnni(
     n: usize,
     w: &[u8],
     row_bytes: usize,
-    acts: &[u8],
-    stride: usize,
-    scales: &[f32],
+    n_rows: usize,
+    t: GemmTokens<'_>,
     out: &mut [f32],
+    out_stride: usize,
 ) {
+    let scales = t.scales;
+    assert!(n_rows <= out_stride && out.len() >= 7 * out_stride + n_rows);
     let nb = n / 32;
-    let n_rows = out.len() / 8;
     let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     if nb > ROWS_MAX_BLOCKS {
-        for (r, o) in out.chunks_exact_mut(8).enumerate() {
-            gemm_q4_1_vnni(n, row(r), acts, stride, scales, o);
+        let mut o = [0f32; 8];
+        for r in 0..n_rows {
+            gemm_q4_1_vnni(n, row(r), t.acts, t.stride, scales, &mut o);
+            for (j, v) in o.iter().enumerate() {
+                out[j * out_stride + r] = *v;
+            }
         }
         return;
     }
@@ -817,15 +820,15 @@ fn gemm_rows_q4_1_vnni(
         if let Some(next) = w.get((r + PF_ROWS) * row_bytes..(r + PF_ROWS + 2) * row_bytes) {
             prefetch_lines(next);
         }
-        let o = &mut out[8 * r..8 * r + 16];
+        let o = &mut out[r..];
         // SAFETY: installed only after `has_vnni()` succeeded at run time.
-        unsafe { q4_1_rows_vnni::<2>(n, [row(r), row(r + 1)], acts, stride, scales, syt, o) };
+        unsafe { q4_1_rows_vnni::<2>(n, [row(r), row(r + 1)], t, syt, o, out_stride) };
         r += 2;
     }
     if r < n_rows {
-        let o = &mut out[8 * r..8 * r + 8];
+        let o = &mut out[r..];
         // SAFETY: as above.
-        unsafe { q4_1_rows_vnni::<1>(n, [row(r)], acts, stride, scales, syt, o) };
+        unsafe { q4_1_rows_vnni::<1>(n, [row(r)], t, syt, o, out_stride) };
     }
 }
 

@@ -1,7 +1,9 @@
 //! Multi-token kernels (`gemm`) against the single-row `vec_dot` they stand in for: every
 //! output must be bit for bit the same, on awkward sizes and token counts.
 
-use powerinfer_quant::gemm::{ROWS_TOKENS, act_scales, gemm_for, gemm_rows_for, gemm_variants};
+use powerinfer_quant::gemm::{
+    GemmTokens, ROWS_TOKENS, act_scales, gemm_for, gemm_rows_for, gemm_variants,
+};
 use powerinfer_quant::{GgmlType, all_kernels, quantize_row, row_bytes};
 
 struct SplitMix(u64);
@@ -145,12 +147,26 @@ fn multi_row_kernels_match_vec_dot_bit_for_bit() {
                             }
                         }
                     }
-                    let mut out = vec![f32::NAN; n_rows * ROWS_TOKENS];
-                    rows_fn(n, &w, row_bytes_padded, &acts, stride, &scales, &mut out);
+                    // Token-major with a stride past the rows (the gap must stay untouched).
+                    let os = n_rows + 2;
+                    let mut out = vec![f32::NAN; ROWS_TOKENS * os];
+                    let tokens = GemmTokens {
+                        acts: &acts,
+                        stride,
+                        scales: &scales,
+                    };
+                    rows_fn(n, &w, row_bytes_padded, n_rows, tokens, &mut out, os);
+                    for t in 0..ROWS_TOKENS {
+                        assert!(
+                            out[t * os + n_rows..(t + 1) * os]
+                                .iter()
+                                .all(|v| v.is_nan())
+                        );
+                    }
                     for (r, row) in w.chunks_exact(row_bytes_padded).enumerate() {
                         for t in 0..ROWS_TOKENS {
                             let want = (k.vec_dot)(n, &row[..rb], &acts[t * stride..]);
-                            let got = out[r * ROWS_TOKENS + t];
+                            let got = out[t * os + r];
                             assert_eq!(
                                 got.to_bits(),
                                 want.to_bits(),
