@@ -51,6 +51,10 @@ pub struct TrainArgs {
     /// name (`q8_0`, `f16`, `q4_0`, ...).
     #[arg(long = "down-t-type", default_value = "auto")]
     down_t_type: String,
+    /// How many leading positions of every sequence the sparse modes compute densely (the
+    /// attention-sink tokens, BOS first; 0: none). Stored in the file.
+    #[arg(long = "dense-prefix", default_value_t = powerinfer::generate::pwri::DEFAULT_DENSE_PREFIX)]
+    dense_prefix: u32,
     /// Seed.
     #[arg(short = 's', long = "seed", default_value_t = 0x5eed)]
     seed: u64,
@@ -212,6 +216,7 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         ffn_activation: profile.ffn_activation.clone(),
         sparsity_target: profile.sparsity_target,
         activation_thresholds: profile.layers.iter().map(|l| l.threshold).collect(),
+        dense_prefix: args.dense_prefix,
     };
     let wbar = ProgressBar::new(0).with_style(
         ProgressStyle::with_template("write {bar:40} {pos}/{len} tensors")

@@ -147,6 +147,7 @@ fn profile_train_write_load() {
         ffn_activation: p.ffn_activation.clone(),
         sparsity_target: p.sparsity_target,
         activation_thresholds: p.layers.iter().map(|l| l.threshold).collect(),
+        dense_prefix: 0,
     };
     let summary = write_pwri(model.file(), &trained, &opts, &out, None).unwrap();
     assert_eq!(summary.down_t_types, vec![GgmlType::F16; 3]);
@@ -341,6 +342,7 @@ fn smollm2_profile() {
         ffn_activation: p.ffn_activation.clone(),
         sparsity_target: p.sparsity_target,
         activation_thresholds: p.layers.iter().map(|l| l.threshold).collect(),
+        dense_prefix: 3,
     };
     write_pwri(model.file(), &trained, &opts, &out, None).unwrap();
     let f = GgufFile::open(&out).unwrap();
@@ -418,6 +420,47 @@ fn smollm2_profile() {
             assert!(d < 0.2 * scale, "{mode:?}: {d}");
         }
     }
+
+    // The dense prefix: in both sparse modes the first 3 positions are computed with every
+    // neuron (their logits equal the dense mode's bit for bit) and later ones are not; with no
+    // prefix, position 0 is sparse too.
+    assert_eq!(sparse.dense_prefix(), 3);
+    let all_logits = |m: &Model| -> Vec<f32> {
+        let mut st = m.new_state(64, 32).unwrap();
+        m.forward(&pool, &mut st, &prompt[..6], Logits::All)
+            .unwrap()
+            .to_vec()
+    };
+    let nv = dense.len();
+    sparse.set_sparse_mode(SparseMode::Dense);
+    let reference = all_logits(&sparse);
+    let same_row = |a: &[f32], t: usize| {
+        a[t * nv..(t + 1) * nv]
+            .iter()
+            .zip(&reference[t * nv..(t + 1) * nv])
+            .all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    for mode in [SparseMode::Threshold, SparseMode::Predicted] {
+        sparse.set_sparse_mode(mode);
+        let got = all_logits(&sparse);
+        for t in 0..3 {
+            assert!(
+                same_row(&got, t),
+                "{mode:?}: position {t} is in the dense prefix"
+            );
+        }
+        assert!(
+            !same_row(&got, 5),
+            "{mode:?}: position 5 is past the prefix"
+        );
+        sparse.set_dense_prefix(0);
+        let none = all_logits(&sparse);
+        assert!(
+            !same_row(&none, 0),
+            "{mode:?}: no prefix, position 0 sparse"
+        );
+        sparse.set_dense_prefix(3);
+    }
 }
 
 /// Ignored because it writes a 300 MB PWRI copy of Gemma 3 to the temp directory, too much disk
@@ -472,6 +515,7 @@ fn gemma3_pwri_requantizes_and_loads() {
         sparsity_target: 0.5,
         // 0: every predicted neuron counts (the run below compares every neuron with dense).
         activation_thresholds: vec![0.0; c.n_layer],
+        dense_prefix: 0,
     };
     let summary = write_pwri(model.file(), &layers, &opts, &out, None).unwrap();
     eprintln!("ffn_down_t types: {:?}", summary.down_t_types);

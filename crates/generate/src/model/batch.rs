@@ -103,6 +103,7 @@ impl Model {
         sc.ensure(c, n, pool.n_threads());
         self.embed(tokens, &mut sc.x[..n * d])?;
         self.rope_tables(sc, &positions)?;
+        let dense_rows = self.dense_rows(positions.iter().copied());
 
         for (il, layer) in self.layers.iter().enumerate() {
             self.attn_qkv(pool, layer, sc, n)?;
@@ -136,7 +137,7 @@ impl Model {
             self.attend(pool, &p, sc, n, 1, |t| rows[t])?;
             drop(rows);
             self.attn_out(pool, layer, sc, n)?;
-            self.ffn_block(pool, il, layer, sc, n, None, None)?;
+            self.ffn_block(pool, il, layer, sc, n, &dense_rows, None, None)?;
         }
         for (s, &pos) in seqs.iter_mut().zip(&positions) {
             s.kv.set_len(pos + 1);

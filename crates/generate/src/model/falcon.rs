@@ -512,6 +512,7 @@ impl Model {
                 ops::rope_cache(kv.pos(t) as f32, r.base, r.freq_scale, row)?;
             }
         }
+        let dense_rows = self.dense_rows((0..n).map(|t| kv.pos(t)));
         for (il, layer) in ln.layers.iter().enumerate() {
             let t0 = Instant::now();
             layer
@@ -537,6 +538,7 @@ impl Model {
                 layer,
                 sc,
                 n,
+                &dense_rows,
                 quality.as_deref_mut(),
                 observer.as_mut().map(|o| &mut **o as &mut dyn FfnObserver),
             )?;
@@ -705,6 +707,7 @@ impl Model {
         layer: &LnLayer,
         sc: &mut Scratch,
         n: usize,
+        dense_rows: &[bool],
         quality: Option<&mut PredictorQuality>,
         observer: Option<&mut dyn FfnObserver>,
     ) -> Result<(), ModelError> {
@@ -744,6 +747,7 @@ impl Model {
                     mode: self.sparse_mode,
                     threshold: self.threshold_override,
                     want_hidden: observer.is_some(),
+                    dense_rows,
                 };
                 f.forward(
                     &call,

@@ -267,6 +267,8 @@ pub struct Model {
     bos: Option<u32>,
     sparse_mode: SparseMode,
     threshold_override: Option<f32>,
+    /// The sparse modes compute the FFNs of a sequence's first `dense_prefix` positions densely.
+    dense_prefix: usize,
     /// PowerInfer files run with the attention numerics of the llama.cpp the reference forked
     /// (no flash attention), so that their results match the reference's.
     legacy_attention: bool,
@@ -316,6 +318,7 @@ impl Model {
         // model's (today's llama.cpp's).
         let legacy_attention = file.magic() == powerinfer_gguf::Magic::Pwri
             && file.get(sparse::FFN_ACTIVATION_KEY).is_none();
+        let dense_prefix = sparse::dense_prefix(&file)?;
         Ok(Self {
             file,
             config: parts.config,
@@ -327,6 +330,7 @@ impl Model {
             bos,
             sparse_mode: SparseMode::default(),
             threshold_override: None,
+            dense_prefix,
             legacy_attention,
             ln,
         })
@@ -356,6 +360,31 @@ impl Model {
     /// Sets how the sparse layers run (no effect on dense models).
     pub fn set_sparse_mode(&mut self, mode: SparseMode) {
         self.sparse_mode = mode;
+    }
+
+    /// How many leading positions of a sequence the sparse modes compute densely (every neuron,
+    /// no activity threshold): the file's `powerinfer.dense_prefix`, 0 when it names none.
+    pub fn dense_prefix(&self) -> usize {
+        self.dense_prefix
+    }
+
+    /// Sets [`Model::dense_prefix`] (for experiments: 0 makes every position sparse).
+    pub fn set_dense_prefix(&mut self, n: usize) {
+        self.dense_prefix = n;
+    }
+
+    /// For each row at these positions, whether it sits in the dense prefix; empty when none
+    /// does (the common case).
+    fn dense_rows(&self, positions: impl Iterator<Item = usize>) -> Vec<bool> {
+        if self.dense_prefix == 0 {
+            return Vec::new();
+        }
+        let rows: Vec<bool> = positions.map(|p| p < self.dense_prefix).collect();
+        if rows.contains(&true) {
+            rows
+        } else {
+            Vec::new()
+        }
     }
 
     /// Overrides every sparse layer's predictor threshold (`--sparse-threshold`); `None` goes
@@ -564,6 +593,7 @@ impl Model {
             }
         }
 
+        let dense_rows = self.dense_rows(pos0..pos0 + n);
         for (il, layer) in self.layers.iter().enumerate() {
             let t0 = std::time::Instant::now();
             self.attention_block(pool, il, layer, &mut st.kv, sc, n, pos0)?;
@@ -577,6 +607,7 @@ impl Model {
                 layer,
                 sc,
                 n,
+                &dense_rows,
                 quality,
                 observer.as_mut().map(|o| &mut **o as &mut dyn FfnObserver),
             )?;
@@ -864,6 +895,7 @@ impl Model {
         layer: &Layer,
         sc: &mut Scratch,
         n: usize,
+        dense_rows: &[bool],
         quality: Option<&mut PredictorQuality>,
         observer: Option<&mut dyn FfnObserver>,
     ) -> Result<(), ModelError> {
@@ -936,6 +968,7 @@ impl Model {
                     mode: self.sparse_mode,
                     threshold: self.threshold_override,
                     want_hidden: observer.is_some(),
+                    dense_rows,
                 };
                 f.forward(
                     &call,

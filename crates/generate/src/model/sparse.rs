@@ -147,6 +147,18 @@ pub(crate) fn layer_thresholds(file: &GgufFile, n_layer: usize) -> Result<Vec<f3
     Ok(vec![t.value; n_layer])
 }
 
+/// Metadata key of the number of leading positions the sparse modes compute densely (ours, u32;
+/// absent: none). See `crate::pwri::PwriOptions::dense_prefix`.
+pub const DENSE_PREFIX_KEY: &str = "powerinfer.dense_prefix";
+
+/// The file's dense prefix (0 when it names none).
+pub(crate) fn dense_prefix(file: &GgufFile) -> Result<usize, ModelError> {
+    if file.get(DENSE_PREFIX_KEY).is_none() {
+        return Ok(0);
+    }
+    Ok(file.get_u32(DENSE_PREFIX_KEY)? as usize)
+}
+
 /// Optional per-layer activity thresholds for quality measurement.
 pub(crate) fn activity_thresholds(
     file: &GgufFile,
@@ -199,6 +211,10 @@ pub(crate) struct SparseCall<'a> {
     pub threshold: Option<f32>,
     /// Whether the caller needs `h` in `gate_out` (an observer).
     pub want_hidden: bool,
+    /// `dense_rows[t]`: token `t` sits in the model's dense prefix and is computed densely
+    /// (every neuron, no activity threshold). Shorter than `n` (usually empty): the tokens past
+    /// its end are not.
+    pub dense_rows: &'a [bool],
 }
 
 impl SparseFfn {
@@ -280,6 +296,10 @@ impl SparseFfn {
                 );
             }
             b.predictor_time += t0.elapsed();
+            for (set, _) in b.active.iter_mut().zip(c.dense_rows).filter(|(_, d)| **d) {
+                set.clear();
+                set.extend(0..n_ff as u32);
+            }
         }
         let compute_all = measuring || c.mode != SparseMode::Predicted;
         if compute_all {
@@ -296,6 +316,9 @@ impl SparseFfn {
             && self.up_bias.is_none()
         {
             let set = if compute_all { &b.all } else { &b.active[0] };
+            if c.dense_rows.first() == Some(&true) {
+                m.zero_below = 0.0;
+            }
             sparse::sparse_ffn_with(c.pool, &m, c.xn, set, out, &mut b.sparse)?;
             super::add_bias(&mut out[..c.n_embd], self.down_bias.as_deref());
             return Ok(());
@@ -360,7 +383,12 @@ impl SparseFfn {
             for &i in set.iter() {
                 let i = i as usize;
                 g[next..i].iter_mut().for_each(|v| *v = 0.0);
-                g[i] = sparse::apply_zero_below(coefficient(self.kind, g[i], u[i]), zero_below);
+                let zb = if c.dense_rows.get(t) == Some(&true) {
+                    0.0
+                } else {
+                    zero_below
+                };
+                g[i] = sparse::apply_zero_below(coefficient(self.kind, g[i], u[i]), zb);
                 next = i + 1;
             }
             g[next..].iter_mut().for_each(|v| *v = 0.0);
