@@ -419,6 +419,28 @@ q8_family!(
     }
 );
 
+/// `dd[j] = dx * dy` for the 8 blocks from `b0` on and every token `j` (its activation scales
+/// at `scales[j * ss + b0..]`, as [`crate::gemm::act_scales`] lays them out): the `dx * dy`
+/// products the one-row kernels form, for the multi-row kernels' tables.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_products<const N: usize>(
+    dx: __m256,
+    scales: &[f32],
+    ss: usize,
+    b0: usize,
+    dd: &mut [[f32; 8]; N],
+) {
+    for (j, d) in dd.iter_mut().enumerate() {
+        let dy = &scales[j * ss + b0..j * ss + b0 + 8];
+        // SAFETY: `dy` is 8 readable floats, `d` 8 writable ones; unaligned load and store.
+        unsafe {
+            let p = _mm256_mul_ps(dx, _mm256_loadu_ps(dy.as_ptr()));
+            _mm256_storeu_ps(d.as_mut_ptr(), p);
+        }
+    }
+}
+
 /// [`q8_family!`]'s kernel on `R` rows at once (AVX-512 VNNI, 8 tokens): each token's
 /// activation block is loaded once for the `R` rows. Per token the same operations in the same
 /// order as the one-row kernel, so the same bits. Writes `out[j * os + r]`.
@@ -448,14 +470,7 @@ macro_rules! q8_rows {
                 let cnt = (nb - b0).min(8);
                 for r in 0..R {
                     let dx = dx8(&w[r][$wsz * b0..], $wsz);
-                    for j in 0..N {
-                        let dy = &scales[j * ss + b0..j * ss + b0 + 8];
-                        // SAFETY: `dy` is 8 readable floats, `dd[r][j]` 8 writable ones.
-                        unsafe {
-                            let p = _mm256_mul_ps(dx, _mm256_loadu_ps(dy.as_ptr()));
-                            _mm256_storeu_ps(dd[r][j].as_mut_ptr(), p);
-                        }
-                    }
+                    scale_products(dx, scales, ss, b0, &mut dd[r]);
                 }
                 for i in 0..cnt {
                     let b = b0 + i;
@@ -707,14 +722,7 @@ fn q4_1_rows_vnni<const R: usize>(
                 let sy = unsafe { _mm256_loadu_ps(syt[b0 + i].as_ptr()) };
                 summs[r] = _mm256_add_ps(summs[r], _mm256_mul_ps(m, sy));
             }
-            for j in 0..N {
-                let dy = &scales[j * ss + b0..j * ss + b0 + 8];
-                // SAFETY: `dy` is 8 readable floats, `dd[r][j]` 8 writable ones; unaligned.
-                unsafe {
-                    let p = _mm256_mul_ps(dx, _mm256_loadu_ps(dy.as_ptr()));
-                    _mm256_storeu_ps(dd[r][j].as_mut_ptr(), p);
-                }
-            }
+            scale_products(dx, scales, ss, b0, &mut dd[r]);
         }
         for i in 0..cnt {
             let b = b0 + i;
