@@ -512,8 +512,35 @@ q8_rows!(q5_0_rows_vnni, 22, |x| {
     _mm256_or_si256(nibbles32(x, 6), hi)
 });
 
-/// A [`crate::gemm::GemmRowsFn`] running `$kern` on pairs of rows (and a last single row),
-/// each pair's successor prefetched.
+/// The loop of the multi-row drivers: `pair` on rows `(r, r + 1)` for `r = 0, 2, ..`, each
+/// pair's successor prefetched, then `single` on a last odd row; each gets the output from its
+/// first row's column on (`out[j * out_stride + r..]`). Panics if `out` cannot hold `n_rows`
+/// columns of 8 tokens at that stride.
+fn row_pairs(
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    out: &mut [f32],
+    out_stride: usize,
+    mut pair: impl FnMut([&[u8]; 2], &mut [f32]),
+    mut single: impl FnMut([&[u8]; 1], &mut [f32]),
+) {
+    assert!(n_rows <= out_stride && out.len() >= 7 * out_stride + n_rows);
+    let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    let mut r = 0;
+    while r + 2 <= n_rows {
+        if let Some(next) = w.get((r + PF_ROWS) * row_bytes..(r + PF_ROWS + 2) * row_bytes) {
+            prefetch_lines(next);
+        }
+        pair([row(r), row(r + 1)], &mut out[r..]);
+        r += 2;
+    }
+    if r < n_rows {
+        single([row(r)], &mut out[r..]);
+    }
+}
+
+/// A [`crate::gemm::GemmRowsFn`] running `$kern` through [`row_pairs`].
 macro_rules! rows_driver {
     ($name:ident, $kern:ident) => {
         fn $name(
@@ -525,24 +552,21 @@ macro_rules! rows_driver {
             out: &mut [f32],
             out_stride: usize,
         ) {
-            assert!(n_rows <= out_stride && out.len() >= 7 * out_stride + n_rows);
-            let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
-            let mut r = 0;
-            while r + 2 <= n_rows {
-                if let Some(next) = w.get((r + PF_ROWS) * row_bytes..(r + PF_ROWS + 2) * row_bytes)
-                {
-                    prefetch_lines(next);
-                }
-                let o = &mut out[r..];
-                // SAFETY: installed only after `has_vnni()` succeeded at run time.
-                unsafe { $kern::<2>(n, [row(r), row(r + 1)], t, o, out_stride) };
-                r += 2;
-            }
-            if r < n_rows {
-                let o = &mut out[r..];
-                // SAFETY: as above.
-                unsafe { $kern::<1>(n, [row(r)], t, o, out_stride) };
-            }
+            row_pairs(
+                w,
+                row_bytes,
+                n_rows,
+                out,
+                out_stride,
+                |rows, o| {
+                    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+                    unsafe { $kern::<2>(n, rows, t, o, out_stride) }
+                },
+                |rows, o| {
+                    // SAFETY: as above.
+                    unsafe { $kern::<1>(n, rows, t, o, out_stride) }
+                },
+            );
         }
     };
 }
@@ -823,21 +847,21 @@ fn gemm_rows_q4_1_vnni(
     }
     // SAFETY: the first `nb.div_ceil(8) * 8 >= nb` entries were all written above.
     let syt = unsafe { std::slice::from_raw_parts(base.cast_const(), nb) };
-    let mut r = 0;
-    while r + 2 <= n_rows {
-        if let Some(next) = w.get((r + PF_ROWS) * row_bytes..(r + PF_ROWS + 2) * row_bytes) {
-            prefetch_lines(next);
-        }
-        let o = &mut out[r..];
-        // SAFETY: installed only after `has_vnni()` succeeded at run time.
-        unsafe { q4_1_rows_vnni::<2>(n, [row(r), row(r + 1)], t, syt, o, out_stride) };
-        r += 2;
-    }
-    if r < n_rows {
-        let o = &mut out[r..];
-        // SAFETY: as above.
-        unsafe { q4_1_rows_vnni::<1>(n, [row(r)], t, syt, o, out_stride) };
-    }
+    row_pairs(
+        w,
+        row_bytes,
+        n_rows,
+        out,
+        out_stride,
+        |rows, o| {
+            // SAFETY: installed only after `has_vnni()` succeeded at run time.
+            unsafe { q4_1_rows_vnni::<2>(n, rows, t, syt, o, out_stride) }
+        },
+        |rows, o| {
+            // SAFETY: as above.
+            unsafe { q4_1_rows_vnni::<1>(n, rows, t, syt, o, out_stride) }
+        },
+    );
 }
 
 q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32);

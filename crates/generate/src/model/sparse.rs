@@ -147,16 +147,14 @@ pub(crate) fn layer_thresholds(file: &GgufFile, n_layer: usize) -> Result<Vec<f3
     Ok(vec![t.value; n_layer])
 }
 
-/// Metadata key of the number of leading positions the sparse modes compute densely (ours, u32;
-/// absent: none). See `crate::pwri::PwriOptions::dense_prefix`.
-pub const DENSE_PREFIX_KEY: &str = "powerinfer.dense_prefix";
-
-/// The file's dense prefix (0 when it names none).
+/// The file's dense prefix (`powerinfer.dense_prefix`, see
+/// `crate::pwri::PwriOptions::dense_prefix`; 0 when it names none).
 pub(crate) fn dense_prefix(file: &GgufFile) -> Result<usize, ModelError> {
-    if file.get(DENSE_PREFIX_KEY).is_none() {
+    let key = crate::pwri::KEY_DENSE_PREFIX;
+    if file.get(key).is_none() {
         return Ok(0);
     }
-    Ok(file.get_u32(DENSE_PREFIX_KEY)? as usize)
+    Ok(file.get_u32(key)? as usize)
 }
 
 /// Optional per-layer activity thresholds for quality measurement.
