@@ -216,6 +216,105 @@ pub fn apply_zero_below(h: f32, zero_below: f32) -> f32 {
     if h.abs() <= zero_below { 0.0 } else { h }
 }
 
+/// The gated FFN's non-zero coefficients: for every neuron `i`, `h = act[i] * up[i]` (exactly 0
+/// where `act[i] == 0`), then [`apply_zero_below`]; `ids` and `vals` (cleared first) receive
+/// the neurons whose `h` is not zero, in ascending order, and their `h`.
+///
+/// Branch-free (AVX-512 compresses where the CPU has them): which neurons survive follows
+/// no pattern a branch predictor can learn, and a branch per neuron cost more than the down
+/// product it spares.
+pub fn gated_nonzero(
+    act: &[f32],
+    up: &[f32],
+    zero_below: f32,
+    ids: &mut Vec<u32>,
+    vals: &mut Vec<f32>,
+) {
+    let n = act.len().min(up.len());
+    ids.clear();
+    ids.resize(n, 0);
+    vals.clear();
+    vals.resize(n, 0.0);
+    // The neurons kept so far, and the first one not looked at.
+    let (mut kept, mut start) = (0, 0);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx512() {
+        start = n / 16 * 16;
+        // SAFETY: AVX-512 F was just detected; `up`, `ids` and `vals` hold at least `start`.
+        kept = unsafe {
+            compact_x86::gated_nonzero(&act[..start], &up[..start], zero_below, ids, vals)
+        };
+    }
+    for i in start..n {
+        let h = if act[i] == 0.0 { 0.0 } else { act[i] * up[i] };
+        let h = apply_zero_below(h, zero_below);
+        ids[kept] = i as u32;
+        vals[kept] = h;
+        kept += usize::from(h != 0.0);
+    }
+    ids.truncate(kept);
+    vals.truncate(kept);
+}
+
+#[cfg(target_arch = "x86_64")]
+mod compact_x86 {
+    use std::arch::x86_64::*;
+
+    /// The whole blocks of 16 of [`super::gated_nonzero`]; returns how many neurons it kept.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512 F; `ids` and `vals` hold at least `act.len()` elements and
+    /// `up` as many as `act`.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn gated_nonzero(
+        act: &[f32],
+        up: &[f32],
+        zero_below: f32,
+        ids: &mut [u32],
+        vals: &mut [f32],
+    ) -> usize {
+        assert!(up.len() >= act.len() && ids.len() >= act.len() && vals.len() >= act.len());
+        let zb = _mm512_set1_ps(zero_below);
+        let lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        let mut kept = 0usize;
+        for b in 0..act.len() / 16 {
+            let i = b * 16;
+            // SAFETY: `i + 16 <= act.len() <= up.len()`; unaligned loads.
+            let (a, u) = unsafe {
+                (
+                    _mm512_loadu_ps(act.as_ptr().add(i)),
+                    _mm512_loadu_ps(up.as_ptr().add(i)),
+                )
+            };
+            // h = a * u where a != 0 (NaN included, as `a == 0.0` is false for it), else +0.
+            let live = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(a, _mm512_setzero_ps());
+            let h = _mm512_maskz_mul_ps(live, a, u);
+            // Kept: not |h| <= zero_below (NaN kept) and h != 0.
+            let big = _mm512_cmp_ps_mask::<_CMP_NLE_UQ>(_mm512_abs_ps(h), zb);
+            let nonzero = _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(h, _mm512_setzero_ps());
+            let keep = big & nonzero;
+            let idx = _mm512_add_epi32(_mm512_set1_epi32(i as i32), lanes);
+            // Compressed in registers and stored whole (a compress straight to memory is
+            // microcoded and slow on Zen 4); the lanes past the kept ones are overwritten by
+            // the next block or cut off by the caller.
+            // SAFETY: 16 elements are stored at `kept <= i` (each block keeps at most its 16),
+            // so they end within the first `i + 16 <= act.len()` elements of `ids` and `vals`.
+            unsafe {
+                _mm512_storeu_si512(
+                    ids.as_mut_ptr().add(kept).cast(),
+                    _mm512_maskz_compress_epi32(keep, idx),
+                );
+                _mm512_storeu_ps(
+                    vals.as_mut_ptr().add(kept),
+                    _mm512_maskz_compress_ps(keep, h),
+                );
+            }
+            kept += keep.count_ones() as usize;
+        }
+        kept
+    }
+}
+
 /// Reusable buffers of the sparse operators (so that the decode path does not allocate once they
 /// have grown to the largest shape).
 #[derive(Debug, Default)]
@@ -1367,6 +1466,21 @@ pub fn sparse_ffn_with(
                 // Every neuron: the activation vectorised over the whole gate output (the
                 // same values as one at a time).
                 crate::ops::silu_poly_inplace(&mut g_out[..n_ff]);
+                if ffn.down_grouped.is_some() {
+                    // Only the neurons left non-zero go to the grouped product (it skips the
+                    // others anyway; this spares it walking and prefetching them).
+                    let mut ids = std::mem::take(&mut scratch.nonzero);
+                    gated_nonzero(
+                        &g_out[..n_ff],
+                        &u_out[..n_ff],
+                        ffn.zero_below,
+                        &mut ids,
+                        &mut scratch.full,
+                    );
+                    let r = down_product(pool, ffn, down_k, down_rb, &ids, &scratch.full, out);
+                    scratch.nonzero = ids;
+                    return r;
+                }
                 scratch.vals.clear();
                 scratch
                     .vals
@@ -1374,7 +1488,7 @@ pub fn sparse_ffn_with(
                         let h = if a == 0.0 { 0.0 } else { a * u };
                         apply_zero_below(h, ffn.zero_below)
                     }));
-                if ffn.round_coefficients && ffn.down_grouped.is_none() {
+                if ffn.round_coefficients {
                     round_compact(ffn.down_type(), n_ff, active, scratch)?;
                 }
                 return down_product(pool, ffn, down_k, down_rb, active, &scratch.vals, out);

@@ -2,8 +2,8 @@
 //! thread counts, for every weight type with CPU kernels.
 
 use powerinfer_cpu::sparse::{
-    Activation, FfnKind, SparseError, SparseFfn, reference, round_coefficients, sparse_axpy,
-    sparse_axpy_batch, sparse_ffn, sparse_matmul, sparse_matvec,
+    Activation, FfnKind, SparseError, SparseFfn, apply_zero_below, gated_nonzero, reference,
+    round_coefficients, sparse_axpy, sparse_axpy_batch, sparse_ffn, sparse_matmul, sparse_matvec,
 };
 use powerinfer_cpu::{Matrix, ThreadPool, matvec};
 use powerinfer_gguf::GgmlType;
@@ -725,6 +725,52 @@ fn fused_ffn_with_grouped_down_equals_grouped_axpy() {
                     active.len()
                 );
             }
+        }
+    }
+}
+
+/// `gated_nonzero` (SIMD blocks and scalar tail) against a plain loop, bit for bit, on awkward
+/// lengths with zeros of both signs, NaN, infinities and values around the threshold.
+#[test]
+fn gated_nonzero_matches_a_plain_loop() {
+    let mut rng = Rng(0x5eed_2e80);
+    let specials = [
+        0.0f32,
+        -0.0,
+        f32::NAN,
+        f32::INFINITY,
+        -f32::INFINITY,
+        1e-30,
+        0.3,
+        -0.3,
+    ];
+    let (mut ids, mut vals) = (Vec::new(), Vec::new());
+    for n in [0usize, 1, 15, 16, 17, 31, 33, 100, 1543] {
+        for zero_below in [0.0f32, 0.3, 0.05] {
+            let pick = |rng: &mut Rng| {
+                let r = rng.unit();
+                if r < 0.1 {
+                    specials[(rng.next_u64() % specials.len() as u64) as usize]
+                } else if r < 0.3 {
+                    0.0
+                } else {
+                    rng.sym()
+                }
+            };
+            let act: Vec<f32> = (0..n).map(|_| pick(&mut rng)).collect();
+            let up: Vec<f32> = (0..n).map(|_| pick(&mut rng)).collect();
+            let mut want = (Vec::new(), Vec::new());
+            for (i, (&a, &u)) in act.iter().zip(&up).enumerate() {
+                let h = apply_zero_below(if a == 0.0 { 0.0 } else { a * u }, zero_below);
+                if h != 0.0 {
+                    want.0.push(i as u32);
+                    want.1.push(h.to_bits());
+                }
+            }
+            gated_nonzero(&act, &up, zero_below, &mut ids, &mut vals);
+            let got_bits: Vec<u32> = vals.iter().map(|v| v.to_bits()).collect();
+            assert_eq!(ids, want.0, "n {n}, zero_below {zero_below}: ids");
+            assert_eq!(got_bits, want.1, "n {n}, zero_below {zero_below}: values");
         }
     }
 }
