@@ -25,6 +25,98 @@ pub struct BenchArgs {
     /// Print JSON.
     #[arg(long)]
     json: bool,
+    /// A second model (same options; a dense GGUF ignores the sparse ones), measured
+    /// alternately with the first, repetition by repetition, on the same threads: the ratio of
+    /// the two is then robust to a noisy machine, which slows both alike.
+    #[arg(long, value_name = "FILE")]
+    baseline: Option<std::path::PathBuf>,
+}
+
+/// One model under measurement: its state, its token stream and what it measured.
+struct Subject<'a> {
+    llm: &'a powerinfer::Llm,
+    state: powerinfer::generate::model::ModelState,
+    seed: u64,
+    pp: Vec<f64>,
+    tg: Vec<f64>,
+    timings: [f64; 3],
+}
+
+impl<'a> Subject<'a> {
+    fn new(llm: &'a powerinfer::Llm, n_prompt: usize, n_gen: usize) -> Result<Self, String> {
+        let n_ctx = (n_prompt + n_gen).max(1);
+        let state = llm
+            .model()
+            .new_state(n_ctx, n_prompt.max(1))
+            .map_err(|e| e.to_string())?;
+        Ok(Subject {
+            llm,
+            state,
+            seed: 0x9E37_79B9_7F4A_7C15,
+            pp: Vec::new(),
+            tg: Vec::new(),
+            timings: [0.0; 3],
+        })
+    }
+
+    /// Deterministic pseudo-random token ids (a splitmix64 stream, the same for every subject).
+    fn next_token(&mut self) -> u32 {
+        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % self.llm.model().config().n_vocab as u64) as u32
+    }
+
+    /// One repetition: a prompt of `n_prompt` tokens, then `n_gen` tokens decoded one by one,
+    /// on `pool`.
+    fn repetition(
+        &mut self,
+        pool: &powerinfer::cpu::ThreadPool,
+        n_prompt: usize,
+        n_gen: usize,
+    ) -> Result<(), String> {
+        if n_prompt > 0 {
+            let tokens: Vec<u32> = (0..n_prompt).map(|_| self.next_token()).collect();
+            self.state.clear();
+            let t = Instant::now();
+            self.llm
+                .model()
+                .forward(pool, &mut self.state, &tokens, Logits::Last)
+                .map_err(|e| e.to_string())?;
+            self.pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
+        }
+        if n_gen > 0 {
+            self.state.clear();
+            self.state.reset_timings();
+            let t = Instant::now();
+            for _ in 0..n_gen {
+                let tok = self.next_token();
+                self.llm
+                    .model()
+                    .forward(pool, &mut self.state, &[tok], Logits::Last)
+                    .map_err(|e| e.to_string())?;
+            }
+            self.tg.push(n_gen as f64 / t.elapsed().as_secs_f64());
+            let o = self.state.timings();
+            self.timings[0] += o.attention.as_secs_f64();
+            self.timings[1] += o.predictor.as_secs_f64();
+            self.timings[2] += o.ffn.as_secs_f64();
+        }
+        Ok(())
+    }
+
+    /// Shares of the decode time in the layers: attention, predictors, FFN.
+    fn shares(&self) -> [f64; 3] {
+        let layers: f64 = self.timings.iter().sum();
+        self.timings
+            .map(|x| if layers > 0.0 { x / layers } else { 0.0 })
+    }
+}
+
+/// Median of the per-repetition ratios `a[i] / b[i]` (`None` without samples).
+fn ratio(a: &[f64], b: &[f64]) -> Option<f64> {
+    (!a.is_empty()).then(|| median(a.iter().zip(b).map(|(x, y)| x / y).collect()))
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -44,97 +136,110 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if args.reps == 0 {
         return Err("--repetitions must be at least 1".into());
     }
-    let llm = load(&args.model)?;
-    let model = llm.model();
-    let n_vocab = model.config().n_vocab as u64;
-    let n_ctx = (args.n_prompt + args.n_gen).max(1);
-    let mut state = model
-        .new_state(n_ctx, args.n_prompt.max(1))
-        .map_err(|e| e.to_string())?;
-    // Deterministic pseudo-random token ids (a splitmix64 stream).
-    let mut seed = 0x9E37_79B9_7F4A_7C15u64;
-    let mut next_token = move || {
-        seed = seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % n_vocab) as u32
-    };
-    let pool = llm.pool();
-    // Warm-up: one short pass touches every weight once.
-    model
-        .forward(pool, &mut state, &[next_token()], Logits::Last)
-        .map_err(|e| e.to_string())?;
-    let (mut pp, mut tg) = (Vec::new(), Vec::new());
-    // Decode time by part of the layers, over all repetitions.
-    let (mut t_attn, mut t_pred, mut t_ffn) = (0.0f64, 0.0f64, 0.0f64);
-    for _ in 0..args.reps {
-        if args.n_prompt > 0 {
-            let tokens: Vec<u32> = (0..args.n_prompt).map(|_| next_token()).collect();
-            state.clear();
-            let t = Instant::now();
-            model
-                .forward(pool, &mut state, &tokens, Logits::Last)
-                .map_err(|e| e.to_string())?;
-            pp.push(args.n_prompt as f64 / t.elapsed().as_secs_f64());
+    let main_llm = load(&args.model)?;
+    let base_llm = match &args.baseline {
+        Some(path) => {
+            let mut a = ModelArgs::clone(&args.model);
+            a.model = path.clone();
+            Some(load(&a)?)
         }
-        if args.n_gen > 0 {
-            state.clear();
-            state.reset_timings();
-            let t = Instant::now();
-            for _ in 0..args.n_gen {
-                let tok = next_token();
-                model
-                    .forward(pool, &mut state, &[tok], Logits::Last)
-                    .map_err(|e| e.to_string())?;
+        None => None,
+    };
+    let mut main = Subject::new(&main_llm, args.n_prompt, args.n_gen)?;
+    let mut base = match &base_llm {
+        Some(llm) => Some(Subject::new(llm, args.n_prompt, args.n_gen)?),
+        None => None,
+    };
+    // Every subject runs on the first model's threads (the other pool stays parked).
+    let pool = main_llm.pool();
+    // Warm-up: one short pass touches every weight once.
+    for s in std::iter::once(&mut main).chain(base.as_mut()) {
+        let tok = s.next_token();
+        s.llm
+            .model()
+            .forward(pool, &mut s.state, &[tok], Logits::Last)
+            .map_err(|e| e.to_string())?;
+    }
+    for rep in 0..args.reps {
+        // Alternate which goes first, so that neither always follows the other.
+        if rep % 2 == 1
+            && let Some(b) = base.as_mut()
+        {
+            b.repetition(pool, args.n_prompt, args.n_gen)?;
+            main.repetition(pool, args.n_prompt, args.n_gen)?;
+        } else {
+            main.repetition(pool, args.n_prompt, args.n_gen)?;
+            if let Some(b) = base.as_mut() {
+                b.repetition(pool, args.n_prompt, args.n_gen)?;
             }
-            tg.push(args.n_gen as f64 / t.elapsed().as_secs_f64());
-            let o = state.timings();
-            t_attn += o.attention.as_secs_f64();
-            t_pred += o.predictor.as_secs_f64();
-            t_ffn += o.ffn.as_secs_f64();
         }
     }
-    let layers = t_attn + t_pred + t_ffn;
-    let share = |x: f64| if layers > 0.0 { x / layers } else { 0.0 };
     let name = args.model.model.display().to_string();
     let threads = pool.n_threads();
+    let med = |v: &[f64]| (!v.is_empty()).then(|| median(v.to_vec()));
     if args.json {
-        let v = json!({
+        let sh = main.shares();
+        let mut v = json!({
             "model": name, "threads": threads, "repetitions": args.reps,
             "n_prompt": args.n_prompt, "n_gen": args.n_gen,
-            "pp_tok_s": (!pp.is_empty()).then(|| median(pp.clone())),
-            "tg_tok_s": (!tg.is_empty()).then(|| median(tg.clone())),
-            "pp_samples": pp, "tg_samples": tg,
+            "pp_tok_s": med(&main.pp), "tg_tok_s": med(&main.tg),
+            "pp_samples": main.pp, "tg_samples": main.tg,
             "tg_layer_time_share": {
-                "attention": share(t_attn), "predictor": share(t_pred), "ffn": share(t_ffn),
+                "attention": sh[0], "predictor": sh[1], "ffn": sh[2],
             },
         });
-        println!("{v}");
-    } else {
-        println!(
-            "| model | threads | test | tok/s (median of {}) |",
-            args.reps
-        );
-        println!("|---|---|---|---|");
-        if !pp.is_empty() {
-            println!(
-                "| {name} | {threads} | pp{} | {:.2} |",
-                args.n_prompt,
-                median(pp)
-            );
+        if let (Some(b), Some(path)) = (&base, &args.baseline) {
+            v["baseline"] = json!({
+                "model": path.display().to_string(),
+                "pp_tok_s": med(&b.pp), "tg_tok_s": med(&b.tg),
+                "pp_samples": b.pp, "tg_samples": b.tg,
+            });
+            v["pp_ratio"] = json!(ratio(&main.pp, &b.pp));
+            v["tg_ratio"] = json!(ratio(&main.tg, &b.tg));
         }
-        if !tg.is_empty() {
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "| model | threads | test | tok/s (median of {}) |",
+        args.reps
+    );
+    println!("|---|---|---|---|");
+    let mut rows = vec![(name, &main)];
+    if let (Some(b), Some(path)) = (&base, &args.baseline) {
+        rows.push((path.display().to_string(), b));
+    }
+    for (name, s) in &rows {
+        if let Some(pp) = med(&s.pp) {
+            println!("| {name} | {threads} | pp{} | {pp:.2} |", args.n_prompt);
+        }
+        if let Some(tg) = med(&s.tg) {
+            println!("| {name} | {threads} | tg{} | {tg:.2} |", args.n_gen);
+        }
+    }
+    if let Some(b) = &base {
+        println!("\nmedian ratio per repetition (model / baseline):");
+        if let Some(r) = ratio(&main.pp, &b.pp) {
+            println!("  pp{}: {r:.3}x", args.n_prompt);
+        }
+        if let Some(r) = ratio(&main.tg, &b.tg) {
+            println!("  tg{}: {r:.3}x", args.n_gen);
+        }
+    }
+    if !main.tg.is_empty() {
+        println!();
+        for (name, s) in &rows {
+            let sh = s.shares();
+            let per_token = |x: f64| 1e3 * x / (args.reps * args.n_gen) as f64;
             println!(
-                "| {name} | {threads} | tg{} | {:.2} |",
-                args.n_gen,
-                median(tg)
-            );
-            println!(
-                "\ndecode time in the layers: attention {:.1}%, predictors {:.1}%, FFN {:.1}%",
-                100.0 * share(t_attn),
-                100.0 * share(t_pred),
-                100.0 * share(t_ffn)
+                "decode time in the layers of {name}: attention {:.1}% ({:.3} ms/token), \
+                 predictors {:.1}% ({:.3}), FFN {:.1}% ({:.3})",
+                100.0 * sh[0],
+                per_token(s.timings[0]),
+                100.0 * sh[1],
+                per_token(s.timings[1]),
+                100.0 * sh[2],
+                per_token(s.timings[2]),
             );
         }
     }

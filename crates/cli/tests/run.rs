@@ -161,3 +161,60 @@ fn bad_input_gets_one_clear_error() {
     let out = powerinfer(&["run", "--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `powerinfer bench --baseline` measures both models, alternately, and reports their ratio.
+#[test]
+fn bench_against_a_baseline_reports_both_and_the_ratio() {
+    let path = models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        eprintln!("skipping: SmolLM2 not fetched (scripts/fetch-models.sh)");
+        return;
+    }
+    let m = path.to_str().unwrap();
+    let out = powerinfer(&[
+        "bench",
+        "-m",
+        m,
+        "--baseline",
+        m,
+        "-p",
+        "8",
+        "-n",
+        "4",
+        "-r",
+        "3",
+        "-t",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in ["tg_samples", "pp_samples"] {
+        assert_eq!(v[key].as_array().unwrap().len(), 3, "{key}");
+        assert_eq!(
+            v["baseline"][key].as_array().unwrap().len(),
+            3,
+            "baseline {key}"
+        );
+    }
+    for key in ["tg_ratio", "pp_ratio"] {
+        let r = v[key].as_f64().unwrap();
+        assert!(r > 0.0 && r.is_finite(), "{key} = {r}");
+    }
+    // A missing baseline is a clear error naming the file.
+    let out = powerinfer(&[
+        "bench",
+        "-m",
+        m,
+        "--baseline",
+        "/nonexistent.gguf",
+        "-r",
+        "1",
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.gguf"));
+}
