@@ -7,11 +7,12 @@ use std::time::Instant;
 
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
+use powerinfer::cpu::grouped::GroupedDown;
 use powerinfer::generate::pwri::{DownTType, PwriOptions, write_pwri};
 use powerinfer::gguf::GgmlType;
 use powerinfer::gguf::GgufFile;
 use powerinfer_predictor::profile::{ModelIdentity, Profile};
-use powerinfer_predictor::train::{TrainConfig, TrainEvent, train_profile};
+use powerinfer_predictor::train::{TrainConfig, TrainEvent, TrainedLayer, train_profile};
 
 /// Arguments of `powerinfer train-predictor`.
 #[derive(Debug, Args)]
@@ -198,6 +199,29 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         train_secs
     );
 
+    // What decoding with these predictors reads per token, against what they let it skip.
+    let budget = ByteBudget::estimate(&file, &trained);
+    println!(
+        "per token: the predictors read {} to skip {} of the FFN's {} (predicted mode){}",
+        human_bytes(budget.predictors),
+        human_bytes(budget.predicted_skip),
+        human_bytes(budget.ffn),
+        match budget.threshold_skip {
+            Some(t) => format!(
+                "; the threshold mode skips {} with no predictor",
+                human_bytes(t)
+            ),
+            None => String::new(),
+        }
+    );
+    if budget.predictors >= budget.predicted_skip {
+        eprintln!(
+            "warning: the predictors read more than they skip, so the predicted mode (the default) \
+             will decode slower than the dense model; run this file with --sparse-mode threshold, \
+             or the dense model"
+        );
+    }
+
     // The predictor input is the residual stream, converted to f16 by an F16 fc1 product:
     // keep fc1 in F32 when the profiled inputs come within 4x of f16's largest value.
     let x_max = profile
@@ -239,4 +263,70 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         t0.elapsed().as_secs_f64()
     );
     Ok(())
+}
+
+/// Bytes read per decoded token by a file with `trained`'s predictors, from the model's tensor
+/// sizes and the predictors' held-out statistics (F16 predictors, as `write_pwri` stores them).
+struct ByteBudget {
+    /// Every layer's FFN weights (gate, up, down).
+    ffn: f64,
+    /// The predictors' weights.
+    predictors: f64,
+    /// FFN weights of the neurons the predictors leave out (their gate, up and down rows).
+    predicted_skip: f64,
+    /// Down-projection values of the neurons under the activity threshold (the threshold mode
+    /// reads every gate and up row, and the down projection's scales), where the down
+    /// projection is read regrouped by neuron (4-bit types; others go through a transposed
+    /// copy whose reads depend on its type).
+    threshold_skip: Option<f64>,
+}
+
+impl ByteBudget {
+    fn estimate(file: &GgufFile, trained: &[TrainedLayer]) -> ByteBudget {
+        let mut b = ByteBudget {
+            ffn: 0.0,
+            predictors: 0.0,
+            predicted_skip: 0.0,
+            threshold_skip: Some(0.0),
+        };
+        for (i, t) in trained.iter().enumerate() {
+            let size = |name: &str| {
+                file.tensor(&format!("blk.{i}.{name}.weight"))
+                    .map_or(0.0, |t| t.size as f64)
+            };
+            let (gate, up, down) = (size("ffn_gate"), size("ffn_up"), size("ffn_down"));
+            let n_ff = file
+                .tensor(&format!("blk.{i}.ffn_up.weight"))
+                .and_then(|t| t.shape.get(1).copied())
+                .unwrap_or(1) as f64;
+            let n_embd = file
+                .tensor(&format!("blk.{i}.ffn_up.weight"))
+                .and_then(|t| t.shape.first().copied())
+                .unwrap_or(0) as f64;
+            b.ffn += gate + up + down;
+            b.predictors += 2.0 * t.hidden as f64 * (n_embd + n_ff);
+            b.predicted_skip += (1.0 - t.stats.predicted_fraction) * (gate + up + down);
+            // A 4-bit block of 32 keeps 16 of its bytes in values, the rest in scales.
+            let down_ty = file
+                .tensor(&format!("blk.{i}.ffn_down.weight"))
+                .map(|t| t.ty);
+            b.threshold_skip = match (b.threshold_skip, down_ty) {
+                (Some(sum), Some(ty)) if GroupedDown::supports(ty) => {
+                    let values = 16.0 / ty.type_size() as f64;
+                    Some(sum + (1.0 - t.stats.active_fraction) * down * values)
+                }
+                _ => None,
+            };
+        }
+        b
+    }
+}
+
+/// `bytes` in kB or MB, one decimal.
+fn human_bytes(bytes: f64) -> String {
+    if bytes >= 1e6 {
+        format!("{:.1} MB", bytes / 1e6)
+    } else {
+        format!("{:.1} kB", bytes / 1e3)
+    }
 }

@@ -82,6 +82,17 @@ fn profile_then_train() {
     assert!(stdout.contains("recall"), "{stdout}");
     let f = GgufFile::open(&out).unwrap();
     assert_eq!(f.magic(), Magic::Pwri);
+    // The byte budget: F16 predictors of hidden size 16, 3 layers, n_embd 64.
+    let n_ff = f.tensor("blk.0.ffn_up.weight").unwrap().shape[1] as f64;
+    let want = 3.0 * 2.0 * 16.0 * (64.0 + n_ff) / 1e3;
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("per token: the predictors read "))
+        .unwrap_or_else(|| panic!("no byte budget in {stdout}"));
+    let rest = &line["per token: the predictors read ".len()..];
+    assert!(rest.split(' ').nth(1) == Some("kB"), "{line}");
+    let kb: f64 = rest.split(' ').next().unwrap().parse().unwrap();
+    assert!((kb - want).abs() < 0.06, "{line}: want {want:.1} kB");
     for i in 0..3 {
         assert!(f.tensor(&format!("blk.{i}.ffn_down_t.weight")).is_some());
         assert_eq!(
