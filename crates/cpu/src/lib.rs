@@ -23,6 +23,7 @@
 //! # Ok::<(), powerinfer_cpu::CpuError>(())
 //! ```
 
+pub mod flash;
 pub mod grouped;
 pub mod matmul;
 pub mod ops;

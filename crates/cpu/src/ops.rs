@@ -280,7 +280,7 @@ fn swiglu_body_inplace(gate: &mut [f32], up: &[f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx512f_dq() -> bool {
+pub(crate) fn has_avx512f_dq() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
         std::arch::is_x86_feature_detected!("avx512f")
@@ -289,7 +289,7 @@ fn has_avx512f_dq() -> bool {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::*;
     use std::arch::x86_64::*;
 
@@ -302,7 +302,7 @@ mod avx512 {
     /// 16-lane `ggml_v_expf` (AVX-512 branch).
     #[inline]
     #[target_feature(enable = "avx512f,avx512dq")]
-    fn expf(x: __m512) -> __m512 {
+    pub(crate) fn expf(x: __m512) -> __m512 {
         let r = _mm512_set1_ps(EXP_SHIFT);
         let z = _mm512_fmadd_ps(x, splat(EXP_LOG2E), r);
         let n = _mm512_sub_ps(z, r);
@@ -1213,7 +1213,7 @@ pub enum AttnPrecision {
 }
 
 impl AttnParams {
-    fn check(&self, op: &'static str) -> Result<(), OpsError> {
+    pub(crate) fn check(&self, op: &'static str) -> Result<(), OpsError> {
         if self.n_head == 0 || self.n_head_kv == 0 || self.head_dim_k == 0 || self.head_dim_v == 0 {
             return Err(param(op, "head counts and head dims must be > 0"));
         }

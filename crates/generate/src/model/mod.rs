@@ -31,6 +31,9 @@ use powerinfer_cpu::ops::{self, AttnParams, AttnPrecision, AttnScratch, RopeKind
 
 /// Micro-batches of at least this many tokens use f32 attention numerics (ggml's tiled kernel).
 const TILED_ATTN_MIN_TOKENS: usize = 64;
+/// Tokens per work item of the tiled prompt attention (times the heads of a KV group, the
+/// kernel's query rows: a multiple of its 16 lanes).
+const TILED_ATTN_ITEM_TOKENS: usize = 16;
 use powerinfer_cpu::{
     ActBuffer, CpuError, Matrix, SharedSlice, ThreadPool, matmul_quantized, matvec_quantized,
 };
@@ -669,9 +672,15 @@ impl Model {
         let p = self.attn_params(layer, n);
         let kc: &[f16] = &kv.keys(il)[..(pos0 + n) * k_dim];
         let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
-        // work items: (token, group of heads); whole KV groups for prompts, single heads for decode
-        let heads_per_item = if n > 1 { c.n_head / c.n_head_kv } else { 1 };
-        self.attend(pool, &p, sc, n, heads_per_item, |t| (kc, vc, pos0 + t))?;
+        if powerinfer_cpu::flash::tiled_available(&p) {
+            // Long chunks: blocks of queries against blocks of keys.
+            self.attend_tiled(pool, &p, sc, n, pos0, kc, vc)?;
+        } else {
+            // work items: (token, group of heads); whole KV groups for prompts, single heads
+            // for decode
+            let heads_per_item = if n > 1 { c.n_head / c.n_head_kv } else { 1 };
+            self.attend(pool, &p, sc, n, heads_per_item, |t| (kc, vc, pos0 + t))?;
+        }
         self.attn_out(pool, layer, sc, n)
     }
 
@@ -794,6 +803,76 @@ impl Model {
         } else {
             AttnPrecision::F16Accumulate
         }
+    }
+
+    /// Attention of the `n` queries of a prompt chunk in `sc.q` (token `t` at position
+    /// `pos0 + t`) into `sc.att` with the tiled kernel ([`powerinfer_cpu::flash`]): work items of
+    /// [`TILED_ATTN_ITEM_TOKENS`] tokens and one KV group, the latest tokens (the most keys)
+    /// handed out first.
+    #[allow(clippy::too_many_arguments)]
+    fn attend_tiled(
+        &self,
+        pool: &ThreadPool,
+        p: &AttnParams,
+        sc: &mut Scratch,
+        n: usize,
+        pos0: usize,
+        kc: &[f16],
+        vc: &[f16],
+    ) -> Result<(), ModelError> {
+        let c = &self.config;
+        let (q_dim, out_dim, dv) = (p.q_dim(), p.out_dim(), p.head_dim_v);
+        let group = c.n_head / c.n_head_kv;
+        let n_blocks = n.div_ceil(TILED_ATTN_ITEM_TOKENS);
+        let n_items = n_blocks * c.n_head_kv;
+        let next = AtomicUsize::new(0);
+        let first_err: Mutex<Option<ops::OpsError>> = Mutex::new(None);
+        let q = &sc.q[..n * q_dim];
+        let out = SharedSlice::new(&mut sc.att[..n * out_dim]);
+        pool.run(|_, _| {
+            let mut scratch = powerinfer_cpu::flash::TiledScratch::default();
+            let mut res = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n_items {
+                    break;
+                }
+                let b = n_blocks - 1 - i / c.n_head_kv;
+                let g = i % c.n_head_kv;
+                let tokens = b * TILED_ATTN_ITEM_TOKENS..((b + 1) * TILED_ATTN_ITEM_TOKENS).min(n);
+                res.resize(tokens.len() * group * dv, 0.0);
+                let r = powerinfer_cpu::flash::attention_tiled(
+                    p,
+                    q,
+                    pos0,
+                    tokens.clone(),
+                    g,
+                    kc,
+                    vc,
+                    &mut res,
+                    &mut scratch,
+                );
+                if let Err(e) = r {
+                    first_err
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert(e);
+                    continue;
+                }
+                for (k, t) in tokens.enumerate() {
+                    let at = t * out_dim + g * group * dv;
+                    // SAFETY: item (block b, group g) is handed out once by the atomic counter,
+                    // and its ranges (tokens of block b, the heads of group g) are disjoint from
+                    // every other item's.
+                    let o = unsafe { out.slice_mut(at..at + group * dv) };
+                    o.copy_from_slice(&res[k * group * dv..(k + 1) * group * dv]);
+                }
+            }
+        });
+        if let Some(e) = first_err.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            return Err(e.into());
+        }
+        Ok(())
     }
 
     /// Attention of the `n` queries in `sc.q` into `sc.att`; `row(t)` gives query `t`'s keys,
