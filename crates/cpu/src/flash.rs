@@ -159,6 +159,32 @@ mod x86 {
         rows
     }
 
+    /// The raw scores `q . k` of the 16 rows of `qt` (`dk` vectors of 16, scaled) against
+    /// each of the 16 keys of `kb` (key-major, `dk` each): eight query dimensions at a time stay
+    /// in registers while every key meets them, one FMA with a broadcast key element each. All
+    /// 16 keys, whatever the block's count (rows past it hold earlier keys, finite; the caller
+    /// masks their scores): a fixed loop the compiler unrolls, the 16 sums in registers and
+    /// independent of each other.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512dq")]
+    fn block_dots(qt: &[f32], kb: &[f32], dk: usize) -> [__m512; BLOCK] {
+        let mut dots = [_mm512_setzero_ps(); BLOCK];
+        for dc in (0..dk).step_by(8) {
+            let mut qv = [_mm512_setzero_ps(); 8];
+            for (u, x) in qv.iter_mut().enumerate() {
+                let row = &qt[(dc + u) * LANES..(dc + u + 1) * LANES];
+                // SAFETY: `row` holds 16 f32; unaligned load.
+                *x = unsafe { _mm512_loadu_ps(row.as_ptr()) };
+            }
+            for (u, &x) in qv.iter().enumerate() {
+                for (jj, acc) in dots.iter_mut().enumerate() {
+                    *acc = _mm512_fmadd_ps(x, _mm512_set1_ps(kb[jj * dk + dc + u]), *acc);
+                }
+            }
+        }
+        dots
+    }
+
     /// [`super::attention_tiled`] after its checks.
     ///
     /// # Safety
@@ -257,31 +283,15 @@ mod x86 {
                 }
                 let qt = &sc.qt[lg * dk * LANES..(lg + 1) * dk * LANES];
                 // Scores of the 16 rows against each key of the block, masked to -inf where
-                // the key is not visible.
+                // the key is not visible. Eight query dimensions at a time stay in registers
+                // while every key of the block meets them (one FMA with a broadcast key
+                // element each).
+                let dots = block_dots(qt, &sc.k[..BLOCK * dk], dk);
                 let mut scores = [_mm512_set1_ps(f32::NEG_INFINITY); BLOCK];
                 let mut block_max = _mm512_set1_ps(f32::NEG_INFINITY);
-                for (jj, score) in scores.iter_mut().enumerate().take(nb) {
+                for (jj, (score, &x)) in scores.iter_mut().zip(&dots).enumerate().take(nb) {
                     let j = _mm512_set1_epi32((j0 + jj) as i32);
                     let visible = _mm512_cmpge_epi32_mask(pv, j) & _mm512_cmple_epi32_mask(lov, j);
-                    if visible == 0 {
-                        continue;
-                    }
-                    let kr = &sc.k[jj * dk..(jj + 1) * dk];
-                    let mut a = [_mm512_setzero_ps(); 4];
-                    for d in (0..dk).step_by(4) {
-                        for (u, acc) in a.iter_mut().enumerate() {
-                            // SAFETY: `qt` holds `dk` vectors of 16, `kr` `dk` values;
-                            // `d + u < dk` (a multiple of 16); unaligned load.
-                            unsafe {
-                                *acc = _mm512_fmadd_ps(
-                                    _mm512_loadu_ps(qt.as_ptr().add((d + u) * LANES)),
-                                    _mm512_set1_ps(*kr.get_unchecked(d + u)),
-                                    *acc,
-                                );
-                            }
-                        }
-                    }
-                    let x = _mm512_add_ps(_mm512_add_ps(a[0], a[1]), _mm512_add_ps(a[2], a[3]));
                     *score = _mm512_mask_blend_ps(visible, _mm512_set1_ps(f32::NEG_INFINITY), x);
                     block_max = _mm512_max_ps(block_max, *score);
                 }

@@ -670,6 +670,7 @@ fn tiled_attention_matches_reference() {
         (4, 1, 32, 48, Some(5), 3, 29, 0..29),
         (2, 2, 16, 16, Some(1), 0, 17, 1..17),
         (8, 2, 128, 64, Some(40), 20, 50, 16..50),
+        (4, 1, 256, 256, Some(9), 2, 33, 0..33),
     ];
     let mut ran = false;
     for &(n_head, n_head_kv, dk, dv, window, pos0, n, ref range) in &cases {
