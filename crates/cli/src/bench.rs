@@ -19,6 +19,11 @@ pub struct BenchArgs {
     /// Tokens decoded one at a time (0 skips the test).
     #[arg(short = 'n', long = "n-gen", default_value_t = 128)]
     n_gen: usize,
+    /// Tokens already in the context before each test (like llama-bench's `-d`): a prompt of
+    /// this many tokens is processed once, untimed, and each test starts from it, so decode
+    /// speed at a long context can be measured.
+    #[arg(short = 'd', long = "depth", default_value_t = 0)]
+    depth: usize,
     /// Repetitions; the median is reported.
     #[arg(short = 'r', long = "repetitions", default_value_t = 3)]
     reps: usize,
@@ -37,26 +42,50 @@ struct Subject<'a> {
     llm: &'a powerinfer::Llm,
     state: powerinfer::generate::model::ModelState,
     seed: u64,
+    /// Context positions each test starts from.
+    depth: usize,
     pp: Vec<f64>,
     tg: Vec<f64>,
     timings: [f64; 3],
 }
 
 impl<'a> Subject<'a> {
-    fn new(llm: &'a powerinfer::Llm, n_prompt: usize, n_gen: usize) -> Result<Self, String> {
-        let n_ctx = (n_prompt + n_gen).max(1);
+    fn new(
+        llm: &'a powerinfer::Llm,
+        n_prompt: usize,
+        n_gen: usize,
+        depth: usize,
+    ) -> Result<Self, String> {
+        let n_ctx = (depth + n_prompt.max(n_gen)).max(1);
+        // Micro-batches: the test prompt in one, the depth prefix in chunks of at most 512.
+        let n_ubatch = n_prompt.max(depth.min(512)).max(1);
         let state = llm
             .model()
-            .new_state(n_ctx, n_prompt.max(1))
+            .new_state(n_ctx, n_ubatch)
             .map_err(|e| e.to_string())?;
         Ok(Subject {
             llm,
             state,
             seed: 0x9E37_79B9_7F4A_7C15,
+            depth,
             pp: Vec::new(),
             tg: Vec::new(),
             timings: [0.0; 3],
         })
+    }
+
+    /// Fills the context with the depth prefix (untimed).
+    fn fill_depth(&mut self, pool: &powerinfer::cpu::ThreadPool) -> Result<(), String> {
+        self.state.clear();
+        if self.depth == 0 {
+            return Ok(());
+        }
+        let tokens: Vec<u32> = (0..self.depth).map(|_| self.next_token()).collect();
+        self.llm
+            .model()
+            .forward(pool, &mut self.state, &tokens, Logits::Last)
+            .map_err(|e| e.to_string())?;
+        Ok(())
     }
 
     /// Deterministic pseudo-random token ids (a splitmix64 stream, the same for every subject).
@@ -78,7 +107,7 @@ impl<'a> Subject<'a> {
     ) -> Result<(), String> {
         if n_prompt > 0 {
             let tokens: Vec<u32> = (0..n_prompt).map(|_| self.next_token()).collect();
-            self.state.clear();
+            self.state.rewind(self.depth);
             let t = Instant::now();
             self.llm
                 .model()
@@ -87,7 +116,7 @@ impl<'a> Subject<'a> {
             self.pp.push(n_prompt as f64 / t.elapsed().as_secs_f64());
         }
         if n_gen > 0 {
-            self.state.clear();
+            self.state.rewind(self.depth);
             self.state.reset_timings();
             let t = Instant::now();
             for _ in 0..n_gen {
@@ -145,9 +174,9 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         }
         None => None,
     };
-    let mut main = Subject::new(&main_llm, args.n_prompt, args.n_gen)?;
+    let mut main = Subject::new(&main_llm, args.n_prompt, args.n_gen, args.depth)?;
     let mut base = match &base_llm {
-        Some(llm) => Some(Subject::new(llm, args.n_prompt, args.n_gen)?),
+        Some(llm) => Some(Subject::new(llm, args.n_prompt, args.n_gen, args.depth)?),
         None => None,
     };
     // Every subject runs on the first model's threads (the other pool stays parked).
@@ -159,6 +188,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
             .model()
             .forward(pool, &mut s.state, &[tok], Logits::Last)
             .map_err(|e| e.to_string())?;
+        s.fill_depth(pool)?;
     }
     for rep in 0..args.reps {
         // Alternate which goes first, so that neither always follows the other.
@@ -181,7 +211,7 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
         let sh = main.shares();
         let mut v = json!({
             "model": name, "threads": threads, "repetitions": args.reps,
-            "n_prompt": args.n_prompt, "n_gen": args.n_gen,
+            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "depth": args.depth,
             "pp_tok_s": med(&main.pp), "tg_tok_s": med(&main.tg),
             "pp_samples": main.pp, "tg_samples": main.tg,
             "tg_layer_time_share": {
@@ -209,12 +239,17 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if let (Some(b), Some(path)) = (&base, &args.baseline) {
         rows.push((path.display().to_string(), b));
     }
+    let at = if args.depth > 0 {
+        format!(" @ d{}", args.depth)
+    } else {
+        String::new()
+    };
     for (name, s) in &rows {
         if let Some(pp) = med(&s.pp) {
-            println!("| {name} | {threads} | pp{} | {pp:.2} |", args.n_prompt);
+            println!("| {name} | {threads} | pp{}{at} | {pp:.2} |", args.n_prompt);
         }
         if let Some(tg) = med(&s.tg) {
-            println!("| {name} | {threads} | tg{} | {tg:.2} |", args.n_gen);
+            println!("| {name} | {threads} | tg{}{at} | {tg:.2} |", args.n_gen);
         }
     }
     if let Some(b) = &base {
