@@ -1103,28 +1103,102 @@ mod x86 {
             first: g * dk,
             dk,
         };
+        // Two passes with the operations of ggml's key-by-key loop, in its order for each head:
+        // the scores and softmax factors of every key first (`ms` where the maximum moves,
+        // `vs` otherwise), then each head's f16-rounded V sum over all keys with the sums in
+        // registers (a sum read and written back per key was most of a long context's decode
+        // time).
+        let nk = pos + 1 - lo;
+        if sc.w.len() < 2 * nk * n_h {
+            sc.w.resize(2 * nk * n_h, 0.0);
+        }
         for j in lo..=pos {
             let kr = keys.row(j);
-            // SAFETY: AVX2+FMA+F16C are enabled here; equal lengths.
-            unsafe { f16_to_f32(&v[j * vd + g * dv..j * vd + (g + 1) * dv], &mut sc.v[..dv]) };
             for hh in 0..n_h {
                 let h = h0 + hh;
                 let s = dot_f16_row_ggml(&sc.q[h * dk..(h + 1) * dk], kr) * p.scale;
                 let m_old = sc.m[hh];
-                let mut ms = 1.0f32;
-                let mut vs = 1.0f32;
-                let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
-                if s > m_old {
+                let (ms, vs) = if s > m_old {
                     sc.m[hh] = s;
-                    ms = (m_old - s).exp();
-                    // SAFETY: AVX2+FMA+F16C are enabled here.
-                    unsafe { scale_round(acc, ms) };
+                    ((m_old - s).exp(), 1.0f32)
                 } else {
-                    vs = (s - m_old).exp();
-                }
-                // SAFETY: AVX2+FMA+F16C are enabled here.
-                unsafe { mad_round(acc, &sc.v[..dv], vs) };
+                    (1.0f32, (s - m_old).exp())
+                };
+                let i = (hh * nk + (j - lo)) * 2;
+                sc.w[i] = ms;
+                sc.w[i + 1] = vs;
                 sc.s[hh] = sc.s[hh].mul_add(ms, vs);
+            }
+        }
+        for hh in 0..n_h {
+            let acc = &mut sc.acc[hh * dv..(hh + 1) * dv];
+            let w = &sc.w[hh * nk * 2..(hh + 1) * nk * 2];
+            // SAFETY: AVX2+FMA+F16C are enabled here; `v` holds rows of `vd` values for keys
+            // `lo..=pos` (the caller checked the cache), read at `g * dv + d < vd`.
+            unsafe { accumulate_v_round(acc, w, &v[lo * vd + g * dv..], vd) };
+        }
+    }
+
+    /// The f16-accumulating V sum of ggml's one-row kernel over keys `j < w.len() / 2`: for
+    /// each key, where its `ms = w[2 j]` is not 1 (the maximum moved) `acc = f16(acc * ms)`,
+    /// then `acc = f16(v_j * vs + acc)` (one FMA) with `vs = w[2 j + 1]`: the operations of
+    /// [`scale_round`] and [`mad_round`] key after key (a scale by exactly 1 leaves an f16
+    /// value unchanged), with 64 (then 8) sums held in registers across all keys. `acc.len()`
+    /// must be a multiple of 8.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C and `v.len() >= (w.len() / 2 - 1) * stride + acc.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn accumulate_v_round(acc: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+        let n = acc.len();
+        let nk = w.len() / 2;
+        if nk == 0 {
+            return;
+        }
+        assert!(n.is_multiple_of(8) && v.len() >= (nk - 1) * stride + n);
+        let vp = v.as_ptr() as *const u16;
+        let mut d = 0;
+        // SAFETY: every read is at row j < nk, column < n: inside `v` by the assert above;
+        // acc reads/writes are below n.
+        unsafe {
+            while d + 64 <= n {
+                let mut a = [_mm256_setzero_ps(); 8];
+                for (r, x) in a.iter_mut().enumerate() {
+                    *x = _mm256_loadu_ps(acc.as_ptr().add(d + 8 * r));
+                }
+                for j in 0..nk {
+                    let ms = w[2 * j];
+                    if ms != 1.0 {
+                        let msv = _mm256_set1_ps(ms);
+                        for x in a.iter_mut() {
+                            *x = round8(_mm256_mul_ps(*x, msv));
+                        }
+                    }
+                    let vs = _mm256_set1_ps(w[2 * j + 1]);
+                    let row = vp.add(j * stride + d);
+                    for (r, x) in a.iter_mut().enumerate() {
+                        let xv = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * r) as *const __m128i));
+                        *x = round8(_mm256_fmadd_ps(xv, vs, *x));
+                    }
+                }
+                for (r, x) in a.iter().enumerate() {
+                    _mm256_storeu_ps(acc.as_mut_ptr().add(d + 8 * r), *x);
+                }
+                d += 64;
+            }
+            while d + 8 <= n {
+                let mut x = _mm256_loadu_ps(acc.as_ptr().add(d));
+                for j in 0..nk {
+                    let ms = w[2 * j];
+                    if ms != 1.0 {
+                        x = round8(_mm256_mul_ps(x, _mm256_set1_ps(ms)));
+                    }
+                    let vs = _mm256_set1_ps(w[2 * j + 1]);
+                    let h = _mm_loadu_si128(vp.add(j * stride + d) as *const __m128i);
+                    x = round8(_mm256_fmadd_ps(_mm256_cvtph_ps(h), vs, x));
+                }
+                _mm256_storeu_ps(acc.as_mut_ptr().add(d), x);
+                d += 8;
             }
         }
     }
