@@ -977,13 +977,65 @@ mod x86 {
     /// Requires AVX2+FMA+F16C and `v.len() >= (w.len() / 2 - 1) * stride + acc.len()`.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub(super) unsafe fn accumulate_v(acc: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+        // SAFETY: the caller's guarantees are `v_sums`'.
+        let d = unsafe { v_sums::<false>(acc, w, v, stride) };
+        for (dd, a) in acc.iter_mut().enumerate().skip(d) {
+            for j in 0..w.len() / 2 {
+                *a = *a * w[2 * j] + v[j * stride + dd].to_f32() * w[2 * j + 1];
+            }
+        }
+    }
+
+    /// The f16-accumulating V sum of ggml's one-row kernel over keys `j < w.len() / 2`: for
+    /// each key, where its `ms = w[2 j]` is not 1 (the maximum moved) `acc = f16(acc * ms)`,
+    /// then `acc = f16(v_j * vs + acc)` (one FMA) with `vs = w[2 j + 1]`: the operations of
+    /// [`scale_round`] and [`mad_round`] key after key (a scale by exactly 1 leaves an f16
+    /// value unchanged), with 64 (then 8) sums held in registers across all keys. `acc.len()`
+    /// must be a multiple of 8.
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C and `v.len() >= (w.len() / 2 - 1) * stride + acc.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn accumulate_v_round(acc: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
+        assert!(acc.len().is_multiple_of(8));
+        // SAFETY: the caller's guarantees are `v_sums`'.
+        unsafe { v_sums::<true>(acc, w, v, stride) };
+    }
+
+    /// The V sums of [`accumulate_v`] (`F16 = false`) or [`accumulate_v_round`] (`F16 = true`)
+    /// over the outputs in whole groups of 8, 64 (then 8) of them in registers across all keys;
+    /// returns how many outputs it covered (the rest, fewer than 8, is the caller's).
+    ///
+    /// # Safety
+    /// Requires AVX2+FMA+F16C and `v.len() >= (w.len() / 2 - 1) * stride + acc.len()`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn v_sums<const F16: bool>(
+        acc: &mut [f32],
+        w: &[f32],
+        v: &[f16],
+        stride: usize,
+    ) -> usize {
         let n = acc.len();
         let nk = w.len() / 2;
         if nk == 0 {
-            return;
+            return n;
         }
         assert!(v.len() >= (nk - 1) * stride + n);
         let vp = v.as_ptr() as *const u16;
+        // One key's step on 8 outputs.
+        let step = |x: __m256, xv: __m256, j: usize| -> __m256 {
+            let (ms, vs) = (w[2 * j], _mm256_set1_ps(w[2 * j + 1]));
+            if F16 {
+                let x = if ms != 1.0 {
+                    round8(_mm256_mul_ps(x, _mm256_set1_ps(ms)))
+                } else {
+                    x
+                };
+                round8(_mm256_fmadd_ps(xv, vs, x))
+            } else {
+                _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(ms)), _mm256_mul_ps(xv, vs))
+            }
+        };
         let mut d = 0;
         // SAFETY: every read is at row j < nk, column < n: inside `v` by the assert above;
         // acc reads/writes are below n.
@@ -994,13 +1046,10 @@ mod x86 {
                     *x = _mm256_loadu_ps(acc.as_ptr().add(d + 8 * r));
                 }
                 for j in 0..nk {
-                    let ms = _mm256_set1_ps(w[2 * j]);
-                    let vs = _mm256_set1_ps(w[2 * j + 1]);
                     let row = vp.add(j * stride + d);
                     for (r, x) in a.iter_mut().enumerate() {
                         let h = _mm_loadu_si128(row.add(8 * r) as *const __m128i);
-                        let xv = _mm256_cvtph_ps(h);
-                        *x = _mm256_add_ps(_mm256_mul_ps(*x, ms), _mm256_mul_ps(xv, vs));
+                        *x = step(*x, _mm256_cvtph_ps(h), j);
                     }
                 }
                 for (r, x) in a.iter().enumerate() {
@@ -1011,20 +1060,14 @@ mod x86 {
             while d + 8 <= n {
                 let mut x = _mm256_loadu_ps(acc.as_ptr().add(d));
                 for j in 0..nk {
-                    let ms = _mm256_set1_ps(w[2 * j]);
-                    let vs = _mm256_set1_ps(w[2 * j + 1]);
                     let h = _mm_loadu_si128(vp.add(j * stride + d) as *const __m128i);
-                    x = _mm256_add_ps(_mm256_mul_ps(x, ms), _mm256_mul_ps(_mm256_cvtph_ps(h), vs));
+                    x = step(x, _mm256_cvtph_ps(h), j);
                 }
                 _mm256_storeu_ps(acc.as_mut_ptr().add(d), x);
                 d += 8;
             }
         }
-        for (dd, a) in acc.iter_mut().enumerate().skip(d) {
-            for j in 0..nk {
-                *a = *a * w[2 * j] + v[j * stride + dd].to_f32() * w[2 * j + 1];
-            }
-        }
+        d
     }
 
     /// [`super::dot_f16_values_ggml`] of `q` (f16-representable values) with the f16 key row
@@ -1136,70 +1179,6 @@ mod x86 {
             // SAFETY: AVX2+FMA+F16C are enabled here; `v` holds rows of `vd` values for keys
             // `lo..=pos` (the caller checked the cache), read at `g * dv + d < vd`.
             unsafe { accumulate_v_round(acc, w, &v[lo * vd + g * dv..], vd) };
-        }
-    }
-
-    /// The f16-accumulating V sum of ggml's one-row kernel over keys `j < w.len() / 2`: for
-    /// each key, where its `ms = w[2 j]` is not 1 (the maximum moved) `acc = f16(acc * ms)`,
-    /// then `acc = f16(v_j * vs + acc)` (one FMA) with `vs = w[2 j + 1]`: the operations of
-    /// [`scale_round`] and [`mad_round`] key after key (a scale by exactly 1 leaves an f16
-    /// value unchanged), with 64 (then 8) sums held in registers across all keys. `acc.len()`
-    /// must be a multiple of 8.
-    ///
-    /// # Safety
-    /// Requires AVX2+FMA+F16C and `v.len() >= (w.len() / 2 - 1) * stride + acc.len()`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn accumulate_v_round(acc: &mut [f32], w: &[f32], v: &[f16], stride: usize) {
-        let n = acc.len();
-        let nk = w.len() / 2;
-        if nk == 0 {
-            return;
-        }
-        assert!(n.is_multiple_of(8) && v.len() >= (nk - 1) * stride + n);
-        let vp = v.as_ptr() as *const u16;
-        let mut d = 0;
-        // SAFETY: every read is at row j < nk, column < n: inside `v` by the assert above;
-        // acc reads/writes are below n.
-        unsafe {
-            while d + 64 <= n {
-                let mut a = [_mm256_setzero_ps(); 8];
-                for (r, x) in a.iter_mut().enumerate() {
-                    *x = _mm256_loadu_ps(acc.as_ptr().add(d + 8 * r));
-                }
-                for j in 0..nk {
-                    let ms = w[2 * j];
-                    if ms != 1.0 {
-                        let msv = _mm256_set1_ps(ms);
-                        for x in a.iter_mut() {
-                            *x = round8(_mm256_mul_ps(*x, msv));
-                        }
-                    }
-                    let vs = _mm256_set1_ps(w[2 * j + 1]);
-                    let row = vp.add(j * stride + d);
-                    for (r, x) in a.iter_mut().enumerate() {
-                        let xv = _mm256_cvtph_ps(_mm_loadu_si128(row.add(8 * r) as *const __m128i));
-                        *x = round8(_mm256_fmadd_ps(xv, vs, *x));
-                    }
-                }
-                for (r, x) in a.iter().enumerate() {
-                    _mm256_storeu_ps(acc.as_mut_ptr().add(d + 8 * r), *x);
-                }
-                d += 64;
-            }
-            while d + 8 <= n {
-                let mut x = _mm256_loadu_ps(acc.as_ptr().add(d));
-                for j in 0..nk {
-                    let ms = w[2 * j];
-                    if ms != 1.0 {
-                        x = round8(_mm256_mul_ps(x, _mm256_set1_ps(ms)));
-                    }
-                    let vs = _mm256_set1_ps(w[2 * j + 1]);
-                    let h = _mm_loadu_si128(vp.add(j * stride + d) as *const __m128i);
-                    x = round8(_mm256_fmadd_ps(_mm256_cvtph_ps(h), vs, x));
-                }
-                _mm256_storeu_ps(acc.as_mut_ptr().add(d), x);
-                d += 8;
-            }
         }
     }
 
