@@ -199,8 +199,19 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         train_secs
     );
 
+    // The predictor input is the residual stream, converted to f16 by an F16 fc1 product:
+    // keep fc1 in F32 when the profiled inputs come within 4x of f16's largest value.
+    let x_max = profile
+        .layers
+        .iter()
+        .flat_map(|l| l.x.iter())
+        .fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
+    let fc1_f32 = x_max > 65504.0 / 4.0;
+    if fc1_f32 {
+        eprintln!("predictor inputs reach {x_max:.0}: fc1 stored in F32 (beyond f16's range)");
+    }
     // What decoding with these predictors reads per token, against what they let it skip.
-    let budget = ByteBudget::estimate(&file, &trained);
+    let budget = ByteBudget::estimate(&file, &trained, fc1_f32);
     println!(
         "per token: the predictors read {} to skip {} of the FFN's {} (predicted mode){}",
         human_bytes(budget.predictors),
@@ -222,17 +233,6 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
         );
     }
 
-    // The predictor input is the residual stream, converted to f16 by an F16 fc1 product:
-    // keep fc1 in F32 when the profiled inputs come within 4x of f16's largest value.
-    let x_max = profile
-        .layers
-        .iter()
-        .flat_map(|l| l.x.iter())
-        .fold(0.0f32, |m, v| m.max(v.to_f32().abs()));
-    let fc1_f32 = x_max > 65504.0 / 4.0;
-    if fc1_f32 {
-        eprintln!("predictor inputs reach {x_max:.0}: fc1 stored in F32 (beyond f16's range)");
-    }
     let opts = PwriOptions {
         keep_down: true,
         fc1_f32,
@@ -266,7 +266,8 @@ pub fn run(args: &TrainArgs) -> Result<(), String> {
 }
 
 /// Bytes read per decoded token by a file with `trained`'s predictors, from the model's tensor
-/// sizes and the predictors' held-out statistics (F16 predictors, as `write_pwri` stores them).
+/// sizes and the predictors' held-out statistics (F16 predictors as `write_pwri` stores them,
+/// `fc1` in F32 where the inputs need it).
 struct ByteBudget {
     /// Every layer's FFN weights (gate, up, down).
     ffn: f64,
@@ -282,7 +283,8 @@ struct ByteBudget {
 }
 
 impl ByteBudget {
-    fn estimate(file: &GgufFile, trained: &[TrainedLayer]) -> ByteBudget {
+    fn estimate(file: &GgufFile, trained: &[TrainedLayer], fc1_f32: bool) -> ByteBudget {
+        let fc1_bytes = if fc1_f32 { 4.0 } else { 2.0 };
         let mut b = ByteBudget {
             ffn: 0.0,
             predictors: 0.0,
@@ -304,7 +306,7 @@ impl ByteBudget {
                 .and_then(|t| t.shape.first().copied())
                 .unwrap_or(0) as f64;
             b.ffn += gate + up + down;
-            b.predictors += 2.0 * t.hidden as f64 * (n_embd + n_ff);
+            b.predictors += t.hidden as f64 * (fc1_bytes * n_embd + 2.0 * n_ff);
             b.predicted_skip += (1.0 - t.stats.predicted_fraction) * (gate + up + down);
             // A 4-bit block of 32 keeps 16 of its bytes in values, the rest in scales.
             let down_ty = file

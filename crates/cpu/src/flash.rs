@@ -3,7 +3,7 @@
 //!
 //! The per-query kernels of [`crate::ops`] convert every key and value row from f16 once per
 //! query, reduce each score's dot product horizontally and run the softmax key by key. Over a
-//! long prompt that dominates: at 4,096 tokens SmolLM2 spent about two thirds of the prompt's
+//! long prompt that dominates: at 2,048 tokens SmolLM2 spent about two thirds of the prompt's
 //! time in attention. Here the query rows of one KV group (the group's heads times a run of
 //! consecutive tokens) sit in the 16 lanes of a vector, so that
 //!
