@@ -13,6 +13,8 @@
 //!   the second half of each window scored.
 //! * `logits`: the logits of a token-id prompt (every row) and of its greedy continuation, for
 //!   models without a usable tokenizer (the tiny test models of powerinfer-generate).
+//! * `quantize`: like `llama-quantize`: a GGUF file into another `llama_ftype` (its number),
+//!   optionally `--pure` (every tensor the base type) and `--allow-requantize`.
 //! * `info`: the ggml build's CPU feature line.
 
 use std::ffi::{CStr, CString, c_char, c_void};
@@ -80,6 +82,7 @@ llamacpp-bench generate   -m FILE -p PROMPT [-n 32] [-t 2] [-fa auto|on|off]
 llamacpp-bench golden     [-n 32] [-t 2] [-fa auto|on|off] -o OUT.json MODEL GOLDEN.json [MODEL GOLDEN.json ...]
 llamacpp-bench perplexity -m FILE -f TEXT [-c 512] [-b 2048] [-t 2] [--chunks N] [-fa auto|on|off]
 llamacpp-bench logits     -m FILE --ids 1,2,3 [-n 8] [-t 1] [-fa auto|on|off]
+llamacpp-bench quantize   IN OUT FTYPE_NUMBER [--pure] [--allow-requantize] [-t 2]
 llamacpp-bench info
 Common: -v prints llama.cpp's own log (default: warnings and errors only).";
 
@@ -392,7 +395,7 @@ struct Args {
 }
 
 /// Flags that take no value.
-const SWITCHES: &[&str] = &["--json", "-v"];
+const SWITCHES: &[&str] = &["--json", "-v", "--pure", "--allow-requantize"];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Args> {
@@ -1134,6 +1137,35 @@ fn cmd_logits(a: &Args) -> Result<()> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// quantize
+
+fn cmd_quantize(a: &Args) -> Result<()> {
+    a.check_known(&["--pure", "--allow-requantize", "-t", "--threads"])?;
+    let [inp, out, ftype] = a.pos.as_slice() else {
+        return Err(Error::Usage("quantize takes IN OUT FTYPE_NUMBER".into()));
+    };
+    let ftype: u32 = ftype
+        .parse()
+        .map_err(|_| Error::Usage(format!("FTYPE must be a llama_ftype number, not {ftype:?}")))?;
+    let c = |s: &str| CString::new(s).map_err(|_| Error::Nul(s.into()));
+    let (ci, co) = (c(inp)?, c(out)?);
+    // SAFETY: returns a plain struct of defaults.
+    let mut p = unsafe { sys::llama_model_quantize_default_params() };
+    p.nthread = a.threads()?;
+    p.ftype = ftype as _;
+    p.pure_ = a.flag("--pure");
+    p.allow_requantize = a.flag("--allow-requantize");
+    // SAFETY: both paths are NUL-terminated C strings that outlive the call; `p` is a valid
+    // parameter struct (defaults with plain fields changed; its pointers stay null).
+    let rc = unsafe { sys::llama_model_quantize(ci.as_ptr(), co.as_ptr(), &p) };
+    if rc != 0 {
+        return Err(Error::ModelLoad(PathBuf::from(inp)));
+    }
+    eprintln!("wrote {out}");
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
 
 fn run() -> Result<()> {
     let raw: Vec<String> = std::env::args().skip(1).collect();
@@ -1153,6 +1185,7 @@ fn run() -> Result<()> {
         "golden" => cmd_golden(&args),
         "perplexity" => cmd_perplexity(&args),
         "logits" => cmd_logits(&args),
+        "quantize" => cmd_quantize(&args),
         "info" => {
             println!(
                 "{}",

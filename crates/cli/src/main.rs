@@ -53,7 +53,7 @@ enum Command {
     TrainPredictor(train::TrainArgs),
     /// Convert a Hugging Face LLaMA checkpoint (+ predictors) to a PWRI or GGUF file.
     Convert(convert::ConvertArgs),
-    /// Quantize a GGUF or PWRI file (Q4_0, Q8_0, Q4_K, Q5_K, Q6_K, ...).
+    /// Quantize a GGUF or PWRI file (Q4_0, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, IQ4_XS, ...).
     Quantize(quantize::QuantizeArgs),
 }
 

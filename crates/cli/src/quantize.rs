@@ -15,8 +15,9 @@ pub struct QuantizeArgs {
     pub input: PathBuf,
     /// Output file.
     pub output: PathBuf,
-    /// Target: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K
-    /// (= Q5_K_M), Q5_K_S, Q5_K_M, Q6_K, or llama.cpp's file-type number.
+    /// Target: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K (= Q3_K_M), Q3_K_S, Q3_K_M, Q3_K_L,
+    /// Q4_K (= Q4_K_M), Q4_K_S, Q4_K_M, Q5_K (= Q5_K_M), Q5_K_S, Q5_K_M, Q6_K, IQ4_NL, IQ4_XS,
+    /// or llama.cpp's file-type number.
     #[arg(value_parser = parse_type)]
     pub ty: FileType,
     /// Worker threads (default: one per CPU).
@@ -28,7 +29,8 @@ pub struct QuantizeArgs {
     /// Leave output.weight unquantized.
     #[arg(long = "leave-output-tensor")]
     pub leave_output_tensor: bool,
-    /// Quantize every 2-D weight to the base type (no K-quant mixes, no special cases).
+    /// Quantize every 2-D weight to the base type (no K-quant mixes, no special cases; rows
+    /// that are not a multiple of 256 get the super-block type's fallback).
     #[arg(long = "pure")]
     pub pure: bool,
     /// Round Q4_0/Q4_1/Q5_0/Q5_1 without a fused multiply-add (differs from the reference

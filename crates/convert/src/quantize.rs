@@ -6,9 +6,13 @@
 //! - only 2-D tensors whose name ends in `weight` are quantized; 1-D tensors are copied;
 //! - `output.weight` becomes Q8_0 when its rows are not a multiple of 256, else Q6_K (unless
 //!   the target is Q8_0); the predictors (`fc1`, `fc2`) become Q4_0 for a Q4_0 file and
-//!   Q5_0 otherwise; the K-quant mixes (Q4_K_M, Q5_K_M, ...) raise `attn_v` / `ffn_down` of
-//!   some layers like llama.cpp; a K-quant whose rows are not a multiple of 256 falls back
-//!   (Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0);
+//!   Q5_0 otherwise; the K-quant mixes (Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M) raise
+//!   `attn_v`, `attn_output`, `attn_qkv`, `ffn_down` (and for Q2_K `ffn_gate` / `ffn_up`) of
+//!   some layers as the reference does, Falcon's cases included; IQ4_NL and IQ4_XS, which the
+//!   reference does not have, follow llama.cpp's rules (`attn_v` in Q5_K when 4 or more query
+//!   heads share a KV head, the first eighth of `ffn_down` in Q5_K); a super-block type whose
+//!   rows are not a multiple of 256 falls back (Q2_K -> Q4_0, Q3_K -> Q4_1, Q4_K -> Q5_0,
+//!   Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL);
 //! - tensors are processed one at a time (rows in parallel with rayon), with
 //!   `powerinfer-quant`'s quantizers, which are bit-identical to ggml's reference ones.
 
@@ -34,6 +38,14 @@ pub enum FileType {
     Q5_1,
     /// 7: Q8_0.
     Q8_0,
+    /// 10: Q2_K (attention output, `attn_v`, `ffn_gate`, `ffn_up`, `ffn_down` in Q3_K).
+    Q2_K,
+    /// 11: Q3_K, small mix.
+    Q3_K_S,
+    /// 12: Q3_K, medium mix (`Q3_K` names this one).
+    Q3_K_M,
+    /// 13: Q3_K, large mix.
+    Q3_K_L,
     /// 14: Q4_K, small mix.
     Q4_K_S,
     /// 15: Q4_K, medium mix (`Q4_K` names this one).
@@ -44,21 +56,32 @@ pub enum FileType {
     Q5_K_M,
     /// 18: Q6_K.
     Q6_K,
+    /// 25: IQ4_NL (4-bit non-linear, 32 per block; not in the reference, llama.cpp's rules).
+    IQ4_NL,
+    /// 30: IQ4_XS (4-bit non-linear, 256 per super-block; not in the reference, llama.cpp's
+    /// rules).
+    IQ4_XS,
 }
 
 impl FileType {
     /// Every supported file type.
-    pub const ALL: [FileType; 10] = [
+    pub const ALL: [FileType; 16] = [
         FileType::Q4_0,
         FileType::Q4_1,
         FileType::Q5_0,
         FileType::Q5_1,
         FileType::Q8_0,
+        FileType::Q2_K,
+        FileType::Q3_K_S,
+        FileType::Q3_K_M,
+        FileType::Q3_K_L,
         FileType::Q4_K_S,
         FileType::Q4_K_M,
         FileType::Q5_K_S,
         FileType::Q5_K_M,
         FileType::Q6_K,
+        FileType::IQ4_NL,
+        FileType::IQ4_XS,
     ];
 
     /// The `general.file_type` value (llama.cpp's `llama_ftype`).
@@ -69,11 +92,17 @@ impl FileType {
             FileType::Q8_0 => 7,
             FileType::Q5_0 => 8,
             FileType::Q5_1 => 9,
+            FileType::Q2_K => 10,
+            FileType::Q3_K_S => 11,
+            FileType::Q3_K_M => 12,
+            FileType::Q3_K_L => 13,
             FileType::Q4_K_S => 14,
             FileType::Q4_K_M => 15,
             FileType::Q5_K_S => 16,
             FileType::Q5_K_M => 17,
             FileType::Q6_K => 18,
+            FileType::IQ4_NL => 25,
+            FileType::IQ4_XS => 30,
         }
     }
 
@@ -85,19 +114,26 @@ impl FileType {
             FileType::Q5_0 => "Q5_0",
             FileType::Q5_1 => "Q5_1",
             FileType::Q8_0 => "Q8_0",
+            FileType::Q2_K => "Q2_K",
+            FileType::Q3_K_S => "Q3_K_S",
+            FileType::Q3_K_M => "Q3_K_M",
+            FileType::Q3_K_L => "Q3_K_L",
             FileType::Q4_K_S => "Q4_K_S",
             FileType::Q4_K_M => "Q4_K_M",
             FileType::Q5_K_S => "Q5_K_S",
             FileType::Q5_K_M => "Q5_K_M",
             FileType::Q6_K => "Q6_K",
+            FileType::IQ4_NL => "IQ4_NL",
+            FileType::IQ4_XS => "IQ4_XS",
         }
     }
 
-    /// Parses a name (case-insensitive; `Q4_K` and `Q5_K` mean the `_M` mixes) or a
+    /// Parses a name (case-insensitive; `Q3_K`, `Q4_K` and `Q5_K` mean the `_M` mixes) or a
     /// `llama_ftype` number.
     pub fn parse(s: &str) -> Option<FileType> {
         let u = s.trim().to_ascii_uppercase();
         match u.as_str() {
+            "Q3_K" => return Some(FileType::Q3_K_M),
             "Q4_K" => return Some(FileType::Q4_K_M),
             "Q5_K" => return Some(FileType::Q5_K_M),
             _ => {}
@@ -115,9 +151,13 @@ impl FileType {
             FileType::Q5_0 => GgmlType::Q5_0,
             FileType::Q5_1 => GgmlType::Q5_1,
             FileType::Q8_0 => GgmlType::Q8_0,
+            FileType::Q2_K => GgmlType::Q2_K,
+            FileType::Q3_K_S | FileType::Q3_K_M | FileType::Q3_K_L => GgmlType::Q3_K,
             FileType::Q4_K_S | FileType::Q4_K_M => GgmlType::Q4_K,
             FileType::Q5_K_S | FileType::Q5_K_M => GgmlType::Q5_K,
             FileType::Q6_K => GgmlType::Q6_K,
+            FileType::IQ4_NL => GgmlType::IQ4_NL,
+            FileType::IQ4_XS => GgmlType::IQ4_XS,
         }
     }
 }
@@ -139,7 +179,8 @@ pub struct QuantizeOptions {
     pub allow_requantize: bool,
     /// Keep `output.weight` as it is.
     pub leave_output_tensor: bool,
-    /// Every quantized tensor gets the base type (no mixes, no special cases).
+    /// Every quantized tensor gets the base type (no mixes, no special cases), except that
+    /// rows a super-block type cannot hold (not a multiple of 256) get its fallback type.
     pub pure: bool,
     /// Quantize Q4_0, Q4_1, Q5_0 and Q5_1 with a fused multiply-add in `x * id + 0.5` (as
     /// the reference's compiled ggml does; see [`quantize_row_fused`]). When false,
@@ -185,6 +226,9 @@ struct State {
     i_feed_forward_w2: usize,
     n_fallback: usize,
     is_70b: bool,
+    is_falcon: bool,
+    /// Query heads per KV head (1 when the file does not say).
+    n_gqa: u32,
     n_expert: u32,
 }
 
@@ -192,15 +236,23 @@ fn use_more_bits(i: usize, n: usize) -> bool {
     i < n / 8 || i >= 7 * n / 8 || (i as i64 - (n / 8) as i64) % 3 == 2
 }
 
-fn is_k(t: GgmlType) -> bool {
-    matches!(
-        t,
-        GgmlType::Q2_K | GgmlType::Q3_K | GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K
-    )
+/// The super-block types (256 elements per block) and the type each falls back to for rows
+/// that are not a multiple of 256 (the reference's table; IQ4_XS as llama.cpp does it).
+fn fallback(t: GgmlType) -> Option<GgmlType> {
+    use GgmlType as G;
+    Some(match t {
+        G::Q2_K => G::Q4_0,
+        G::Q3_K => G::Q4_1,
+        G::Q4_K => G::Q5_0,
+        G::Q5_K => G::Q5_1,
+        G::Q6_K => G::Q8_0,
+        G::IQ4_XS => G::IQ4_NL,
+        _ => return None,
+    })
 }
 
-/// `get_k_quant_type` of the reference (without the Falcon cases and the Q2_K/Q3_K mixes,
-/// which powerinfer does not produce).
+/// `get_k_quant_type` of the reference, with llama.cpp's rules for the IQ4 types (which the
+/// reference does not have): which type each tensor of a mix gets.
 fn k_quant_type(
     qs: &mut State,
     mut ty: GgmlType,
@@ -211,14 +263,27 @@ fn k_quant_type(
     use GgmlType as G;
     let name = t.name.as_str();
     let nx = t.shape.first().copied().unwrap_or(0);
+    let iq4 = matches!(ft, F::IQ4_NL | F::IQ4_XS);
     if name == "output.weight" {
-        if !nx.is_multiple_of(256) {
+        if qs.is_falcon || !nx.is_multiple_of(256) {
             ty = G::Q8_0;
         } else if ty != G::Q8_0 {
             ty = G::Q6_K;
         }
     } else if name.contains("attn_v.weight") {
-        if matches!(ft, F::Q4_K_M | F::Q5_K_M)
+        if ft == F::Q2_K {
+            ty = G::Q3_K;
+        } else if ft == F::Q3_K_M {
+            ty = if qs.i_attention_wv < 2 {
+                G::Q5_K
+            } else {
+                G::Q4_K
+            };
+        } else if ft == F::Q3_K_L {
+            ty = G::Q5_K;
+        } else if iq4 && qs.n_gqa >= 4 {
+            ty = G::Q5_K;
+        } else if matches!(ft, F::Q4_K_M | F::Q5_K_M)
             && use_more_bits(qs.i_attention_wv, qs.n_attention_wv)
         {
             ty = G::Q6_K;
@@ -237,25 +302,63 @@ fn k_quant_type(
             ty = G::Q8_0;
         }
     } else if name.contains("ffn_down.weight") {
-        if (ft == F::Q4_K_M || ft == F::Q5_K_M)
-            && use_more_bits(qs.i_feed_forward_w2, qs.n_feed_forward_w2)
-        {
-            ty = G::Q6_K;
-        } else if ft == F::Q4_K_S && qs.i_feed_forward_w2 < 4 {
-            ty = G::Q5_K;
+        let (i, n) = (qs.i_feed_forward_w2, qs.n_feed_forward_w2);
+        match ft {
+            F::Q2_K => ty = G::Q3_K,
+            F::Q3_K_M => {
+                ty = if i < 2 {
+                    G::Q5_K
+                } else if !qs.is_falcon || use_more_bits(i, n) {
+                    G::Q4_K
+                } else {
+                    G::Q3_K
+                }
+            }
+            F::Q3_K_L => ty = if qs.is_falcon { G::Q4_K } else { G::Q5_K },
+            F::Q4_K_M if qs.is_falcon => {
+                ty = if i < 2 {
+                    G::Q6_K
+                } else if use_more_bits(i, n) {
+                    G::Q5_K
+                } else {
+                    G::Q4_K
+                }
+            }
+            F::Q4_K_M | F::Q5_K_M if use_more_bits(i, n) => ty = G::Q6_K,
+            F::Q4_K_S if !qs.is_falcon && i < 4 => ty = G::Q5_K,
+            F::IQ4_NL | F::IQ4_XS if i < n / 8 => ty = G::Q5_K,
+            _ => {}
         }
         qs.i_feed_forward_w2 += 1;
+    } else if name.contains("attn_output.weight") {
+        if !qs.is_falcon {
+            match ft {
+                F::Q2_K => ty = G::Q3_K,
+                F::Q3_K_M => ty = G::Q4_K,
+                F::Q3_K_L => ty = G::Q5_K,
+                _ => {}
+            }
+        } else if ft == F::Q3_K_L {
+            ty = G::Q4_K;
+        }
+    } else if name.contains("attn_qkv.weight") {
+        match ft {
+            F::Q3_K_M | F::Q3_K_L => ty = G::Q4_K,
+            F::Q4_K_M => ty = G::Q5_K,
+            F::Q5_K_M => ty = G::Q6_K,
+            _ => {}
+        }
+    } else if name.contains("ffn_gate.weight") || name.contains("ffn_up.weight") {
+        if ft == F::Q2_K {
+            ty = G::Q3_K;
+        }
     } else if name.contains("fc1.weight") || name.contains("fc2.weight") {
         ty = if ft == F::Q4_0 { G::Q4_0 } else { G::Q5_0 };
     }
-    if is_k(ty) && !nx.is_multiple_of(256) {
-        ty = match ty {
-            G::Q2_K => G::Q4_0,
-            G::Q3_K => G::Q4_1,
-            G::Q4_K => G::Q5_0,
-            G::Q5_K => G::Q5_1,
-            _ => G::Q8_0,
-        };
+    if !nx.is_multiple_of(256)
+        && let Some(f) = fallback(ty)
+    {
+        ty = f;
         qs.n_fallback += 1;
     }
     Ok(ty)
@@ -283,6 +386,14 @@ pub fn plan_types(
         is_70b: file.architecture() == Some("llama")
             && arch_u32("block_count") == Some(80)
             && arch_u32("attention.head_count") != arch_u32("attention.head_count_kv"),
+        is_falcon: file.architecture() == Some("falcon"),
+        n_gqa: match (
+            arch_u32("attention.head_count"),
+            arch_u32("attention.head_count_kv"),
+        ) {
+            (Some(h), Some(kv)) if kv > 0 => h / kv,
+            _ => 1,
+        },
         n_expert: arch_u32("expert_count").unwrap_or(0),
     };
     let mut out = Vec::with_capacity(file.tensors().len());
@@ -295,6 +406,12 @@ pub fn plan_types(
             let mut new = opts.file_type.base_type();
             if !opts.pure {
                 new = k_quant_type(&mut qs, new, t, opts.file_type)?;
+            } else if let Some(f) = fallback(new)
+                && !t.shape[0].is_multiple_of(256)
+            {
+                // Even a pure file cannot put rows of other lengths into super-blocks.
+                new = f;
+                qs.n_fallback += 1;
             }
             if new != t.ty {
                 let n = t.shape[0] as usize;
@@ -586,7 +703,8 @@ mod tests {
         assert_eq!(FileType::parse("q5_k_s"), Some(FileType::Q5_K_S));
         assert_eq!(FileType::parse("18"), Some(FileType::Q6_K));
         assert_eq!(FileType::parse("7"), Some(FileType::Q8_0));
-        assert_eq!(FileType::parse("Q2_K"), None);
+        assert_eq!(FileType::parse("Q2_K"), Some(FileType::Q2_K));
+        assert_eq!(FileType::parse("IQ2_XXS"), None);
         assert_eq!(FileType::parse("f16"), None);
         for f in FileType::ALL {
             assert_eq!(FileType::parse(f.name()), Some(f));
