@@ -119,13 +119,13 @@ ggml_types! {
     IQ3_XXS = 18, 256, 98, "IQ3_XXS";
     /// IQ1_S (readable, not computable here).
     IQ1_S = 19, 256, 50, "IQ1_S";
-    /// IQ4_NL (readable, not computable here).
+    /// IQ4_NL: 4-bit indices into a non-linear table, 32 per block, one f16 scale.
     IQ4_NL = 20, 32, 18, "IQ4_NL";
     /// IQ3_S (readable, not computable here).
     IQ3_S = 21, 256, 110, "IQ3_S";
     /// IQ2_S (readable, not computable here).
     IQ2_S = 22, 256, 82, "IQ2_S";
-    /// IQ4_XS (readable, not computable here).
+    /// IQ4_XS: IQ4_NL values in 256-element super-blocks with 6-bit sub-block scales.
     IQ4_XS = 23, 256, 136, "IQ4_XS";
     /// Signed 8-bit integer.
     I8 = 24, 1, 1, "I8";

@@ -31,9 +31,13 @@ fn bench(c: &mut Criterion) {
         T::Q5_0,
         T::Q5_1,
         T::Q8_0,
+        T::Q2_K,
+        T::Q3_K,
         T::Q4_K,
         T::Q5_K,
         T::Q6_K,
+        T::IQ4_NL,
+        T::IQ4_XS,
     ];
     let mut g = c.benchmark_group("vec_dot_4096");
     g.warm_up_time(Duration::from_millis(200));

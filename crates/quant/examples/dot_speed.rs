@@ -32,9 +32,13 @@ fn main() {
         T::Q5_0,
         T::Q5_1,
         T::Q8_0,
+        T::Q2_K,
+        T::Q3_K,
         T::Q4_K,
         T::Q5_K,
         T::Q6_K,
+        T::IQ4_NL,
+        T::IQ4_XS,
     ] {
         let sk = scalar_kernels(ty).unwrap();
         let mut w = vec![0u8; row_bytes(ty, N).unwrap()];

@@ -129,6 +129,66 @@ pub struct BlockQ6K {
     pub d: f16,
 }
 
+/// Q2_K: 16 sub-blocks of 16 with 4-bit scales and mins, 2-bit values `q * d * sc - dmin * m`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ2K {
+    /// Sub-block `j`'s scale in the low nibble of byte `j`, its min in the high nibble.
+    pub scales: [u8; QK_K / 16],
+    /// 2-bit values: for each 128-element half, 32 bytes; bits `2k..2k+2` of byte `l` hold
+    /// element `32k + l` of that half.
+    pub qs: [u8; QK_K / 4],
+    /// Super-block scale of the scales.
+    pub d: f16,
+    /// Super-block scale of the mins.
+    pub dmin: f16,
+}
+
+/// Q3_K: 16 sub-blocks of 16 with signed 6-bit scales, 3-bit values `q - 4` times `d * sc`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockQ3K {
+    /// High bits: bit `k` of byte `l` belongs to element `32k + l` (set means no `- 4`).
+    pub hmask: [u8; QK_K / 8],
+    /// Low 2 bits, packed as in [`BlockQ2K::qs`].
+    pub qs: [u8; QK_K / 4],
+    /// Packed 6-bit scales (stored `+ 32`): low nibbles in bytes 0..8, high 2 bits in 8..12.
+    pub scales: [u8; 12],
+    /// Super-block scale.
+    pub d: f16,
+}
+
+/// IQ4_NL: 32 weights as 4-bit indices into the non-linear table [`KVALUES_IQ4NL`], times `d`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockIQ4NL {
+    /// Scale.
+    pub d: f16,
+    /// Index nibbles, as in [`BlockQ4_0`].
+    pub qs: [u8; QK / 2],
+}
+
+/// IQ4_XS: 8 sub-blocks of 32 with 6-bit scales (stored `+ 32`), 4-bit indices into
+/// [`KVALUES_IQ4NL`].
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Pod, Zeroable)]
+pub struct BlockIQ4XS {
+    /// Super-block scale.
+    pub d: f16,
+    /// High 2 bits of the scales: bits `2j..2j+2` belong to sub-block `j`.
+    pub scales_h: u16,
+    /// Low 4 bits of the scales: sub-block `2i` in the low nibble of byte `i`, `2i + 1` in
+    /// the high one.
+    pub scales_l: [u8; QK_K / 64],
+    /// Index nibbles: 16 bytes per sub-block, as in [`BlockQ4_0`].
+    pub qs: [u8; QK_K / 2],
+}
+
+/// The 16 values of ggml's non-linear 4-bit grid (`kvalues_iq4nl`), used by IQ4_NL / IQ4_XS.
+pub const KVALUES_IQ4NL: [i8; 16] = [
+    -127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113,
+];
+
 /// Q8_K: 256 signed bytes with an f32 scale and per-16 sums (activation type for K-quants).
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Pod, Zeroable)]
@@ -161,4 +221,8 @@ assert_size! {
     BlockQ5K => GgmlType::Q5_K,
     BlockQ6K => GgmlType::Q6_K,
     BlockQ8K => GgmlType::Q8_K,
+    BlockQ2K => GgmlType::Q2_K,
+    BlockQ3K => GgmlType::Q3_K,
+    BlockIQ4NL => GgmlType::IQ4_NL,
+    BlockIQ4XS => GgmlType::IQ4_XS,
 }

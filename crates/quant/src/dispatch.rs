@@ -46,7 +46,7 @@ macro_rules! k {
     };
 }
 
-static SCALAR: [TypeKernels; 11] = [
+static SCALAR: [TypeKernels; 15] = [
     k!(
         F32,
         F32,
@@ -104,6 +104,20 @@ static SCALAR: [TypeKernels; 11] = [
         scalar::dequantize_q8_0
     ),
     k!(
+        Q2_K,
+        Q8_K,
+        scalar::vec_dot_q2_k_q8_k,
+        scalar::quantize_q8_k,
+        scalar::dequantize_q2_k
+    ),
+    k!(
+        Q3_K,
+        Q8_K,
+        scalar::vec_dot_q3_k_q8_k,
+        scalar::quantize_q8_k,
+        scalar::dequantize_q3_k
+    ),
+    k!(
         Q4_K,
         Q8_K,
         scalar::vec_dot_q4_k_q8_k,
@@ -124,11 +138,25 @@ static SCALAR: [TypeKernels; 11] = [
         scalar::quantize_q8_k,
         scalar::dequantize_q6_k
     ),
+    k!(
+        IQ4_NL,
+        Q8_0,
+        scalar::vec_dot_iq4_nl_q8_0,
+        scalar::quantize_q8_0,
+        scalar::dequantize_iq4_nl
+    ),
+    k!(
+        IQ4_XS,
+        Q8_K,
+        scalar::vec_dot_iq4_xs_q8_k,
+        scalar::quantize_q8_k,
+        scalar::dequantize_iq4_xs
+    ),
 ];
 
 struct Best {
     level: &'static str,
-    table: [TypeKernels; 11],
+    table: [TypeKernels; 15],
 }
 
 static BEST: OnceLock<Best> = OnceLock::new();

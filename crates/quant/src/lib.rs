@@ -1,10 +1,13 @@
 //! ggml block quantization formats: (de)quantization and dot products.
 //!
 //! Bit-compatible with llama.cpp / ggml for F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q8_1,
-//! Q4_K, Q5_K, Q6_K and Q8_K:
+//! Q2_K, Q3_K, Q4_K, Q5_K, Q6_K, Q8_K, IQ4_NL and IQ4_XS:
 //!
 //! - [`dequantize_row`] / [`quantize_row`]: checked, scalar reference conversions
-//!   (`quantize_row` is bit-identical to ggml's `quantize_row_*_ref`).
+//!   (`quantize_row` is bit-identical to ggml's quantizer as `llama-quantize` runs it without
+//!   an importance matrix: `quantize_row_*_ref` for every type but IQ4_NL, whose model-file
+//!   quantizer `quantize_iq4_nl` searches the scale where `quantize_row_iq4_nl_ref` does not;
+//!   the latter is [`scalar::quantize_iq4_nl_ref`]).
 //! - [`vec_dot_type`] / [`vec_dot`]: the activation type ggml pairs with a weight type, and a
 //!   checked dot product of a weight row with quantized activations.
 //! - [`kernels`] / [`scalar_kernels`]: per-type hot-path function pointers ([`TypeKernels`]),
@@ -46,8 +49,8 @@ pub mod scalar;
 mod x86;
 
 pub use blocks::{
-    BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0, BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1,
-    BlockQ8K, QK, QK_K,
+    BlockIQ4NL, BlockIQ4XS, BlockQ2K, BlockQ3K, BlockQ4_0, BlockQ4_1, BlockQ4K, BlockQ5_0,
+    BlockQ5_1, BlockQ5K, BlockQ6K, BlockQ8_0, BlockQ8_1, BlockQ8K, KVALUES_IQ4NL, QK, QK_K,
 };
 pub use dispatch::{Dot4Fn, TypeKernels, all_kernels, kernels, scalar_kernels, simd_level};
 pub use half;
@@ -57,8 +60,9 @@ pub use powerinfer_gguf::GgmlType;
 /// Errors of the checked API.
 #[derive(Debug, thiserror::Error)]
 pub enum QuantError {
-    /// The operation is not implemented for this type (IQ and integer types, or a dot product
-    /// for an activation-only type).
+    /// The operation is not implemented for this type (integer types, the IQ types other than
+    /// IQ4_NL / IQ4_XS, and the remaining GGUF formats such as TQ1_0, TQ2_0, MXFP4; or a dot
+    /// product for an activation-only type).
     #[error("type {0} is not supported by this operation")]
     Unsupported(GgmlType),
     /// A slice has the wrong length.
@@ -96,16 +100,17 @@ pub fn row_bytes(ty: GgmlType, n: usize) -> Option<usize> {
 }
 
 /// The activation type ggml pairs with weight type `ty` for dot products; `None` for types
-/// without a dot product here (activation-only Q8_1 / Q8_K, integer and IQ types).
+/// without a dot product here (activation-only Q8_1 / Q8_K, integer types, and the IQ and
+/// other formats that are not computable here).
 pub fn vec_dot_type(ty: GgmlType) -> Option<GgmlType> {
     use GgmlType as T;
     Some(match ty {
         T::F32 => T::F32,
         T::F16 => T::F16,
         T::BF16 => T::BF16,
-        T::Q4_0 | T::Q5_0 | T::Q8_0 => T::Q8_0,
+        T::Q4_0 | T::Q5_0 | T::Q8_0 | T::IQ4_NL => T::Q8_0,
         T::Q4_1 | T::Q5_1 => T::Q8_1,
-        T::Q4_K | T::Q5_K | T::Q6_K => T::Q8_K,
+        T::Q2_K | T::Q3_K | T::Q4_K | T::Q5_K | T::Q6_K | T::IQ4_XS => T::Q8_K,
         _ => return None,
     })
 }
@@ -125,10 +130,14 @@ fn ref_dequant(ty: GgmlType) -> Option<DequantFn> {
         T::Q5_1 => scalar::dequantize_q5_1,
         T::Q8_0 => scalar::dequantize_q8_0,
         T::Q8_1 => scalar::dequantize_q8_1,
+        T::Q2_K => scalar::dequantize_q2_k,
+        T::Q3_K => scalar::dequantize_q3_k,
         T::Q4_K => scalar::dequantize_q4_k,
         T::Q5_K => scalar::dequantize_q5_k,
         T::Q6_K => scalar::dequantize_q6_k,
         T::Q8_K => scalar::dequantize_q8_k,
+        T::IQ4_NL => scalar::dequantize_iq4_nl,
+        T::IQ4_XS => scalar::dequantize_iq4_xs,
         _ => return None,
     })
 }
@@ -145,10 +154,14 @@ fn ref_quant(ty: GgmlType) -> Option<QuantFn> {
         T::Q5_1 => scalar::quantize_q5_1,
         T::Q8_0 => scalar::quantize_q8_0,
         T::Q8_1 => scalar::quantize_q8_1,
+        T::Q2_K => scalar::quantize_q2_k,
+        T::Q3_K => scalar::quantize_q3_k,
         T::Q4_K => scalar::quantize_q4_k,
         T::Q5_K => scalar::quantize_q5_k,
         T::Q6_K => scalar::quantize_q6_k,
         T::Q8_K => scalar::quantize_q8_k,
+        T::IQ4_NL => scalar::quantize_iq4_nl,
+        T::IQ4_XS => scalar::quantize_iq4_xs,
         _ => return None,
     })
 }
@@ -180,7 +193,9 @@ pub fn dequantize_row(ty: GgmlType, src: &[u8], dst: &mut [f32]) -> Result<(), Q
 }
 
 /// Quantizes one row of `src.len()` elements into `dst` (exactly `row_bytes(ty, src.len())`
-/// bytes). Bit-identical to ggml's `quantize_row_*_ref` (the non-imatrix path).
+/// bytes). Bit-identical to what ggml's `ggml_quantize_chunk` writes without an importance
+/// matrix (as `llama-quantize` runs it), which is `quantize_row_*_ref` for every type but
+/// IQ4_NL (see [`scalar::quantize_iq4_nl`] and [`scalar::quantize_iq4_nl_ref`]).
 pub fn quantize_row(ty: GgmlType, src: &[f32], dst: &mut [u8]) -> Result<(), QuantError> {
     let f = ref_quant(ty).ok_or(QuantError::Unsupported(ty))?;
     check_row(ty, src.len(), dst.len(), "destination")?;

@@ -742,7 +742,8 @@ pub fn vec_dot_q6_k_q8_k(n: usize, w: &[u8], act: &[u8]) -> f32 {
 
 const GROUP_MAX_EPS: f32 = 1e-15;
 
-/// ggml's `make_qkx2_quants` (weighted min/scale search, non-MAD path as used by q4_K/q5_K).
+/// ggml's `make_qkx2_quants` (weighted min/scale search): squared errors for q4_K / q5_K,
+/// absolute errors (`use_mad`) for q2_K. Returns `(scale, -min)`.
 #[allow(clippy::too_many_arguments)]
 fn make_qkx2_quants(
     nmax: i32,
@@ -753,7 +754,9 @@ fn make_qkx2_quants(
     rmin: f32,
     rdelta: f32,
     nstep: i32,
+    use_mad: bool,
 ) -> (f32, f32) {
+    let err = |diff: f32| if use_mad { diff.abs() } else { diff * diff };
     let n = x.len();
     let mut min = x[0];
     let mut max = x[0];
@@ -784,7 +787,7 @@ fn make_qkx2_quants(
         let l = nearest_int(iscale * (x[i] - min)).clamp(0, nmax);
         l_out[i] = l as u8;
         let diff = scale * l as f32 + min - x[i];
-        best_error += weights[i] * (diff * diff);
+        best_error += weights[i] * err(diff);
     }
     for is in 0..=nstep {
         iscale = (rmin + rdelta * is as f32 + nmax as f32) / (max - min);
@@ -809,7 +812,7 @@ fn make_qkx2_quants(
             let mut mad = 0f32;
             for i in 0..n {
                 let diff = this_scale * laux[i] as f32 + this_min - x[i];
-                mad += weights[i] * (diff * diff);
+                mad += weights[i] * err(diff);
             }
             if mad < best_error {
                 l_out[..n].copy_from_slice(&laux[..n]);
@@ -901,6 +904,7 @@ fn quantize_kx(x: &[f32], b_head: &mut [u8], l: &mut [u8; QK_K], nmax: i32, rmin
             rmin,
             0.1,
             nstep,
+            false,
         );
         scales[j] = s;
         mins[j] = m;
@@ -1039,4 +1043,614 @@ pub fn quantize_q6_k(src: &[f32], dst: &mut [u8]) {
             }
         }
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q2_K and Q3_K
+
+/// The 16 signed Q3_K scales (`stored - 32`) from the 12 packed bytes, as ggml unpacks them
+/// (low nibbles from bytes 0..8, high 2 bits from bytes 8..12).
+#[inline(always)]
+pub(crate) fn q3k_scales(sc: &[u8]) -> [i8; 16] {
+    const KMASK1: u32 = 0x0303_0303;
+    const KMASK2: u32 = 0x0f0f_0f0f;
+    let r = |i: usize| u32::from_le_bytes([sc[i], sc[i + 1], sc[i + 2], sc[i + 3]]);
+    let (a0, a1, tmp) = (r(0), r(4), r(8));
+    let words = [
+        (a0 & KMASK2) | ((tmp & KMASK1) << 4),
+        (a1 & KMASK2) | (((tmp >> 2) & KMASK1) << 4),
+        ((a0 >> 4) & KMASK2) | (((tmp >> 4) & KMASK1) << 4),
+        ((a1 >> 4) & KMASK2) | (((tmp >> 6) & KMASK1) << 4),
+    ];
+    let mut out = [0i8; 16];
+    for (o, w) in out.chunks_exact_mut(4).zip(words) {
+        for (k, b) in w.to_le_bytes().into_iter().enumerate() {
+            o[k] = b as i8 - 32;
+        }
+    }
+    out
+}
+
+/// Q2_K -> f32 (`dequantize_row_q2_K`).
+pub fn dequantize_q2_k(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(84).zip(dst.chunks_exact_mut(QK_K)) {
+        let d = rd_f16(b, 80);
+        let min = rd_f16(b, 82);
+        let sc = &b[0..16];
+        for h in 0..2 {
+            let q = &b[16 + 32 * h..48 + 32 * h];
+            for k in 0..4 {
+                let shift = 2 * k;
+                for half in 0..2 {
+                    let s = sc[8 * h + 2 * k + half];
+                    let dl = d * (s & 0xF) as f32;
+                    let ml = min * (s >> 4) as f32;
+                    let o = 128 * h + 32 * k + 16 * half;
+                    for l in 0..16 {
+                        let v = (q[16 * half + l] >> shift) & 3;
+                        y[o + l] = dl * v as f32 - ml;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Packs 256 2-bit levels into 64 bytes (Q2_K / Q3_K `qs` layout).
+#[inline(always)]
+fn pack_2bit(l: &[u8; QK_K], qs: &mut [u8]) {
+    for j in (0..QK_K).step_by(128) {
+        for i in 0..32 {
+            qs[j / 4 + i] =
+                l[j + i] | (l[j + i + 32] << 2) | (l[j + i + 64] << 4) | (l[j + i + 96] << 6);
+        }
+    }
+}
+
+/// f32 -> Q2_K (`quantize_row_q2_K_ref`, which `llama-quantize` runs without an importance
+/// matrix).
+pub fn quantize_q2_k(src: &[f32], dst: &mut [u8]) {
+    const Q4SCALE: f32 = 15.0;
+    let mut l = [0u8; QK_K];
+    let mut laux = [0u8; 16];
+    let mut weights = [0f32; 16];
+    let mut mins = [0f32; 16];
+    let mut scales = [0f32; 16];
+    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(84)) {
+        let (mut max_scale, mut max_min) = (0f32, 0f32);
+        for j in 0..16 {
+            let xs = &x[16 * j..16 * j + 16];
+            for (w, v) in weights.iter_mut().zip(xs) {
+                *w = v.abs();
+            }
+            let (s, m) = make_qkx2_quants(
+                3,
+                xs,
+                &weights,
+                &mut l[16 * j..16 * j + 16],
+                &mut laux,
+                -0.5,
+                0.1,
+                15,
+                true,
+            );
+            scales[j] = s;
+            mins[j] = m;
+            if s > max_scale {
+                max_scale = s;
+            }
+            if m > max_min {
+                max_min = m;
+            }
+        }
+        let (sc, rest) = b.split_at_mut(16);
+        if max_scale > 0.0 {
+            let iscale = Q4SCALE / max_scale;
+            for j in 0..16 {
+                sc[j] = nearest_int(iscale * scales[j]) as u8;
+            }
+            wr_f16(rest, 64, max_scale / Q4SCALE);
+        } else {
+            sc.fill(0);
+            wr_f16(rest, 64, 0.0);
+        }
+        if max_min > 0.0 {
+            let iscale = Q4SCALE / max_min;
+            for j in 0..16 {
+                sc[j] |= (nearest_int(iscale * mins[j]) << 4) as u8;
+            }
+            wr_f16(rest, 66, max_min / Q4SCALE);
+        } else {
+            wr_f16(rest, 66, 0.0);
+        }
+        let dd = rd_f16(rest, 64);
+        let dm = rd_f16(rest, 66);
+        for j in 0..16 {
+            let d = dd * (sc[j] & 0xF) as f32;
+            if d == 0.0 {
+                continue;
+            }
+            let m = dm * (sc[j] >> 4) as f32;
+            for ii in 0..16 {
+                let q = nearest_int((x[16 * j + ii] + m) / d);
+                l[16 * j + ii] = q.clamp(0, 3) as u8;
+            }
+        }
+        pack_2bit(&l, &mut rest[..64]);
+    }
+}
+
+/// ggml's `make_q3_quants` with `do_rmse = true` (as q3_K uses): levels `l + nmax` into
+/// `l_out`, returns the scale.
+fn make_q3_quants_rmse(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
+    let n = x.len();
+    let (mut max, mut amax) = (0f32, 0f32);
+    for &v in x {
+        if v.abs() > amax {
+            amax = v.abs();
+            max = v;
+        }
+    }
+    if amax < GROUP_MAX_EPS {
+        l_out[..n].fill(0);
+        return 0.0;
+    }
+    let iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for i in 0..n {
+        let l = nearest_int(iscale * x[i]).clamp(-nmax, nmax - 1);
+        l_out[i] = l as i8;
+        let w = x[i] * x[i];
+        sumlx += w * x[i] * l as f32;
+        suml2 += w * l as f32 * l as f32;
+    }
+    for _ in 0..5 {
+        let mut changed = false;
+        for i in 0..n {
+            let w = x[i] * x[i];
+            let li = l_out[i] as f32;
+            let mut slx = sumlx - w * x[i] * li;
+            if slx > 0.0 {
+                let mut sl2 = suml2 - w * li * li;
+                let new_l = nearest_int(x[i] * sl2 / slx).clamp(-nmax, nmax - 1);
+                if new_l != l_out[i] as i32 {
+                    let nl = new_l as f32;
+                    slx += w * x[i] * nl;
+                    sl2 += w * nl * nl;
+                    if sl2 > 0.0 && slx * slx * suml2 > sumlx * sumlx * sl2 {
+                        l_out[i] = new_l as i8;
+                        sumlx = slx;
+                        suml2 = sl2;
+                        changed = true;
+                    }
+                }
+            }
+        }
+        if !changed {
+            break;
+        }
+    }
+    for v in &mut l_out[..n] {
+        *v += nmax as i8;
+    }
+    if suml2 > 0.0 { sumlx / suml2 } else { 0.0 }
+}
+
+/// Q3_K -> f32 (`dequantize_row_q3_K`).
+pub fn dequantize_q3_k(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(110).zip(dst.chunks_exact_mut(QK_K)) {
+        let d_all = rd_f16(b, 108);
+        let sc = q3k_scales(&b[96..108]);
+        let hm = &b[0..32];
+        for h in 0..2 {
+            let q = &b[32 + 32 * h..64 + 32 * h];
+            for k in 0..4 {
+                let shift = 2 * k;
+                let m = 1u8 << (4 * h + k);
+                for half in 0..2 {
+                    let dl = d_all * sc[8 * h + 2 * k + half] as f32;
+                    let o = 128 * h + 32 * k + 16 * half;
+                    for l in 0..16 {
+                        let i = 16 * half + l;
+                        let v = ((q[i] >> shift) & 3) as i8 - if hm[i] & m != 0 { 0 } else { 4 };
+                        y[o + l] = dl * v as f32;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f32 -> Q3_K (`quantize_row_q3_K_ref`, which `llama-quantize` runs without an importance
+/// matrix).
+pub fn quantize_q3_k(src: &[f32], dst: &mut [u8]) {
+    let mut l = [0i8; QK_K];
+    let mut scales = [0f32; 16];
+    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(110)) {
+        let (mut max_scale, mut amax) = (0f32, 0f32);
+        for j in 0..16 {
+            scales[j] = make_q3_quants_rmse(4, &x[16 * j..16 * j + 16], &mut l[16 * j..]);
+            let s = scales[j].abs();
+            if s > amax {
+                amax = s;
+                max_scale = scales[j];
+            }
+        }
+        let sc = &mut b[96..108];
+        sc.fill(0);
+        if max_scale != 0.0 {
+            let iscale = -32.0 / max_scale;
+            for j in 0..16 {
+                // ggml stores nearest_int into an int8_t before clamping.
+                let v = (nearest_int(iscale * scales[j]) as i8).clamp(-32, 31) + 32;
+                let v = v as u8;
+                if j < 8 {
+                    sc[j] = v & 0xF;
+                } else {
+                    sc[j - 8] |= (v & 0xF) << 4;
+                }
+                sc[j % 4 + 8] |= (v >> 4) << (2 * (j / 4));
+            }
+            wr_f16(b, 108, 1.0 / iscale);
+        } else {
+            wr_f16(b, 108, 0.0);
+        }
+        let dd = rd_f16(b, 108);
+        let sc = &b[96..108];
+        for j in 0..16 {
+            let lo = if j < 8 { sc[j] & 0xF } else { sc[j - 8] >> 4 };
+            let s = (lo | (((sc[8 + j % 4] >> (2 * (j / 4))) & 3) << 4)) as i32 - 32;
+            let d = dd * s as f32;
+            if d == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                let q = nearest_int(x[16 * j + ii] / d).clamp(-4, 3);
+                l[16 * j + ii] = (q + 4) as i8;
+            }
+        }
+        let (hmask, rest) = b.split_at_mut(32);
+        hmask.fill(0);
+        let mut lu = [0u8; QK_K];
+        for j in 0..QK_K {
+            let mut v = l[j] as u8;
+            if l[j] > 3 {
+                hmask[j % 32] |= 1 << (j / 32);
+                v = (l[j] - 4) as u8;
+            }
+            lu[j] = v;
+        }
+        pack_2bit(&lu, &mut rest[..64]);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q2_K / Q3_K dots (ggml generic)
+
+/// Q2_K x Q8_K (`ggml_vec_dot_q2_K_q8_K_generic`).
+pub fn vec_dot_q2_k_q8_k(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut sumf = 0f32;
+    for (x, y) in w.chunks_exact(84).zip(act.chunks_exact(292)).take(n / QK_K) {
+        let sc = &x[0..16];
+        let mut summs = 0i32;
+        for j in 0..16 {
+            summs += rd_bsum(y, j) * (sc[j] >> 4) as i32;
+        }
+        let yd = f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+        let dall = yd * rd_f16(x, 80);
+        let dmin = yd * rd_f16(x, 82);
+        let mut isum = 0i32;
+        for h in 0..2 {
+            let q2 = &x[16 + 32 * h..48 + 32 * h];
+            for k in 0..4 {
+                let shift = 2 * k;
+                let q8 = &y[4 + 128 * h + 32 * k..];
+                for half in 0..2 {
+                    let d = (sc[8 * h + 2 * k + half] & 0xF) as i32;
+                    let mut isuml = 0i32;
+                    for l in 16 * half..16 * half + 16 {
+                        isuml += (q8[l] as i8 as i32) * ((q2[l] >> shift) & 3) as i32;
+                    }
+                    isum += d * isuml;
+                }
+            }
+        }
+        sumf += dall * isum as f32 - dmin * summs as f32;
+    }
+    sumf
+}
+
+/// Q3_K x Q8_K (`ggml_vec_dot_q3_K_q8_K_generic`: 8 integer and 8 float lanes).
+pub fn vec_dot_q3_k_q8_k(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut sums = [0f32; 8];
+    let mut a = [0i8; QK_K];
+    for (x, y) in w
+        .chunks_exact(110)
+        .zip(act.chunks_exact(292))
+        .take(n / QK_K)
+    {
+        let hm = &x[0..32];
+        for h in 0..2 {
+            let q3 = &x[32 + 32 * h..64 + 32 * h];
+            for k in 0..4 {
+                let m = 1u8 << (4 * h + k);
+                let o = &mut a[128 * h + 32 * k..128 * h + 32 * k + 32];
+                for l in 0..32 {
+                    o[l] = ((q3[l] >> (2 * k)) & 3) as i8 - if hm[l] & m != 0 { 0 } else { 4 };
+                }
+            }
+        }
+        let scales = q3k_scales(&x[96..108]);
+        let mut aux32 = [0i32; 8];
+        for j in 0..16 {
+            let s = scales[j] as i32;
+            for k in 0..2 {
+                for l in 0..8 {
+                    let i = 16 * j + 8 * k + l;
+                    let p = ((y[4 + i] as i8 as i32) * a[i] as i32) as i16;
+                    aux32[l] += s * p as i32;
+                }
+            }
+        }
+        let d = rd_f16(x, 108) * f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+        for l in 0..8 {
+            sums[l] += d * aux32[l] as f32;
+        }
+    }
+    let mut sumf = 0f32;
+    for s in sums {
+        sumf += s;
+    }
+    sumf
+}
+
+// ---------------------------------------------------------------------------------------------
+// IQ4_NL and IQ4_XS
+
+use crate::blocks::KVALUES_IQ4NL;
+
+/// Dequantized IQ4 value of a nibble.
+#[inline(always)]
+fn kv(q: u8) -> f32 {
+    KVALUES_IQ4NL[(q & 0xF) as usize] as f32
+}
+
+/// IQ4_NL -> f32 (`dequantize_row_iq4_nl`).
+pub fn dequantize_iq4_nl(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(18).zip(dst.chunks_exact_mut(QK)) {
+        let d = rd_f16(b, 0);
+        for j in 0..16 {
+            y[j] = d * kv(b[2 + j]);
+            y[j + 16] = d * kv(b[2 + j] >> 4);
+        }
+    }
+}
+
+/// Signed 6-bit scale (`stored - 32`) of IQ4_XS sub-block `ib` (0..8).
+#[inline(always)]
+fn iq4xs_scale(b: &[u8], ib: usize) -> i32 {
+    let sh = u16::from_le_bytes([b[2], b[3]]);
+    let lo = (b[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+    let hi = ((sh >> (2 * ib)) & 3) as u8;
+    (lo | (hi << 4)) as i32 - 32
+}
+
+/// IQ4_XS -> f32 (`dequantize_row_iq4_xs`).
+pub fn dequantize_iq4_xs(src: &[u8], dst: &mut [f32]) {
+    for (b, y) in src.chunks_exact(136).zip(dst.chunks_exact_mut(QK_K)) {
+        let d = rd_f16(b, 0);
+        for ib in 0..8 {
+            let dl = d * iq4xs_scale(b, ib) as f32;
+            let q = &b[8 + 16 * ib..8 + 16 * ib + 16];
+            let y = &mut y[32 * ib..32 * ib + 32];
+            for j in 0..16 {
+                y[j] = dl * kv(q[j]);
+                y[j + 16] = dl * kv(q[j] >> 4);
+            }
+        }
+    }
+}
+
+/// ggml's `best_index_int8` on [`KVALUES_IQ4NL`]: the index of the nearest grid value (the
+/// upper one on ties).
+#[inline(always)]
+fn best_index_iq4nl(x: f32) -> u8 {
+    let v = &KVALUES_IQ4NL;
+    if x <= v[0] as f32 {
+        return 0;
+    }
+    if x >= v[15] as f32 {
+        return 15;
+    }
+    let (mut ml, mut mu) = (0usize, 15usize);
+    while mu - ml > 1 {
+        let mav = (ml + mu) / 2;
+        if x < v[mav] as f32 {
+            mu = mav;
+        } else {
+            ml = mav;
+        }
+    }
+    if x - (v[mu - 1] as f32) < v[mu] as f32 - x {
+        (mu - 1) as u8
+    } else {
+        mu as u8
+    }
+}
+
+/// ggml's `quantize_row_iq4_nl_impl` without importance weights, for one block of 32 (IQ4_NL,
+/// `b` = 18 bytes) or one super-block of 256 (IQ4_XS, `b` = 136 bytes). `l` carries the levels
+/// between calls as ggml's caller-owned buffer does (IQ4_NL with `ntry <= 0` leaves an
+/// all-zero block's levels as they were).
+fn quantize_iq4_impl(x: &[f32], b: &mut [u8], l: &mut [u8; QK_K], ntry: i32) {
+    let values = &KVALUES_IQ4NL;
+    let v0 = values[0] as f32;
+    let nblk = x.len() / 32;
+    let mut scales = [0f32; 8];
+    let mut weight = [0f32; 32];
+    let (mut max_scale, mut amax_scale) = (0f32, 0f32);
+    for ib in 0..nblk {
+        let xb = &x[32 * ib..32 * ib + 32];
+        for (w, v) in weight.iter_mut().zip(xb) {
+            *w = v * v;
+        }
+        let (mut amax, mut max) = (0f32, 0f32);
+        for &v in xb {
+            if v.abs() > amax {
+                amax = v.abs();
+                max = v;
+            }
+        }
+        if amax < GROUP_MAX_EPS {
+            scales[ib] = 0.0;
+            continue;
+        }
+        let lb = &mut l[32 * ib..32 * ib + 32];
+        let mut d = if ntry > 0 { -max / v0 } else { max / v0 };
+        let mut id = 1.0 / d;
+        let (mut sumqx, mut sumq2) = (0f32, 0f32);
+        for j in 0..32 {
+            let li = best_index_iq4nl(id * xb[j]);
+            lb[j] = li;
+            let q = values[li as usize] as f32;
+            let w = weight[j];
+            sumqx += w * q * xb[j];
+            sumq2 += w * q * q;
+        }
+        d = if sumq2 > 0.0 { sumqx / sumq2 } else { 0.0 };
+        let mut best = d * sumqx;
+        for itry in -ntry..=ntry {
+            id = (itry + values[0] as i32) as f32 / max;
+            sumqx = 0.0;
+            sumq2 = 0.0;
+            for j in 0..32 {
+                let q = values[best_index_iq4nl(id * xb[j]) as usize] as f32;
+                let w = weight[j];
+                sumqx += w * q * xb[j];
+                sumq2 += w * q * q;
+            }
+            if sumq2 > 0.0 && sumqx * sumqx > best * sumq2 {
+                d = sumqx / sumq2;
+                best = d * sumqx;
+            }
+        }
+        scales[ib] = d;
+        if d.abs() > amax_scale {
+            amax_scale = d.abs();
+            max_scale = d;
+        }
+    }
+    let qoff = if nblk > 1 {
+        // IQ4_XS: 6-bit sub-block scales relative to d = -max_scale / 32 (unrounded here).
+        let d = -max_scale / 32.0;
+        wr_f16(b, 0, d);
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let mut sh = 0u16;
+        for ib in 0..nblk {
+            let ls = nearest_int(id * scales[ib]).clamp(-32, 31);
+            let dl = d * ls as f32;
+            let idl = if dl != 0.0 { 1.0 / dl } else { 0.0 };
+            for j in 0..32 {
+                l[32 * ib + j] = best_index_iq4nl(idl * x[32 * ib + j]);
+            }
+            let ls = (ls + 32) as u8;
+            if ib % 2 == 0 {
+                b[4 + ib / 2] = ls & 0xF;
+            } else {
+                b[4 + ib / 2] |= (ls & 0xF) << 4;
+            }
+            sh |= ((ls >> 4) as u16) << (2 * (ib % 8));
+        }
+        b[2..4].copy_from_slice(&sh.to_le_bytes());
+        8
+    } else {
+        wr_f16(b, 0, scales[0]);
+        if ntry > 0 {
+            let id = if scales[0] != 0.0 {
+                1.0 / scales[0]
+            } else {
+                0.0
+            };
+            for j in 0..32 {
+                l[j] = best_index_iq4nl(id * x[j]);
+            }
+        }
+        2
+    };
+    for i in 0..nblk {
+        for j in 0..16 {
+            b[qoff + 16 * i + j] = l[32 * i + j] | (l[32 * i + 16 + j] << 4);
+        }
+    }
+}
+
+/// f32 -> IQ4_NL as `llama-quantize` writes it without an importance matrix (ggml's
+/// `quantize_iq4_nl` with no weights: the scale searched over 15 candidates, then every
+/// element re-picked for the chosen scale). See [`quantize_iq4_nl_ref`] for ggml's simpler
+/// `quantize_row_iq4_nl_ref`.
+pub fn quantize_iq4_nl(src: &[f32], dst: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(18)) {
+        quantize_iq4_impl(x, b, &mut l, 7);
+    }
+}
+
+/// f32 -> IQ4_NL exactly as ggml's `quantize_row_iq4_nl_ref` (no scale search: levels from
+/// `d = max / -127`, then the least-squares scale for them). Its result differs from
+/// [`quantize_iq4_nl`] (what model files hold). For an all-zero block ggml leaves the nibbles
+/// unspecified (an uninitialised buffer); here they repeat the previous block's (zeros for
+/// the first), and `d = 0` makes them dequantize to zero either way.
+pub fn quantize_iq4_nl_ref(src: &[f32], dst: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    for (x, b) in src.chunks_exact(QK).zip(dst.chunks_exact_mut(18)) {
+        quantize_iq4_impl(x, b, &mut l, -1);
+    }
+}
+
+/// f32 -> IQ4_XS (`quantize_row_iq4_xs_ref` = `quantize_iq4_xs` without an importance
+/// matrix, as `llama-quantize` runs it).
+pub fn quantize_iq4_xs(src: &[f32], dst: &mut [u8]) {
+    let mut l = [0u8; QK_K];
+    for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(136)) {
+        quantize_iq4_impl(x, b, &mut l, 7);
+    }
+}
+
+/// IQ4_NL x Q8_0 (`ggml_vec_dot_iq4_nl_q8_0_generic`).
+pub fn vec_dot_iq4_nl_q8_0(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut sumf = 0f32;
+    for (x, y) in w.chunks_exact(18).zip(act.chunks_exact(34)).take(n / QK) {
+        let d = rd_f16(y, 0) * rd_f16(x, 0);
+        sumf += d * iq4_block_isum(&x[2..18], &y[2..34]) as f32;
+    }
+    sumf
+}
+
+/// `sum_j q8[j] * kvalues[nibble j]` over one 32-element IQ4 block (16 nibble bytes).
+#[inline(always)]
+fn iq4_block_isum(qs: &[u8], q8: &[u8]) -> i32 {
+    let (mut s1, mut s2) = (0i32, 0i32);
+    for j in 0..16 {
+        s1 += (q8[j] as i8 as i32) * KVALUES_IQ4NL[(qs[j] & 0xF) as usize] as i32;
+        s2 += (q8[j + 16] as i8 as i32) * KVALUES_IQ4NL[(qs[j] >> 4) as usize] as i32;
+    }
+    s1 + s2
+}
+
+/// IQ4_XS x Q8_K (`ggml_vec_dot_iq4_xs_q8_K_generic`).
+pub fn vec_dot_iq4_xs_q8_k(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let mut sumf = 0f32;
+    for (x, y) in w
+        .chunks_exact(136)
+        .zip(act.chunks_exact(292))
+        .take(n / QK_K)
+    {
+        let d4d8 = rd_f16(x, 0) * f32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+        for ib in 0..8 {
+            let dl = d4d8 * iq4xs_scale(x, ib) as f32;
+            let s = iq4_block_isum(&x[8 + 16 * ib..24 + 16 * ib], &y[4 + 32 * ib..36 + 32 * ib]);
+            sumf += dl * s as f32;
+        }
+    }
+    sumf
 }

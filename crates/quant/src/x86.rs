@@ -1,10 +1,13 @@
 //! x86-64 kernels: AVX2 + FMA + F16C, and AVX-512 VNNI (256-bit `vpdpbusd`, mask moves) for
 //! the Q4_0, Q4_1, Q5_0 and Q8_0 dots. Installed only after run-time feature detection.
 //!
-//! The Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and Q6_K dots reproduce ggml-cpu's x86 `vec_dot` bit for
-//! bit: the same 8 integer lanes per block, one FMA per block into 8 float lanes in block
-//! order, ggml's `hsum_float_8` at the end (Q4_1/Q5_1: the `m * s` terms summed apart and added
-//! last). Keep that order when changing them (`tests/ggml_oracle.rs` checks it). The Q4_K dot
+//! The Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q6_K, IQ4_NL and IQ4_XS dots reproduce
+//! ggml-cpu's x86 `vec_dot` bit for bit: the same 8 integer lanes per block, one FMA per block
+//! into 8 float lanes in block order, ggml's `hsum_float_8` at the end (Q4_1/Q5_1: the `m * s`
+//! terms summed apart and added last; Q2_K: the mins' FMA before the scales' in each
+//! super-block; IQ4_NL: even and odd blocks in two accumulators, an odd last block added in
+//! scalar). Keep that order when changing them (`tests/ggml_oracle.rs` checks it against ggml,
+//! `tests/kernels.rs` against scalar models of the order at many lengths). The Q4_K dot
 //! reproduces what llama.cpp's x86 build really runs on Q4_K weights, its repacked gemv (one
 //! float per super-block); see `dot_q4_k_avx2`.
 
@@ -75,6 +78,22 @@ fn patch_avx2(t: &mut [TypeKernels]) {
     });
     set(t, T::Q6_K, n, |k| {
         k.vec_dot = dot_q6_k;
+        k.quantize_act = quant_q8_k;
+    });
+    set(t, T::Q2_K, n, |k| {
+        k.vec_dot = dot_q2_k;
+        k.quantize_act = quant_q8_k;
+    });
+    set(t, T::Q3_K, n, |k| {
+        k.vec_dot = dot_q3_k;
+        k.quantize_act = quant_q8_k;
+    });
+    set(t, T::IQ4_NL, n, |k| {
+        k.vec_dot = dot_iq4_nl;
+        k.quantize_act = quant_q8_0;
+    });
+    set(t, T::IQ4_XS, n, |k| {
+        k.vec_dot = dot_iq4_xs;
         k.quantize_act = quant_q8_k;
     });
 }
@@ -930,7 +949,7 @@ fn dot_q4_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q5_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();
-    let mut accm = _mm_setzero_ps();
+    let mut summs = 0f32;
     let m4 = _mm256_set1_epi8(0x0F);
     let one = _mm256_set1_epi8(1);
     for (x, y) in w.chunks_exact(176).zip(act.chunks_exact(292)).take(n / 256) {
@@ -939,8 +958,9 @@ fn dot_q5_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         let d = _mm_cvtss_f32(dm) * yd;
         let dmin = _mm_cvtss_f32(_mm_movehdup_ps(dm)) * yd;
         let sm = k4_scales_mins(&x[4..16]);
-        let mins = _mm_cvtepi32_ps(k4_mins_dot(sm, y));
-        accm = _mm_fmadd_ps(_mm_set1_ps(dmin), mins, accm);
+        // ggml sums this block's min terms as one integer and adds `-dmin * sum` to a scalar
+        // (contracted to one FMA by its build).
+        summs = (-dmin).mul_add(hsum_epi32_128(k4_mins_dot(sm, y)) as f32, summs);
         let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
         let mut hb = load32(x, 16);
         let mut sumi = _mm256_setzero_si256();
@@ -965,9 +985,7 @@ fn dot_q5_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         chunk!(3);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
-    let m = _mm_add_ps(accm, _mm_movehl_ps(accm, accm));
-    let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-    hsum_ps(acc) - _mm_cvtss_f32(m)
+    hsum_ps(acc) + summs
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1022,6 +1040,232 @@ fn dot_q6_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
         let off = _mm256_slli_epi32(_mm256_madd_epi16(sc16, bsum), 5);
         sumi = _mm256_sub_epi32(sumi, off);
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Q2_K, Q3_K, IQ4_NL and IQ4_XS dots: ggml-cpu's `__AVX2__` `ggml_vec_dot_*` operation for
+// operation in float (the same 8 integer lanes, the same FMAs in the same order, ggml's
+// `hsum_float_8`), so the same results bit for bit.
+
+safe_wrapper!(dot_q2_k, dot_q2_k_avx2);
+safe_wrapper!(dot_q3_k, dot_q3_k_avx2);
+safe_wrapper!(dot_iq4_nl, dot_iq4_nl_avx2);
+safe_wrapper!(dot_iq4_xs, dot_iq4_xs_avx2);
+
+/// Loads 16 bytes. Panics unless `b.len() >= off + 16`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn load16(b: &[u8], off: usize) -> __m128i {
+    let s = &b[off..off + 16];
+    // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
+    unsafe { _mm_loadu_si128(s.as_ptr().cast()) }
+}
+
+/// Mask for `_mm256_shuffle_epi8` that broadcasts 16-bit lane `2k` of each 128-bit half to the
+/// low half and lane `2k + 1` to the high half (ggml's `get_scale_shuffle_q3k(k)`): the
+/// scales of the two 16-element sub-blocks of a 32-byte chunk.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_pair_shuffle(k: usize) -> __m256i {
+    let lo = (((4 * k + 1) << 8) | (4 * k)) as i16;
+    let hi = (((4 * k + 3) << 8) | (4 * k + 2)) as i16;
+    _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo))
+}
+
+/// Q2_K x Q8_K: ggml's AVX2 `ggml_vec_dot_q2_K_q8_K`. Per super-block one FMA of
+/// `-dmin * dy` with the 8 lanes of `mins . bsums`, then one of `d * dy` with the 8 integer
+/// lanes of the scaled products; `hsum_float_8` at the end.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q2_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let m3 = _mm256_set1_epi8(3);
+    let m4 = _mm_set1_epi8(0xF);
+    let shuf = [0, 1, 2, 3].map(|k| scale_pair_shuffle(k));
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.chunks_exact(84).zip(act.chunks_exact(292)).take(n / 256) {
+        let yd = rd_f32(y, 0);
+        let dm = h2x2(x, 80);
+        let d = yd * _mm_cvtss_f32(dm);
+        let dmin = -yd * _mm_cvtss_f32(_mm_movehdup_ps(dm));
+        let ms = load16(x, 0);
+        let mins = _mm256_cvtepi8_epi16(_mm_and_si128(_mm_srli_epi16(ms, 4), m4));
+        let prod = _mm256_madd_epi16(mins, load32(y, 260));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(prod), acc);
+        let all = _mm256_cvtepi8_epi16(_mm_and_si128(ms, m4));
+        let scales = [
+            _mm256_permute2x128_si256(all, all, 0x00),
+            _mm256_permute2x128_si256(all, all, 0x11),
+        ];
+        let mut sumi = _mm256_setzero_si256();
+        for (j, sc) in scales.iter().enumerate() {
+            let q2 = load32(x, 16 + 32 * j);
+            let q = [
+                _mm256_and_si256(q2, m3),
+                _mm256_and_si256(_mm256_srli_epi16(q2, 2), m3),
+                _mm256_and_si256(_mm256_srli_epi16(q2, 4), m3),
+                _mm256_and_si256(_mm256_srli_epi16(q2, 6), m3),
+            ];
+            let mut p = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                let p16 = _mm256_maddubs_epi16(q[k], load32(y, 4 + 128 * j + 32 * k));
+                p[k] = _mm256_madd_epi16(_mm256_shuffle_epi8(*sc, shuf[k]), p16);
+            }
+            let s = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+            sumi = _mm256_add_epi32(sumi, s);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+/// Q3_K x Q8_K: ggml's AVX2 `ggml_vec_dot_q3_K_q8_K`. The 2-bit parts and the `- 4` of
+/// elements without their high bit are multiplied apart (`maddubs` twice, subtracted in
+/// 16 bits), scaled by the signed 6-bit scales into 8 integer lanes; one FMA of `d * dy` per
+/// super-block; `hsum_float_8` at the end.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_q3_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let m3 = _mm256_set1_epi8(3);
+    let four = _mm256_set1_epi8(4);
+    let zero = _mm256_setzero_si256();
+    let shuf = [0, 1, 2, 3].map(|k| scale_pair_shuffle(k));
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.chunks_exact(110).zip(act.chunks_exact(292)).take(n / 256) {
+        let d = rd_f32(y, 0) * _mm_cvtss_f32(_mm_movehdup_ps(h2x2(x, 106)));
+        let sc8 = crate::scalar::q3k_scales(&x[96..108]);
+        // SAFETY: `sc8` is 16 readable bytes; unaligned load.
+        let all = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(sc8.as_ptr().cast()) });
+        let scales = [
+            _mm256_permute2x128_si256(all, all, 0x00),
+            _mm256_permute2x128_si256(all, all, 0x11),
+        ];
+        let hbits = load32(x, 0);
+        let mut sumi = _mm256_setzero_si256();
+        for (j, sc) in scales.iter().enumerate() {
+            let q3 = load32(x, 32 + 32 * j);
+            let ql = [
+                _mm256_and_si256(q3, m3),
+                _mm256_and_si256(_mm256_srli_epi16(q3, 2), m3),
+                _mm256_and_si256(_mm256_srli_epi16(q3, 4), m3),
+                _mm256_and_si256(_mm256_srli_epi16(q3, 6), m3),
+            ];
+            let mut p = [_mm256_setzero_si256(); 4];
+            for k in 0..4 {
+                // 4 where the element's high bit (bit 4j + k of its hmask byte) is clear.
+                let bit = _mm256_set1_epi8((1u8 << (4 * j + k)) as i8);
+                let clear = _mm256_cmpeq_epi8(_mm256_and_si256(hbits, bit), zero);
+                let qh = _mm256_and_si256(clear, four);
+                let q8 = load32(y, 4 + 128 * j + 32 * k);
+                let p16 = _mm256_sub_epi16(
+                    _mm256_maddubs_epi16(ql[k], q8),
+                    _mm256_maddubs_epi16(qh, q8),
+                );
+                p[k] = _mm256_madd_epi16(_mm256_shuffle_epi8(*sc, shuf[k]), p16);
+            }
+            let s = _mm256_add_epi32(_mm256_add_epi32(p[0], p[1]), _mm256_add_epi32(p[2], p[3]));
+            sumi = _mm256_add_epi32(sumi, s);
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+    }
+    hsum_ps(acc)
+}
+
+/// `kvalues_iq4nl` in both 128-bit halves (the table of [`iq4_values32`]).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn iq4_table() -> __m256i {
+    let kv = &crate::blocks::KVALUES_IQ4NL;
+    // SAFETY: `kv` is 16 readable bytes; unaligned load.
+    _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(kv.as_ptr().cast()) })
+}
+
+/// The 32 values of an IQ4 sub-block (16 nibble bytes at `b[off..]`) looked up in `table`
+/// ([`iq4_table`]): low nibbles (elements 0..16), then high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn iq4_values32(table: __m256i, b: &[u8], off: usize) -> __m256i {
+    _mm256_shuffle_epi8(table, nibbles32(b, off))
+}
+
+/// ggml's `mul_add_epi8`: signed bytes x signed bytes, adjacent pairs summed into 16 i16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn mul_add_i8(x: __m256i, y: __m256i) -> __m256i {
+    _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+/// IQ4_NL x Q8_0: ggml's AVX2 `ggml_vec_dot_iq4_nl_q8_0`. Blocks in pairs, even blocks into
+/// one 8-lane accumulator and odd ones into another (one FMA each), `hsum_float_8` of their
+/// sum; an odd last block is added by ggml's scalar tail.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_iq4_nl_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let nb = n / 32;
+    let np = nb & !1;
+    let (w, a) = (&w[..nb * 18], &act[..nb * 34]);
+    let table = iq4_table();
+    let (mut acc1, mut acc2) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    for (wc, ac) in w[..np * 18].chunks(8 * 18).zip(a[..np * 34].chunks(8 * 34)) {
+        let dd = dd8(wc, 18, ac, 34);
+        for ((x2, y2), d2) in wc
+            .chunks_exact(36)
+            .zip(ac.chunks_exact(68))
+            .zip(dd.chunks_exact(2))
+        {
+            let q1 = mul_i8_f32(iq4_values32(table, x2, 2), load32(y2, 2));
+            let q2 = mul_i8_f32(iq4_values32(table, x2, 20), load32(y2, 36));
+            acc1 = _mm256_fmadd_ps(_mm256_set1_ps(d2[0]), q1, acc1);
+            acc2 = _mm256_fmadd_ps(_mm256_set1_ps(d2[1]), q2, acc2);
+        }
+    }
+    let mut sumf = hsum_ps(_mm256_add_ps(acc1, acc2));
+    if np < nb {
+        // ggml's scalar tail: a multiply and an add (its compiled code has no FMA here).
+        let (x, y) = (&w[np * 18..], &a[np * 34..]);
+        let d = crate::scalar::rd_f16(y, 0) * crate::scalar::rd_f16(x, 0);
+        sumf += d * iq4_nl_isum(x, y) as f32;
+    }
+    sumf
+}
+
+/// The integer dot of one IQ4_NL block with one Q8_0 block.
+#[inline]
+fn iq4_nl_isum(x: &[u8], y: &[u8]) -> i32 {
+    let kv = &crate::blocks::KVALUES_IQ4NL;
+    let mut s = 0i32;
+    for j in 0..16 {
+        s += (y[2 + j] as i8 as i32) * kv[(x[2 + j] & 0xF) as usize] as i32;
+        s += (y[18 + j] as i8 as i32) * kv[(x[2 + j] >> 4) as usize] as i32;
+    }
+    s
+}
+
+/// IQ4_XS x Q8_K: ggml's AVX2 `ggml_vec_dot_iq4_xs_q8_K`. Per super-block, even and odd
+/// sub-blocks scaled into two sets of 8 integer lanes, summed, and one FMA of `dx * dy`;
+/// `hsum_float_8` at the end.
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_iq4_xs_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
+    let table = iq4_table();
+    let mut acc = _mm256_setzero_ps();
+    for (x, y) in w.chunks_exact(136).zip(act.chunks_exact(292)).take(n / 256) {
+        let d = _mm_cvtss_f32(h2x2(x, 0)) * rd_f32(y, 0);
+        let mut sh = u16::from_le_bytes([x[2], x[3]]);
+        let mut sumi = [_mm256_setzero_si256(); 2];
+        for ib in (0..8).step_by(2) {
+            let sl = x[4 + ib / 2];
+            let ls = [
+                ((sl & 0xF) as i16 | ((sh << 4) & 0x30) as i16) - 32,
+                ((sl >> 4) as i16 | ((sh << 2) & 0x30) as i16) - 32,
+            ];
+            sh >>= 4;
+            for h in 0..2 {
+                let q4 = iq4_values32(table, x, 8 + 16 * (ib + h));
+                let p16 = mul_add_i8(q4, load32(y, 4 + 32 * (ib + h)));
+                let p = _mm256_madd_epi16(p16, _mm256_set1_epi16(ls[h]));
+                sumi[h] = _mm256_add_epi32(p, sumi[h]);
+            }
+        }
+        let s = _mm256_cvtepi32_ps(_mm256_add_epi32(sumi[0], sumi[1]));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc);
     }
     hsum_ps(acc)
 }

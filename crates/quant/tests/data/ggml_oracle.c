@@ -1,7 +1,8 @@
 // Reference values from the real ggml (the C library llama.cpp uses), for tests/ggml_oracle.rs.
 // Build and run with make_ggml_fixture.sh, which links this against a llama.cpp build
-// (ggml-base: the *_ref quantizers, compiled without -march=native; ggml-cpu: the native
-// activation quantizers and dot products). Prints JSON on stdout.
+// (ggml-base: the *_ref quantizers, ggml_quantize_chunk and to_float, compiled without
+// -march=native; ggml-cpu: the native activation quantizers and dot products). Prints JSON on
+// stdout. Sections: rows (the f32 inputs), ref, act, dot, chunk, deq, dot_n.
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -21,6 +22,10 @@ void quantize_row_q4_K_ref(const float * x, void * y, int64_t k);
 void quantize_row_q5_K_ref(const float * x, void * y, int64_t k);
 void quantize_row_q6_K_ref(const float * x, void * y, int64_t k);
 void quantize_row_q8_K_ref(const float * x, void * y, int64_t k);
+void quantize_row_q2_K_ref(const float * x, void * y, int64_t k);
+void quantize_row_q3_K_ref(const float * x, void * y, int64_t k);
+void quantize_row_iq4_nl_ref(const float * x, void * y, int64_t k);
+void quantize_row_iq4_xs_ref(const float * x, void * y, int64_t k);
 
 #define N 512
 #define ROWS 5
@@ -62,6 +67,8 @@ int main(void) {
         {"Q4_K", GGML_TYPE_Q4_K, quantize_row_q4_K_ref}, {"Q5_K", GGML_TYPE_Q5_K, quantize_row_q5_K_ref},
         {"Q6_K", GGML_TYPE_Q6_K, quantize_row_q6_K_ref}, {"Q8_K", GGML_TYPE_Q8_K, quantize_row_q8_K_ref},
         {"F16", GGML_TYPE_F16, NULL}, {"BF16", GGML_TYPE_BF16, NULL},
+        {"Q2_K", GGML_TYPE_Q2_K, quantize_row_q2_K_ref}, {"Q3_K", GGML_TYPE_Q3_K, quantize_row_q3_K_ref},
+        {"IQ4_NL", GGML_TYPE_IQ4_NL, quantize_row_iq4_nl_ref}, {"IQ4_XS", GGML_TYPE_IQ4_XS, quantize_row_iq4_xs_ref},
     };
     const int nt = sizeof(types) / sizeof(types[0]);
     static uint8_t buf[ROWS][8192], act[ROWS][8192];
@@ -112,6 +119,64 @@ int main(void) {
             printf("%s\n{\"type\": \"%s\", \"act_type\": \"%s\", \"w_row\": %d, \"a_row\": %d, \"value_bits\": %u}",
                    first ? "" : ",", types[t].name, ggml_type_name(tr->vec_dot_type), w, a, bits);
             first = 0;
+        }
+    }
+    // What llama-quantize writes without an importance matrix (ggml_quantize_chunk, one row).
+    // The same as the *_ref quantizers except for IQ4_NL (quantize_iq4_nl searches the scale).
+    printf("],\n\"chunk\": [");
+    first = 1;
+    for (int t = 0; t < nt; t++) {
+        if (!types[t].ref || types[t].ty == GGML_TYPE_Q8_1 || types[t].ty == GGML_TYPE_Q8_K) continue;
+        for (int r = 0; r < ROWS; r++) {
+            ggml_quantize_chunk(types[t].ty, x[r], buf[r], 0, 1, N, NULL);
+            printf("%s\n{\"type\": \"%s\", \"row\": %d, \"hex\": ", first ? "" : ",", types[t].name, r);
+            hex(buf[r], ggml_row_size(types[t].ty, N));
+            printf("}");
+            first = 0;
+        }
+    }
+    // ggml-base's dequantization (to_float) of the reference quantization of each row, for the
+    // types added with Q2_K / Q3_K / IQ4_NL / IQ4_XS.
+    printf("],\n\"deq\": [");
+    first = 1;
+    static float deq[N];
+    for (int t = 0; t < nt; t++) {
+        enum ggml_type ty = types[t].ty;
+        if (ty != GGML_TYPE_Q2_K && ty != GGML_TYPE_Q3_K && ty != GGML_TYPE_IQ4_NL && ty != GGML_TYPE_IQ4_XS) continue;
+        for (int r = 0; r < ROWS; r++) {
+            types[t].ref(x[r], buf[r], N);
+            ggml_get_type_traits(ty)->to_float(buf[r], deq, N);
+            printf("%s\n{\"type\": \"%s\", \"row\": %d, \"src_hex\": ", first ? "" : ",", types[t].name, r);
+            hex(buf[r], ggml_row_size(ty, N));
+            printf(", \"hex\": ");
+            hex(deq, sizeof(float) * N);
+            printf("}");
+            first = 0;
+        }
+    }
+    // Dot products over a prefix of n < N elements (the first n / block_size blocks of the
+    // same weight and activation rows): IQ4_NL with an odd block count runs ggml's scalar tail.
+    printf("],\n\"dot_n\": [");
+    first = 1;
+    for (int t = 0; t < nt; t++) {
+        enum ggml_type ty = types[t].ty;
+        int ns[3] = {0, 0, 0};
+        if (ty == GGML_TYPE_IQ4_NL) { ns[0] = 32; ns[1] = 96; ns[2] = N - 32; }
+        else if (ty == GGML_TYPE_Q2_K || ty == GGML_TYPE_Q3_K || ty == GGML_TYPE_IQ4_XS) { ns[0] = 256; }
+        else continue;
+        const struct ggml_type_traits_cpu * tr = ggml_get_type_traits_cpu(ty);
+        for (int k = 0; k < 3 && ns[k]; k++) {
+            for (int w = 0; w < ROWS; w++) {
+                int a = (w + 1) % ROWS;
+                types[t].ref(x[w], buf[0], N);
+                ggml_get_type_traits_cpu(tr->vec_dot_type)->from_float(x[a], act[0], N);
+                float s = 0;
+                tr->vec_dot(ns[k], &s, 0, buf[0], 0, act[0], 0, 1);
+                uint32_t bits; memcpy(&bits, &s, 4);
+                printf("%s\n{\"type\": \"%s\", \"n\": %d, \"w_row\": %d, \"a_row\": %d, \"value_bits\": %u}",
+                       first ? "" : ",", types[t].name, ns[k], w, a, bits);
+                first = 0;
+            }
         }
     }
     printf("]\n}\n");

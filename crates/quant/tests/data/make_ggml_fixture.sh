@@ -7,7 +7,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../../../.." && pwd)
 src=$(ls -d ~/.cargo/registry/src/*/llama-cpp-sys-2-0.1.161/llama.cpp/ggml | head -1)
-out=$(ls -d "$root"/benches/llamacpp/target/release/build/llama-cpp-sys-2-*/out | head -1)
+# The build directory that holds the static libraries (cargo may keep several).
+out=$(dirname "$(ls -d "$root"/benches/llamacpp/target/release/build/llama-cpp-sys-2-*/out/lib/libggml-cpu.a | head -1)")/..
+out=$(cd "$out" && pwd)
 tmp=$(mktemp -d)
 cc -O2 -I"$src/include" -c "$here/ggml_oracle.c" -o "$tmp/oracle.o"
 c++ "$tmp/oracle.o" -o "$tmp/oracle" "$out/lib/libggml-cpu.a" "$out/lib/libggml-base.a" -fopenmp -lm
