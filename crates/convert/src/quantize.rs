@@ -279,9 +279,8 @@ fn k_quant_type(
             } else {
                 G::Q4_K
             };
-        } else if ft == F::Q3_K_L {
-            ty = G::Q5_K;
-        } else if iq4 && qs.n_gqa >= 4 {
+        } else if ft == F::Q3_K_L || (iq4 && qs.n_gqa >= 4) {
+            // (the IQ4 case is llama.cpp's)
             ty = G::Q5_K;
         } else if matches!(ft, F::Q4_K_M | F::Q5_K_M)
             && use_more_bits(qs.i_attention_wv, qs.n_attention_wv)
