@@ -4,8 +4,9 @@
 //! llama.cpp's tools drive it:
 //!
 //! * `bench`: like `llama-bench`: pp = one prompt of `-p` tokens decoded in `-b`-sized
-//!   `llama_decode` calls from an empty KV cache, tg = `-n` sequential single-token decodes from an
-//!   empty KV cache; one warm-up run of each, then `-r` timed repetitions; median (and all samples).
+//!   `llama_decode` calls, tg = `-n` sequential single-token decodes, each from an empty KV cache
+//!   or (`-d N`) after N random tokens decoded untimed; one warm-up run of each, then `-r` timed
+//!   repetitions; median (and all samples).
 //! * `generate`: like `llama-simple`: greedy continuation of a prompt, with the token ids.
 //! * `golden`: `generate` over the golden-continuation files in shared/data, checked against them,
 //!   written out as one JSON file of token ids.
@@ -76,20 +77,25 @@ impl std::error::Error for Error {}
 type Result<T> = std::result::Result<T, Error>;
 
 const USAGE: &str = "\
-llamacpp-bench bench      -m FILE [-p 512] [-n 128] [-t 2] [-r 3] [-b 2048] [-ub 512] [-fa auto|on|off] [--json]
+llamacpp-bench bench      -m FILE [-p 512] [-n 128] [-d 0] [-t 2] [-r 3] [-b 2048] [-ub 512] [-fa auto|on|off] [--json]
                            [--min-cpu-share 0.0] [--max-retries 5]
-llamacpp-bench generate   -m FILE -p PROMPT [-n 32] [-t 2] [-fa auto|on|off]
-llamacpp-bench golden     [-n 32] [-t 2] [-fa auto|on|off] -o OUT.json MODEL GOLDEN.json [MODEL GOLDEN.json ...]
+llamacpp-bench generate   -m FILE -p PROMPT [-n 32] [-t 2] [-fa auto|on|off] [--prompt-batch N]
+llamacpp-bench golden     [-n 32] [-t 2] [-fa auto|on|off] [--prompt-batch N] -o OUT.json MODEL GOLDEN.json [MODEL GOLDEN.json ...]
 llamacpp-bench perplexity -m FILE -f TEXT [-c 512] [-b 2048] [-t 2] [--chunks N] [-fa auto|on|off]
 llamacpp-bench logits     -m FILE --ids 1,2,3 [-n 8] [-t 1] [-fa auto|on|off]
 llamacpp-bench quantize   IN OUT FTYPE_NUMBER [--pure] [--allow-requantize] [-t 2]
 llamacpp-bench info
-Common: -v prints llama.cpp's own log (default: warnings and errors only).";
+Common: -v prints llama.cpp's own log (default: warnings and errors only); --no-repack loads
+the weights without llama.cpp's repacked CPU layouts (the plain vec_dot kernels everywhere).";
 
 // ---------------------------------------------------------------------------------------------
 // Logging
 
 static VERBOSE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `--no-repack`: load weights without llama.cpp's repacked CPU layouts (`use_extra_bufts =
+/// false`), so every matrix product runs the types' plain `vec_dot` kernels.
+static NO_REPACK: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 unsafe extern "C" fn log_callback(level: sys::ggml_log_level, text: *const c_char, _: *mut c_void) {
     let verbose = VERBOSE.load(std::sync::atomic::Ordering::Relaxed);
@@ -124,6 +130,9 @@ impl Model {
         // SAFETY: default params are plain data; CPU only (the build has no GPU backend).
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = 0;
+        if NO_REPACK.load(std::sync::atomic::Ordering::Relaxed) {
+            params.use_extra_bufts = false;
+        }
         // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
         let ptr = unsafe { sys::llama_model_load_from_file(c.as_ptr(), params) };
         NonNull::new(ptr)
@@ -318,6 +327,14 @@ impl<'m> Ctx<'m> {
         unsafe { sys::llama_memory_clear(sys::llama_get_memory(self.ptr.as_ptr()), true) }
     }
 
+    /// Forgets every position from `pos` on (the next decode continues at `pos`).
+    fn truncate(&self, pos: usize) {
+        // SAFETY: live context; its memory object lives as long as it does.
+        unsafe {
+            sys::llama_memory_seq_rm(sys::llama_get_memory(self.ptr.as_ptr()), 0, pos as i32, -1);
+        }
+    }
+
     /// Decodes `tokens` (appended after what is in the KV cache, llama.cpp tracks positions),
     /// in chunks of `n_batch`; only the last token's logits are computed.
     fn decode(&self, tokens: &mut [sys::llama_token], n_batch: usize) -> Result<()> {
@@ -395,7 +412,13 @@ struct Args {
 }
 
 /// Flags that take no value.
-const SWITCHES: &[&str] = &["--json", "-v", "--pure", "--allow-requantize"];
+const SWITCHES: &[&str] = &[
+    "--json",
+    "-v",
+    "--pure",
+    "--allow-requantize",
+    "--no-repack",
+];
 
 impl Args {
     fn parse(raw: &[String]) -> Result<Args> {
@@ -447,7 +470,7 @@ impl Args {
 
     fn check_known(&self, known: &[&str]) -> Result<()> {
         for (k, _) in &self.opts {
-            if !known.contains(&k.as_str()) && k != "-v" {
+            if !known.contains(&k.as_str()) && k != "-v" && k != "--no-repack" {
                 return Err(Error::Usage(format!("unknown option {k}")));
             }
         }
@@ -644,6 +667,8 @@ fn cmd_bench(a: &Args) -> Result<()> {
         "-m",
         "-p",
         "-n",
+        "-d",
+        "--n-depth",
         "-t",
         "--threads",
         "-r",
@@ -658,6 +683,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
     let path = PathBuf::from(a.required(&["-m"])?);
     let n_prompt: usize = a.num(&["-p"], 512)?;
     let n_gen: usize = a.num(&["-n"], 128)?;
+    let depth: usize = a.num(&["-d", "--n-depth"], 0)?;
     let threads = a.threads()?;
     let reps: usize = a.num(&["-r"], 3)?;
     let n_batch: u32 = a.num(&["-b"], 2048)?;
@@ -673,8 +699,8 @@ fn cmd_bench(a: &Args) -> Result<()> {
     let mut rng = SplitMix(0x5EED_1234);
 
     // Random prompt, BOS first where the model adds one (as llama-bench does).
-    let make_prompt = |rng: &mut SplitMix| -> Vec<sys::llama_token> {
-        (0..n_prompt)
+    let make_prompt = |rng: &mut SplitMix, n: usize| -> Vec<sys::llama_token> {
+        (0..n)
             .map(|i| {
                 if i == 0 && model.add_bos() {
                     model.bos()
@@ -685,11 +711,23 @@ fn cmd_bench(a: &Args) -> Result<()> {
             .collect()
     };
 
+    // `-d`: every run (warm-up included) starts from a context of `depth` random tokens,
+    // decoded untimed, as llama-bench's `-d` does.
+    let fill = |ctx: &Ctx<'_>, rng: &mut SplitMix| -> Result<()> {
+        ctx.clear();
+        if depth > 0 {
+            let mut toks = make_prompt(rng, depth);
+            ctx.decode(&mut toks, n_batch as usize)?;
+            ctx.sync();
+        }
+        Ok(())
+    };
+
     let load_before = loadavg();
     let mut pp = Reps::new(threads, min_share, max_retries);
     if n_prompt > 0 {
         let opts = CtxOpts {
-            n_ctx: n_prompt as u32,
+            n_ctx: (depth + n_prompt) as u32,
             n_batch,
             n_ubatch,
             threads,
@@ -698,9 +736,15 @@ fn cmd_bench(a: &Args) -> Result<()> {
         let ctx = Ctx::new(&model, opts)?;
         // Warm-up run (untimed), then reps.
         for rep in 0..=reps {
-            let mut toks = make_prompt(&mut rng);
+            fill(&ctx, &mut rng)?;
+            let mut toks = make_prompt(&mut rng, n_prompt);
+            if depth > 0 {
+                // A continuation: no second BOS.
+                toks[0] = rng.token(n_vocab);
+            }
             let mut run = || {
-                ctx.clear();
+                // (a retried run starts from the same context)
+                ctx.truncate(depth);
                 ctx.decode(&mut toks, n_batch as usize)?;
                 ctx.sync();
                 Ok(())
@@ -716,7 +760,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
     let mut tg = Reps::new(threads, min_share, max_retries);
     if n_gen > 0 {
         let opts = CtxOpts {
-            n_ctx: n_gen as u32 + 1,
+            n_ctx: (depth + n_gen + 1) as u32,
             n_batch,
             n_ubatch,
             threads,
@@ -727,9 +771,11 @@ fn cmd_bench(a: &Args) -> Result<()> {
         for rep in 0..=reps {
             // The warm-up is a single token, as in llama-bench.
             let n = if rep == 0 { 1 } else { n_gen };
+            fill(&ctx, &mut rng)?;
+            let first = if depth > 0 { None } else { bos };
             let mut run = || {
-                ctx.clear();
-                let mut tok = bos.unwrap_or_else(|| rng.token(n_vocab));
+                ctx.truncate(depth);
+                let mut tok = first.unwrap_or_else(|| rng.token(n_vocab));
                 for _ in 0..n {
                     ctx.decode(std::slice::from_mut(&mut tok), 1)?;
                     ctx.sync();
@@ -754,6 +800,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
         "threads": threads,
         "n_prompt": n_prompt,
         "n_gen": n_gen,
+        "n_depth": depth,
         "reps": reps,
         "n_batch": n_batch,
         "n_ubatch": n_ubatch,
@@ -785,7 +832,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
         println!("{out}");
     } else {
         println!(
-            "{}  {}  t={threads}  pp{n_prompt}: {} tok/s  tg{n_gen}: {} tok/s  (median of {reps})",
+            "{}  {}  t={threads}  d={depth}  pp{n_prompt}: {} tok/s  tg{n_gen}: {} tok/s  (median of {reps})",
             path.display(),
             model.desc(),
             out["pp_tok_s"],
@@ -815,6 +862,7 @@ fn generate(
     n_predict: usize,
     threads: i32,
     fa: sys::llama_flash_attn_type,
+    prompt_batch: usize,
 ) -> Result<Generation> {
     let prompt_ids = model.tokenize(prompt, true)?;
     if prompt_ids.is_empty() {
@@ -831,7 +879,14 @@ fn generate(
     let ctx = Ctx::new(model, opts)?;
     let mut toks = prompt_ids.clone();
     let n_toks = toks.len();
-    ctx.decode(&mut toks, n_toks)?;
+    ctx.decode(
+        &mut toks,
+        if prompt_batch == 0 {
+            n_toks
+        } else {
+            prompt_batch
+        },
+    )?;
     let mut generated_ids = Vec::new();
     let mut bytes = Vec::new();
     let mut eog_id = None;
@@ -861,13 +916,29 @@ fn generate(
 }
 
 fn cmd_generate(a: &Args) -> Result<()> {
-    a.check_known(&["-m", "-p", "-n", "-t", "--threads", "-fa", "--flash-attn"])?;
+    a.check_known(&[
+        "-m",
+        "-p",
+        "-n",
+        "-t",
+        "--threads",
+        "-fa",
+        "--flash-attn",
+        "--prompt-batch",
+    ])?;
     let path = PathBuf::from(a.required(&["-m"])?);
     let prompt = a.required(&["-p"])?;
     let n: usize = a.num(&["-n"], 32)?;
     let fa = a.flash_attn()?;
     let model = Model::load(&path)?;
-    let g = generate(&model, prompt, n, a.threads()?, fa)?;
+    let g = generate(
+        &model,
+        prompt,
+        n,
+        a.threads()?,
+        fa,
+        a.num(&["--prompt-batch"], 0)?,
+    )?;
     let out = json!({
         "model": path.file_name().map(|s| s.to_string_lossy().into_owned()),
         "prompt": prompt,
@@ -881,8 +952,17 @@ fn cmd_generate(a: &Args) -> Result<()> {
 }
 
 fn cmd_golden(a: &Args) -> Result<()> {
-    a.check_known(&["-n", "-t", "--threads", "-o", "-fa", "--flash-attn"])?;
+    a.check_known(&[
+        "-n",
+        "-t",
+        "--threads",
+        "-o",
+        "-fa",
+        "--flash-attn",
+        "--prompt-batch",
+    ])?;
     let n: usize = a.num(&["-n"], 32)?;
+    let prompt_batch: usize = a.num(&["--prompt-batch"], 0)?;
     let threads = a.threads()?;
     let fa = a.flash_attn()?;
     let out_path = PathBuf::from(a.required(&["-o"])?);
@@ -915,7 +995,7 @@ fn cmd_golden(a: &Args) -> Result<()> {
                     what: "a case lacks a string `prompt` or `continuation`".into(),
                 });
             };
-            let g = generate(&model, prompt, n, threads, fa)?;
+            let g = generate(&model, prompt, n, threads, fa, prompt_batch)?;
             let ok = g.text == want;
             total += 1;
             matched += ok as usize;
@@ -939,8 +1019,23 @@ fn cmd_golden(a: &Args) -> Result<()> {
     }
     let out = json!({
         "generator": format!(
-            "benches/llamacpp (llamacpp-bench golden): llama.cpp vendored in llama-cpp-sys-2 {}, greedy (arg-max, first on ties) like llama-simple, up to {n} new tokens, stops before an end-of-generation token (its id in eog_id, not in generated_ids), prompt tokenized with add_special=true and parse_special=true (BOS where the file says add_bos_token), text = concatenated pieces of generated_ids with special tokens rendered, CPU, {threads} threads, flash_attn {}",
+            "benches/llamacpp (llamacpp-bench golden): llama.cpp vendored in llama-cpp-sys-2 {}, greedy (arg-max, first on ties) like llama-simple, up to {n} new tokens, stops before an end-of-generation token (its id in eog_id, not in generated_ids), prompt tokenized with add_special=true and parse_special=true (BOS where the file says add_bos_token) and decoded in {}, weights {}, tiled K-quant matmul {}, text = concatenated pieces of generated_ids with special tokens rendered, CPU, {threads} threads, flash_attn {}",
             LLAMA_CPP_SYS_VERSION,
+            if prompt_batch == 0 {
+                "one batch".to_string()
+            } else {
+                format!("batches of {prompt_batch} tokens")
+            },
+            if NO_REPACK.load(std::sync::atomic::Ordering::Relaxed) {
+                "not repacked (--no-repack)"
+            } else {
+                "repacked where llama.cpp repacks them"
+            },
+            if std::env::var("GGML_CPU_TILED_MM").is_ok_and(|v| v.trim() == "0") {
+                "off (GGML_CPU_TILED_MM=0)"
+            } else {
+                "on"
+            },
             fa_name(fa)
         ),
         "cases": cases,
@@ -1174,6 +1269,10 @@ fn run() -> Result<()> {
     };
     let args = Args::parse(rest)?;
     VERBOSE.store(args.flag("-v"), std::sync::atomic::Ordering::Relaxed);
+    NO_REPACK.store(
+        args.flag("--no-repack"),
+        std::sync::atomic::Ordering::Relaxed,
+    );
     // SAFETY: installs a static callback; then initializes the (statically linked) backends once.
     unsafe {
         sys::llama_log_set(Some(log_callback), std::ptr::null_mut());

@@ -25,8 +25,11 @@ struct Case {
     eog: Option<u32>,
 }
 
-fn cases(model_file: &str) -> Vec<Case> {
-    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/data/llamacpp-token-ids.json");
+/// The cases of `model_file` in `tests/data/{json}`.
+fn cases(json: &str, model_file: &str) -> Vec<Case> {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(json);
     let j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
     let ids = |v: &serde_json::Value| -> Vec<u32> {
         v.as_array()
@@ -66,7 +69,8 @@ fn argmax_gap(x: &[f32]) -> (u32, f32) {
     (best as u32, x[best] - second)
 }
 
-fn check_model(model_file: &str) {
+/// `models/MODEL_FILE`, or None (with a note) when it has not been fetched.
+fn model_path(model_file: &str) -> Option<PathBuf> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../models")
         .join(model_file);
@@ -75,10 +79,21 @@ fn check_model(model_file: &str) {
             "skipping: {} not found (scripts/fetch-models.sh fetches it)",
             path.display()
         );
-        return;
+        return None;
     }
-    let model = Model::load(&path).unwrap();
-    let cases = cases(model_file);
+    Some(path)
+}
+
+fn check_model(model_file: &str) {
+    if let Some(path) = model_path(model_file) {
+        check_file(&path, "llamacpp-token-ids.json", model_file);
+    }
+}
+
+/// Greedy decoding of the model at `path` against the cases of `model_file` in `json`.
+fn check_file(path: &std::path::Path, json: &str, model_file: &str) {
+    let model = Model::load(path).unwrap();
+    let cases = cases(json, model_file);
     assert_eq!(cases.len(), 5, "{model_file}: expected 5 cases");
     let pool = ThreadPool::new(2);
     let (mut whole, mut first16) = (0, 0);
@@ -148,4 +163,49 @@ fn smollm2_greedy_matches_llamacpp() {
 #[test]
 fn gemma3_greedy_matches_llamacpp() {
     check_model("gemma-3-270m-q4_k_m.gguf");
+}
+
+/// SmolLM2 requantized by `powerinfer quantize` (from its Q4_1 file) into the low-bit and
+/// K-quant types, against llama.cpp's greedy continuations of the same files
+/// (`tests/data/llamacpp-token-ids-lowbit.json`: `llamacpp-bench golden --no-repack
+/// --prompt-batch 1` with `GGML_CPU_TILED_MM=0`, on files made with these options). Those
+/// settings keep llama.cpp on its types' `vec_dot` kernels, which ours follow: for these types
+/// its batched paths (weights repacked into 8-row groups for Q2_K/IQ4_NL/Q4_0, the tiled
+/// K-quant matmul for 8 or more rows, llamafile's IQ4_NL tiles for 2 or more) sum in other
+/// orders. SmolLM2's 576-element rows cannot be super-blocks, so a 256-element type reaches
+/// only the `ffn_down` matrices (rows of 1536) and the rest fall back: pure Q5_1; pure Q6_K
+/// (the rest Q8_0); pure Q5_K (the rest Q5_1); pure Q2_K (the rest Q4_0); the Q3_K_S mix
+/// (`ffn_down` Q3_K, the rest Q4_1); the IQ4_XS mix (`ffn_down` IQ4_XS but the first eighth
+/// Q5_K, the rest IQ4_NL); the IQ4_NL mix (every matrix but the first eighth of `ffn_down`).
+/// The quantizers are ggml's bit for bit (powerinfer-quant's oracle tests), so these are the
+/// files llama.cpp ran.
+#[test]
+fn smollm2_low_bit_greedy_matches_llamacpp() {
+    use powerinfer_convert::quantize::{FileType, QuantizeOptions, quantize_file};
+    let Some(src) = model_path("SmolLM2-135M-Instruct.Q4_1.gguf") else {
+        return;
+    };
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("lowbit");
+    std::fs::create_dir_all(&dir).unwrap();
+    for (ft, pure) in [
+        (FileType::Q5_1, true),
+        (FileType::Q6_K, true),
+        (FileType::Q5_K_S, true),
+        (FileType::Q2_K, true),
+        (FileType::Q3_K_S, false),
+        (FileType::IQ4_XS, false),
+        (FileType::IQ4_NL, false),
+    ] {
+        let name = format!(
+            "SmolLM2-135M-Instruct.{ft}{}.gguf",
+            if pure { "-pure" } else { "" }
+        );
+        let out = dir.join(&name);
+        let mut opts = QuantizeOptions::new(ft);
+        opts.allow_requantize = true;
+        opts.pure = pure;
+        quantize_file(&src, &out, &opts, &mut |_| {}).unwrap();
+        check_file(&out, "llamacpp-token-ids-lowbit.json", &name);
+        std::fs::remove_file(&out).unwrap();
+    }
 }
