@@ -41,6 +41,7 @@ fn avx2_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
         (T::Q4_1, T::Q8_1, "avx2" | "avx512vnni") => gemm_q4_1,
         (T::Q4_K, T::Q8_K, "avx2") => gemm_q4_k,
         (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k,
+        (T::IQ4_NL, T::Q8_0, "avx2") => gemm_iq4_nl,
         _ => return None,
     };
     Some(f)
@@ -59,6 +60,7 @@ fn vnni_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
         (T::Q4_1, T::Q8_1, "avx2" | "avx512vnni") => gemm_q4_1_vnni,
         (T::Q4_K, T::Q8_K, "avx2") => gemm_q4_k_vnni,
         (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k_vnni,
+        (T::IQ4_NL, T::Q8_0, "avx2") => gemm_iq4_nl_vnni,
         _ => return None,
     };
     Some(f)
@@ -148,6 +150,8 @@ driver!(gemm_q5_0, q5_0_avx2);
 driver!(gemm_q4_1, q4_1_avx2);
 driver!(gemm_q4_k, q4_k_avx2);
 driver!(gemm_q6_k, q6_k_avx2);
+driver!(gemm_iq4_nl, iq4_nl_avx2);
+driver!(gemm_iq4_nl_vnni, iq4_nl_vnni, NT_VNNI);
 driver!(gemm_q4_0_vnni, q4_0_vnni, NT_VNNI);
 driver!(gemm_q8_0_vnni, q8_0_vnni, NT_VNNI);
 driver!(gemm_q5_0_vnni, q5_0_vnni, NT_VNNI);
@@ -332,6 +336,77 @@ macro_rules! q8_family {
         }
     };
 }
+
+/// IQ4_NL against `N` tokens of Q8_0 activations, each token as `dot_iq4_nl_avx2` (ggml's
+/// AVX2 order) computes it: blocks in pairs, the first of a pair into one 8-lane accumulator
+/// and the second into another (one FMA of `dx * dy` each), `hsum(acc1 + acc2)`, then an odd
+/// last block as a scalar multiply and add. Each pair's values are looked up once for all
+/// tokens. (`$mul`: the integer products' kernel, `maddubs` or `vpdpbusd`: IQ4_NL's values
+/// are at most 127 in magnitude, so they give the same integers.)
+macro_rules! iq4_nl_family {
+    ($name:ident, $feat:literal, $mul:ident) => {
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            scales: &[f32],
+        ) -> [f32; N] {
+            let nb = n / 32;
+            let np = nb & !1;
+            let ss = crate::gemm::scale_stride(n);
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 34 * nb]);
+            let dys: [&[f32]; N] = arr!(N, &[][..], |j| &scales[j * ss..(j + 1) * ss]);
+            let yp: [*const u8; N] = arr!(N, std::ptr::null(), |j| ys[j].as_ptr());
+            let w = &w[..nb * 18];
+            let table = crate::x86::iq4_table();
+            let mut acc1 = [_mm256_setzero_ps(); N];
+            let mut acc2 = [_mm256_setzero_ps(); N];
+            for (g, wc) in w[..np * 18].chunks(18 * 8).enumerate() {
+                let dx = dx8(wc, 18);
+                let mut dd: [[f32; 8]; N] = arr!(N, [0f32; 8], |j| mul8(dx, &dys[j][8 * g..]));
+                std::hint::black_box(&mut dd);
+                for (p, x2) in wc.chunks_exact(36).enumerate() {
+                    let q1 = crate::x86::iq4_values32(table, x2, 2);
+                    let q2 = crate::x86::iq4_values32(table, x2, 20);
+                    let (a1, a2) = (_mm256_sign_epi8(q1, q1), _mm256_sign_epi8(q2, q2));
+                    let yo = 34 * (8 * g + 2 * p) + 2;
+                    for j in 0..N {
+                        // SAFETY: blocks `8g + 2p` and `8g + 2p + 1` are below `np <= nb`, so their 32
+                        // quants at `yo` and `yo + 34` lie inside the `34 * nb` bytes `yp[j]` points to.
+                        let (y1, y2) = unsafe {
+                            (
+                                _mm256_loadu_si256(yp[j].add(yo).cast()),
+                                _mm256_loadu_si256(yp[j].add(yo + 34).cast()),
+                            )
+                        };
+                        let p1 = $mul(a1, _mm256_sign_epi8(y1, q1));
+                        let p2 = $mul(a2, _mm256_sign_epi8(y2, q2));
+                        acc1[j] = _mm256_fmadd_ps(_mm256_set1_ps(dd[j][2 * p]), p1, acc1[j]);
+                        acc2[j] = _mm256_fmadd_ps(_mm256_set1_ps(dd[j][2 * p + 1]), p2, acc2[j]);
+                    }
+                }
+            }
+            arr!(N, 0f32, |j| {
+                let mut s = hsum_ps(_mm256_add_ps(acc1[j], acc2[j]));
+                if np < nb {
+                    let (x, y) = (&w[np * 18..], &ys[j][np * 34..]);
+                    let d = crate::scalar::rd_f16(y, 0) * crate::scalar::rd_f16(x, 0);
+                    s += d * crate::x86::iq4_nl_isum(x, y) as f32;
+                }
+                s
+            })
+        }
+    };
+}
+
+iq4_nl_family!(iq4_nl_avx2, "avx2,fma,f16c", mul_u8_f32);
+iq4_nl_family!(
+    iq4_nl_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
+    mul_u8_f32_vnni
+);
 
 /// The f16 scales (first two bytes) of up to 8 consecutive blocks of `wsz` bytes as f32
 /// (zero for missing blocks).

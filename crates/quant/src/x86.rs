@@ -1173,7 +1173,7 @@ fn dot_q3_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
 /// `kvalues_iq4nl` in both 128-bit halves (the table of [`iq4_values32`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn iq4_table() -> __m256i {
+pub(crate) fn iq4_table() -> __m256i {
     let kv = &crate::blocks::KVALUES_IQ4NL;
     // SAFETY: `kv` is 16 readable bytes; unaligned load.
     _mm256_broadcastsi128_si256(unsafe { _mm_loadu_si128(kv.as_ptr().cast()) })
@@ -1183,7 +1183,7 @@ fn iq4_table() -> __m256i {
 /// ([`iq4_table`]): low nibbles (elements 0..16), then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn iq4_values32(table: __m256i, b: &[u8], off: usize) -> __m256i {
+pub(crate) fn iq4_values32(table: __m256i, b: &[u8], off: usize) -> __m256i {
     _mm256_shuffle_epi8(table, nibbles32(b, off))
 }
 
@@ -1229,7 +1229,7 @@ fn dot_iq4_nl_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
 
 /// The integer dot of one IQ4_NL block with one Q8_0 block.
 #[inline]
-fn iq4_nl_isum(x: &[u8], y: &[u8]) -> i32 {
+pub(crate) fn iq4_nl_isum(x: &[u8], y: &[u8]) -> i32 {
     let kv = &crate::blocks::KVALUES_IQ4NL;
     let mut s = 0i32;
     for j in 0..16 {

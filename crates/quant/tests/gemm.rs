@@ -26,13 +26,14 @@ impl SplitMix {
     }
 }
 
-const TYPES: [GgmlType; 6] = [
+const TYPES: [GgmlType; 7] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
     GgmlType::Q8_0,
     GgmlType::Q4_K,
     GgmlType::Q6_K,
+    GgmlType::IQ4_NL,
 ];
 
 /// (block bytes, bytes of scales before the quants) of the 32-element formats.
@@ -42,6 +43,7 @@ fn quant_bytes(ty: GgmlType) -> Option<(usize, usize)> {
         GgmlType::Q4_1 => Some((20, 4)),
         GgmlType::Q5_0 => Some((22, 2)),
         GgmlType::Q8_0 => Some((34, 2)),
+        GgmlType::IQ4_NL => Some((18, 2)),
         _ => None,
     }
 }
