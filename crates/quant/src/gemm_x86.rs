@@ -42,6 +42,7 @@ fn avx2_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
         (T::Q4_K, T::Q8_K, "avx2") => gemm_q4_k,
         (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k,
         (T::IQ4_NL, T::Q8_0, "avx2") => gemm_iq4_nl,
+        (T::IQ4_XS, T::Q8_K, "avx2") => gemm_iq4_xs,
         _ => return None,
     };
     Some(f)
@@ -61,6 +62,7 @@ fn vnni_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
         (T::Q4_K, T::Q8_K, "avx2") => gemm_q4_k_vnni,
         (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k_vnni,
         (T::IQ4_NL, T::Q8_0, "avx2") => gemm_iq4_nl_vnni,
+        (T::IQ4_XS, T::Q8_K, "avx2") => gemm_iq4_xs_vnni,
         _ => return None,
     };
     Some(f)
@@ -152,6 +154,8 @@ driver!(gemm_q4_k, q4_k_avx2);
 driver!(gemm_q6_k, q6_k_avx2);
 driver!(gemm_iq4_nl, iq4_nl_avx2);
 driver!(gemm_iq4_nl_vnni, iq4_nl_vnni, NT_VNNI);
+driver!(gemm_iq4_xs, iq4_xs_avx2);
+driver!(gemm_iq4_xs_vnni, iq4_xs_vnni, NT_VNNI);
 driver!(gemm_q4_0_vnni, q4_0_vnni, NT_VNNI);
 driver!(gemm_q8_0_vnni, q8_0_vnni, NT_VNNI);
 driver!(gemm_q5_0_vnni, q5_0_vnni, NT_VNNI);
@@ -406,6 +410,58 @@ iq4_nl_family!(
     iq4_nl_vnni,
     "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni",
     mul_u8_f32_vnni
+);
+
+/// IQ4_XS against `N` tokens of Q8_K activations, each token as `dot_iq4_xs_avx2` (ggml's
+/// AVX2 order) computes it: per super-block the sub-blocks' products scaled and summed as
+/// integers into 8 lanes (exact in any order), one FMA of `dx * dy` into an 8-lane
+/// accumulator, the horizontal sum at the end. Each sub-block's values and scale are looked up
+/// once for all tokens.
+macro_rules! iq4_xs_family {
+    ($name:ident, $feat:literal) => {
+        #[target_feature(enable = $feat)]
+        fn $name<const N: usize>(
+            n: usize,
+            w: &[u8],
+            acts: &[u8],
+            stride: usize,
+            _scales: &[f32],
+        ) -> [f32; N] {
+            let nb = n / 256;
+            let ys: [&[u8]; N] = arr!(N, &[][..], |j| &acts[j * stride..j * stride + 292 * nb]);
+            let table = crate::x86::iq4_table();
+            let mut acc = [_mm256_setzero_ps(); N];
+            for (b, x) in w[..136 * nb].chunks_exact(136).enumerate() {
+                let dx = _mm_cvtss_f32(h2x2(x, 0));
+                let sh = u16::from_le_bytes([x[2], x[3]]);
+                let mut sumi = [_mm256_setzero_si256(); N];
+                for ib in 0..8 {
+                    let sl = (x[4 + ib / 2] >> (4 * (ib % 2))) & 0xF;
+                    let ls = (sl as i16 | ((sh >> (2 * ib)) << 4 & 0x30) as i16) - 32;
+                    let q4 = crate::x86::iq4_values32(table, x, 8 + 16 * ib);
+                    let aq = _mm256_sign_epi8(q4, q4);
+                    let lsv = _mm256_set1_epi16(ls);
+                    for j in 0..N {
+                        let y = load32(ys[j], 292 * b + 4 + 32 * ib);
+                        let p16 = _mm256_maddubs_epi16(aq, _mm256_sign_epi8(y, q4));
+                        sumi[j] = _mm256_add_epi32(sumi[j], _mm256_madd_epi16(p16, lsv));
+                    }
+                }
+                for j in 0..N {
+                    let d = dx * rd_f32(ys[j], 292 * b);
+                    let s = _mm256_cvtepi32_ps(sumi[j]);
+                    acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), s, acc[j]);
+                }
+            }
+            arr!(N, 0f32, |j| hsum_ps(acc[j]))
+        }
+    };
+}
+
+iq4_xs_family!(iq4_xs_avx2, "avx2,fma,f16c");
+iq4_xs_family!(
+    iq4_xs_vnni,
+    "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni"
 );
 
 /// The f16 scales (first two bytes) of up to 8 consecutive blocks of `wsz` bytes as f32

@@ -26,7 +26,7 @@ impl SplitMix {
     }
 }
 
-const TYPES: [GgmlType; 7] = [
+const TYPES: [GgmlType; 8] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -34,6 +34,7 @@ const TYPES: [GgmlType; 7] = [
     GgmlType::Q4_K,
     GgmlType::Q6_K,
     GgmlType::IQ4_NL,
+    GgmlType::IQ4_XS,
 ];
 
 /// (block bytes, bytes of scales before the quants) of the 32-element formats.
