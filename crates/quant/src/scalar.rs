@@ -412,13 +412,7 @@ pub fn quantize_q8_ggml_x86(src: &[f32], dst: &mut [u8], q81: bool) {
 /// even, per-16 sums).
 pub fn quantize_q8_k(src: &[f32], dst: &mut [u8]) {
     for (x, b) in src.chunks_exact(QK_K).zip(dst.chunks_exact_mut(292)) {
-        let (mut max, mut amax) = (0f32, 0f32);
-        for &v in x {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (max, amax) = signed_absmax(x);
         if amax == 0.0 {
             b.fill(0);
             continue;
@@ -829,13 +823,7 @@ fn make_qkx2_quants(
 /// Writes `L[i] = l + nmax` and returns the scale.
 fn make_qx_quants_rmse1(nmax: i32, x: &[f32], l_out: &mut [u8]) -> f32 {
     let n = x.len();
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l_out[..n].fill(0);
         return 0.0;
@@ -1184,13 +1172,7 @@ pub fn quantize_q2_k(src: &[f32], dst: &mut [u8]) {
 /// `l_out`, returns the scale.
 fn make_q3_quants_rmse(nmax: i32, x: &[f32], l_out: &mut [i8]) -> f32 {
     let n = x.len();
-    let (mut max, mut amax) = (0f32, 0f32);
-    for &v in x {
-        if v.abs() > amax {
-            amax = v.abs();
-            max = v;
-        }
-    }
+    let (max, amax) = signed_absmax(x);
     if amax < GROUP_MAX_EPS {
         l_out[..n].fill(0);
         return 0.0;
@@ -1494,13 +1476,7 @@ fn quantize_iq4_impl(x: &[f32], b: &mut [u8], l: &mut [u8; QK_K], ntry: i32) {
         for (w, v) in weight.iter_mut().zip(xb) {
             *w = v * v;
         }
-        let (mut amax, mut max) = (0f32, 0f32);
-        for &v in xb {
-            if v.abs() > amax {
-                amax = v.abs();
-                max = v;
-            }
-        }
+        let (max, amax) = signed_absmax(xb);
         if amax < GROUP_MAX_EPS {
             scales[ib] = 0.0;
             continue;
