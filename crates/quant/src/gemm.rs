@@ -133,7 +133,7 @@ pub fn act_scales(
 }
 
 /// A multi-token kernel whose every output equals `k.vec_dot`'s bit for bit, if this build and
-/// CPU have one for `k` (x86-64 AVX2 kernels of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q6_K, IQ4_NL and
+/// CPU have one for `k` (x86-64 AVX2 kernels of Q4_0, Q4_1, Q5_0, Q8_0, Q4_K, Q5_K, Q6_K, IQ4_NL and
 /// IQ4_XS; the AVX-512 VNNI Q4_0 / Q8_0 dots compute the same integers, so they are covered
 /// too).
 pub fn gemm_for(k: &TypeKernels) -> Option<GemmFn> {

@@ -5,7 +5,7 @@
 
 use crate::GgmlType;
 use crate::gemm::{DotFn, GemmFn, GemmRowsFn, GemmTokens};
-use crate::x86::{hsum_epi32, hsum_epi32_128};
+use crate::x86::{hsum_epi32, hsum_epi32_128, q5_k_gemm_avx2};
 use std::arch::x86_64::*;
 
 /// Tokens per kernel call: 4 accumulators plus the decoded block fit the 16 ymm registers.
@@ -43,6 +43,7 @@ fn avx2_for(ty: GgmlType, act_ty: GgmlType, name: &str) -> Option<GemmFn> {
         (T::Q6_K, T::Q8_K, "avx2") => gemm_q6_k,
         (T::IQ4_NL, T::Q8_0, "avx2") => gemm_iq4_nl,
         (T::IQ4_XS, T::Q8_K, "avx2") => gemm_iq4_xs,
+        (T::Q5_K, T::Q8_K, "avx2") => gemm_q5_k,
         _ => return None,
     };
     Some(f)
@@ -155,6 +156,7 @@ driver!(gemm_q6_k, q6_k_avx2);
 driver!(gemm_iq4_nl, iq4_nl_avx2);
 driver!(gemm_iq4_nl_vnni, iq4_nl_vnni, NT_VNNI);
 driver!(gemm_iq4_xs, iq4_xs_avx2);
+driver!(gemm_q5_k, q5_k_gemm_avx2);
 driver!(gemm_iq4_xs_vnni, iq4_xs_vnni, NT_VNNI);
 driver!(gemm_q4_0_vnni, q4_0_vnni, NT_VNNI);
 driver!(gemm_q8_0_vnni, q8_0_vnni, NT_VNNI);

@@ -988,6 +988,71 @@ fn dot_q5_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
     hsum_ps(acc) + summs
 }
 
+/// [`dot_q5_k_avx2`] for `N` tokens of Q8_K activations (token `j` at byte `j * stride` of
+/// `acts`): each super-block's 5-bit values and scales decoded once for all tokens, each
+/// token's integer sums, FMA and minimum terms those of the one-row kernel, so the same bits.
+/// For `gemm`'s multi-token driver (`_scales` unused: Q8_K carries f32 scales).
+///
+/// # Safety
+/// Requires AVX2+FMA+F16C.
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(crate) unsafe fn q5_k_gemm_avx2<const N: usize>(
+    n: usize,
+    w: &[u8],
+    acts: &[u8],
+    stride: usize,
+    _scales: &[f32],
+) -> [f32; N] {
+    let nb = n / 256;
+    let ys: [&[u8]; N] = std::array::from_fn(|j| &acts[j * stride..j * stride + 292 * nb]);
+    let mut acc = [_mm256_setzero_ps(); N];
+    let mut summs = [0f32; N];
+    let m4 = _mm256_set1_epi8(0x0F);
+    let one = _mm256_set1_epi8(1);
+    for (b, x) in w[..176 * nb].chunks_exact(176).enumerate() {
+        let dm = h2x2(x, 0);
+        let (xd, xmin) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_movehdup_ps(dm)));
+        let sm = k4_scales_mins(&x[4..16]);
+        let sc = _mm256_permute2x128_si256(sm, sm, 0x00);
+        // The 8 value vectors (low and high halves of 4 chunks) and their scales.
+        let mut q = [_mm256_setzero_si256(); 8];
+        let mut s = [_mm256_setzero_si256(); 8];
+        let mut hb = load32(x, 16);
+        for c in 0..4 {
+            let q4 = load32(x, 48 + 32 * c);
+            let h0 = _mm256_slli_epi16(_mm256_and_si256(hb, one), 4);
+            let h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 1), one), 4);
+            hb = _mm256_srli_epi16(hb, 2);
+            q[2 * c] = _mm256_or_si256(_mm256_and_si256(q4, m4), h0);
+            q[2 * c + 1] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(q4, 4), m4), h1);
+        }
+        s[0] = bcast16!(sc, 0);
+        s[1] = bcast16!(sc, 1);
+        s[2] = bcast16!(sc, 2);
+        s[3] = bcast16!(sc, 3);
+        s[4] = bcast16!(sc, 4);
+        s[5] = bcast16!(sc, 5);
+        s[6] = bcast16!(sc, 6);
+        s[7] = bcast16!(sc, 7);
+        for j in 0..N {
+            let y = &ys[j][292 * b..292 * (b + 1)];
+            let yd = rd_f32(y, 0);
+            let (d, dmin) = (xd * yd, xmin * yd);
+            summs[j] = (-dmin).mul_add(hsum_epi32_128(k4_mins_dot(sm, y)) as f32, summs[j]);
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..4 {
+                let pl = _mm256_maddubs_epi16(q[2 * c], load32(y, 4 + 64 * c));
+                let ph = _mm256_maddubs_epi16(q[2 * c + 1], load32(y, 4 + 64 * c + 32));
+                let pl = _mm256_madd_epi16(s[2 * c], pl);
+                let ph = _mm256_madd_epi16(s[2 * c + 1], ph);
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            acc[j] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc[j]);
+        }
+    }
+    std::array::from_fn(|j| hsum_ps(acc[j]) + summs[j])
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn dot_q6_k_avx2(n: usize, w: &[u8], act: &[u8]) -> f32 {
     let mut acc = _mm256_setzero_ps();

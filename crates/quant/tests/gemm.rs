@@ -26,7 +26,7 @@ impl SplitMix {
     }
 }
 
-const TYPES: [GgmlType; 8] = [
+const TYPES: [GgmlType; 9] = [
     GgmlType::Q4_0,
     GgmlType::Q4_1,
     GgmlType::Q5_0,
@@ -35,6 +35,7 @@ const TYPES: [GgmlType; 8] = [
     GgmlType::Q6_K,
     GgmlType::IQ4_NL,
     GgmlType::IQ4_XS,
+    GgmlType::Q5_K,
 ];
 
 /// (block bytes, bytes of scales before the quants) of the 32-element formats.
