@@ -84,6 +84,7 @@ llamacpp-bench golden     [-n 32] [-t 2] [-fa auto|on|off] [--prompt-batch N] -o
 llamacpp-bench perplexity -m FILE -f TEXT [-c 512] [-b 2048] [-t 2] [--chunks N] [-fa auto|on|off]
 llamacpp-bench logits     -m FILE --ids 1,2,3 [-n 8] [-t 1] [-fa auto|on|off]
 llamacpp-bench quantize   IN OUT FTYPE_NUMBER [--pure] [--allow-requantize] [-t 2]
+llamacpp-bench batched    -m FILE [-p 16] [-n 32] [--npl 1,2,4,8] [-t 2] [-r 3] [-fa auto|on|off] [--json]
 llamacpp-bench info
 Common: -v prints llama.cpp's own log (default: warnings and errors only); --no-repack loads
 the weights without llama.cpp's repacked CPU layouts (the plain vec_dot kernels everywhere).";
@@ -293,6 +294,8 @@ struct CtxOpts {
     n_ubatch: u32,
     threads: i32,
     flash_attn: sys::llama_flash_attn_type,
+    /// Sequences the context holds at once (1 except for `batched`).
+    n_seq_max: u32,
 }
 
 /// An inference context over a model; freed on drop.
@@ -311,6 +314,7 @@ impl<'m> Ctx<'m> {
         p.n_threads = o.threads;
         p.n_threads_batch = o.threads;
         p.flash_attn_type = o.flash_attn;
+        p.n_seq_max = o.n_seq_max;
         p.no_perf = true;
         if std::env::var_os("LLAMACPP_DUMP").is_some() {
             p.cb_eval = Some(dump_cb);
@@ -363,6 +367,30 @@ impl<'m> Ctx<'m> {
                 *batch.pos.add(i) = (pos0 + i) as sys::llama_pos;
                 *batch.n_seq_id.add(i) = 1;
                 *(*batch.seq_id.add(i)) = 0;
+                *batch.logits.add(i) = 1;
+            }
+            batch.n_tokens = n as i32;
+            let rc = sys::llama_decode(self.ptr.as_ptr(), batch);
+            sys::llama_batch_free(batch);
+            if rc != 0 {
+                return Err(Error::Decode(rc));
+            }
+        }
+        Ok(())
+    }
+
+    /// Decodes one batch of `(token, position, sequence)` entries, each with its logits.
+    fn decode_entries(&self, entries: &[(sys::llama_token, usize, i32)]) -> Result<()> {
+        let n = entries.len();
+        // SAFETY: llama_batch_init allocates n entries of each array (1 seq id each); we fill
+        // exactly n entries, decode, and free the batch on every path.
+        unsafe {
+            let mut batch = sys::llama_batch_init(n as i32, 0, 1);
+            for (i, &(t, pos, seq)) in entries.iter().enumerate() {
+                *batch.token.add(i) = t;
+                *batch.pos.add(i) = pos as sys::llama_pos;
+                *batch.n_seq_id.add(i) = 1;
+                *(*batch.seq_id.add(i)) = seq;
                 *batch.logits.add(i) = 1;
             }
             batch.n_tokens = n as i32;
@@ -732,6 +760,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
             n_ubatch,
             threads,
             flash_attn: fa,
+            n_seq_max: 1,
         };
         let ctx = Ctx::new(&model, opts)?;
         // Warm-up run (untimed), then reps.
@@ -765,6 +794,7 @@ fn cmd_bench(a: &Args) -> Result<()> {
             n_ubatch,
             threads,
             flash_attn: fa,
+            n_seq_max: 1,
         };
         let ctx = Ctx::new(&model, opts)?;
         let bos = model.add_bos().then(|| model.bos());
@@ -842,6 +872,149 @@ fn cmd_bench(a: &Args) -> Result<()> {
     Ok(())
 }
 
+/// `batched`, like `llama-batched-bench`: for each count of parallel sequences, every sequence
+/// gets its own random prompt of `-p` tokens (decoded in one batch, untimed by the decode
+/// figure), then `-n` steps each decode one token for every sequence in one batch. Reports the
+/// aggregate decode rate (sequences x steps / time) and its ratio to one sequence.
+fn cmd_batched(a: &Args) -> Result<()> {
+    a.check_known(&[
+        "-m",
+        "-p",
+        "-n",
+        "--npl",
+        "-t",
+        "--threads",
+        "-r",
+        "-fa",
+        "--flash-attn",
+        "--json",
+    ])?;
+    let path = PathBuf::from(a.required(&["-m"])?);
+    let n_prompt: usize = a.num(&["-p"], 16)?;
+    let n_gen: usize = a.num(&["-n"], 32)?;
+    let threads = a.threads()?;
+    let reps: usize = a.num(&["-r"], 3)?;
+    let fa = a.flash_attn()?;
+    let npls: Vec<usize> = a
+        .str(&["--npl"])
+        .unwrap_or("1,2,4,8")
+        .split(',')
+        .map(|x| x.trim().parse::<usize>())
+        .collect::<std::result::Result<_, _>>()
+        .map_err(|e| Error::Usage(format!("--npl: {e}")))?;
+    if reps == 0 || n_prompt == 0 || n_gen == 0 || npls.contains(&0) {
+        return Err(Error::Usage(
+            "-r, -p, -n and every --npl must be at least 1".into(),
+        ));
+    }
+    let model = Model::load(&path)?;
+    let n_vocab = model.n_vocab();
+    let mut rng = SplitMix(0x5EED_1234);
+    let load_before = loadavg();
+    let mut rows = Vec::new();
+    for &npl in &npls {
+        let per_seq = n_prompt + n_gen + 1;
+        let opts = CtxOpts {
+            n_ctx: (npl * per_seq) as u32,
+            n_batch: (npl * n_prompt).max(npl) as u32,
+            n_ubatch: (npl * n_prompt).max(npl) as u32,
+            threads,
+            flash_attn: fa,
+            n_seq_max: npl as u32,
+        };
+        let ctx = Ctx::new(&model, opts)?;
+        let mut pp_rates = Vec::new();
+        let mut tg = Reps::new(threads, 0.0, 0);
+        for rep in 0..=reps {
+            ctx.clear();
+            let mut prompt = Vec::with_capacity(npl * n_prompt);
+            for s in 0..npl {
+                for i in 0..n_prompt {
+                    let t = if i == 0 && model.add_bos() {
+                        model.bos()
+                    } else {
+                        rng.token(n_vocab)
+                    };
+                    prompt.push((t, i, s as i32));
+                }
+            }
+            let ph = timed(|| {
+                ctx.decode_entries(&prompt)?;
+                ctx.sync();
+                Ok(())
+            })?;
+            // The first round is a warm-up.
+            let steps = if rep == 0 { 1 } else { n_gen };
+            let mut run = || {
+                for step in 0..steps {
+                    let entries: Vec<_> = (0..npl)
+                        .map(|s| (rng.token(n_vocab), n_prompt + step, s as i32))
+                        .collect();
+                    ctx.decode_entries(&entries)?;
+                    ctx.sync();
+                }
+                Ok(())
+            };
+            if rep == 0 {
+                run()?;
+            } else {
+                pp_rates.push((npl * n_prompt) as f64 / ph.wall);
+                tg.run(npl * n_gen, run)?;
+            }
+        }
+        rows.push((npl, median(&pp_rates), median(&tg.rates), tg.rates.clone()));
+    }
+    let round = |v: f64| (v * 100.0).round() / 100.0;
+    let base = rows
+        .iter()
+        .find(|r| r.0 == 1)
+        .map(|r| r.2)
+        .unwrap_or(f64::NAN);
+    let out: Vec<Value> = rows
+        .iter()
+        .map(|(npl, pp, tg, samples)| {
+            json!({
+                "npl": npl,
+                "pp_tok_s": round(*pp),
+                "tg_tok_s": round(*tg),
+                "tg_vs_npl1": (tg / base * 1000.0).round() / 1000.0,
+                "tg_samples": samples.iter().map(|&v| round(v)).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    if a.flag("--json") {
+        println!(
+            "{}",
+            json!({
+                "model": path.file_name().map(|s| s.to_string_lossy().into_owned()),
+                "desc": model.desc(),
+                "threads": threads,
+                "n_prompt": n_prompt,
+                "n_gen": n_gen,
+                "reps": reps,
+                "flash_attn": fa_name(fa),
+                "rows": out,
+                "loadavg_before": load_before,
+                "loadavg_after": loadavg(),
+                "system_info": system_info(),
+            })
+        );
+    } else {
+        println!(
+            "{}  {}  t={threads}  p={n_prompt}  n={n_gen}",
+            path.display(),
+            model.desc()
+        );
+        for r in &out {
+            println!(
+                "npl {:>3}: tg {} tok/s ({}x npl 1), pp {} tok/s",
+                r["npl"], r["tg_tok_s"], r["tg_vs_npl1"], r["pp_tok_s"]
+            );
+        }
+    }
+    Ok(())
+}
+
 // ---------------------------------------------------------------------------------------------
 // generate / golden
 
@@ -875,6 +1048,7 @@ fn generate(
         n_ubatch: n_prompt,
         threads,
         flash_attn: fa,
+        n_seq_max: 1,
     };
     let ctx = Ctx::new(model, opts)?;
     let mut toks = prompt_ids.clone();
@@ -1101,6 +1275,7 @@ fn cmd_perplexity(a: &Args) -> Result<()> {
         n_ubatch: n_batch.min(512) as u32,
         threads,
         flash_attn: fa,
+        n_seq_max: 1,
     };
     let ctx = Ctx::new(&model, opts)?;
     let first = n_ctx / 2;
@@ -1196,6 +1371,7 @@ fn cmd_logits(a: &Args) -> Result<()> {
         n_ubatch: n_prompt as u32,
         threads,
         flash_attn: fa,
+        n_seq_max: 1,
     };
     let ctx = Ctx::new(&model, opts)?;
     ctx.decode_all_logits(&ids, 0)?;
@@ -1285,6 +1461,7 @@ fn run() -> Result<()> {
         "perplexity" => cmd_perplexity(&args),
         "logits" => cmd_logits(&args),
         "quantize" => cmd_quantize(&args),
+        "batched" => cmd_batched(&args),
         "info" => {
             println!(
                 "{}",

@@ -35,6 +35,12 @@ pub struct BenchArgs {
     /// the two is then robust to a noisy machine, which slows both alike.
     #[arg(long, value_name = "FILE")]
     baseline: Option<std::path::PathBuf>,
+    /// Batched decoding instead (like llama-batched-bench; compare with `llamacpp-bench
+    /// batched`): for each count in the list, that many sequences each take a random prompt of
+    /// `-p` tokens, then decode `-n` tokens together, one batched forward pass per step. Reports
+    /// the aggregate decode rate and its ratio to one sequence.
+    #[arg(long, value_name = "N,N,...", value_delimiter = ',', conflicts_with_all = ["baseline", "depth"])]
+    parallel: Vec<usize>,
 }
 
 /// One model under measurement: its state, its token stream and what it measured.
@@ -165,6 +171,9 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
     if args.reps == 0 {
         return Err("--repetitions must be at least 1".into());
     }
+    if !args.parallel.is_empty() {
+        return run_parallel(args);
+    }
     let main_llm = load(&args.model)?;
     let base_llm = match &args.baseline {
         Some(path) => {
@@ -277,6 +286,78 @@ pub fn run(args: &BenchArgs) -> Result<(), String> {
                 per_token(s.timings[2]),
             );
         }
+    }
+    Ok(())
+}
+
+/// `bench --parallel`: aggregate decode speed of several sequences decoded together.
+fn run_parallel(args: &BenchArgs) -> Result<(), String> {
+    if args.n_prompt == 0 || args.n_gen == 0 || args.parallel.contains(&0) {
+        return Err("with --parallel, -p, -n and every count must be at least 1".into());
+    }
+    let llm = load(&args.model)?;
+    let model = llm.model();
+    let pool = llm.pool();
+    let mut tokens = Subject::new(&llm, 1, 1, 0)?;
+    let mut batch = model.new_batch_state();
+    let mut rows = Vec::new();
+    for &npl in &args.parallel {
+        let mut states = (0..npl)
+            .map(|_| model.new_state(args.n_prompt + args.n_gen + 1, args.n_prompt))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let mut tg = Vec::new();
+        // The first round is a warm-up of one step.
+        for rep in 0..=args.reps {
+            for st in states.iter_mut() {
+                st.clear();
+                let prompt: Vec<u32> = (0..args.n_prompt).map(|_| tokens.next_token()).collect();
+                model
+                    .forward(pool, st, &prompt, Logits::Last)
+                    .map_err(|e| e.to_string())?;
+            }
+            let steps = if rep == 0 { 1 } else { args.n_gen };
+            let t = Instant::now();
+            for _ in 0..steps {
+                let step: Vec<u32> = (0..npl).map(|_| tokens.next_token()).collect();
+                let mut refs: Vec<_> = states.iter_mut().collect();
+                model
+                    .forward_batch(pool, &mut batch, &mut refs, &step)
+                    .map_err(|e| e.to_string())?;
+            }
+            if rep > 0 {
+                tg.push((npl * steps) as f64 / t.elapsed().as_secs_f64());
+            }
+        }
+        rows.push((npl, median(tg.clone()), tg));
+    }
+    let base = rows.iter().find(|r| r.0 == 1).map(|r| r.1);
+    let name = args.model.model.display().to_string();
+    if args.json {
+        let out: Vec<_> = rows
+            .iter()
+            .map(|(npl, tg, samples)| {
+                json!({
+                    "npl": npl, "tg_tok_s": tg, "tg_samples": samples,
+                    "tg_vs_npl1": base.map(|b| tg / b),
+                })
+            })
+            .collect();
+        let v = json!({
+            "model": name, "threads": pool.n_threads(), "repetitions": args.reps,
+            "n_prompt": args.n_prompt, "n_gen": args.n_gen, "rows": out,
+        });
+        println!("{v}");
+        return Ok(());
+    }
+    println!(
+        "| model | threads | sequences | decode tok/s, all sequences (median of {}) | vs 1 |",
+        args.reps
+    );
+    println!("|---|---|---|---|---|");
+    for (npl, tg, _) in &rows {
+        let vs = base.map_or("".into(), |b| format!("{:.2}x", tg / b));
+        println!("| {name} | {} | {npl} | {tg:.2} | {vs} |", pool.n_threads());
     }
     Ok(())
 }

@@ -218,3 +218,56 @@ fn bench_against_a_baseline_reports_both_and_the_ratio() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent.gguf"));
 }
+
+/// `powerinfer bench --parallel` reports one aggregate decode rate per sequence count, each
+/// relative to one sequence; bad counts are errors.
+#[test]
+fn bench_parallel_reports_each_sequence_count() {
+    let path = models().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    if !path.exists() {
+        eprintln!("skipping: SmolLM2 not fetched (scripts/fetch-models.sh)");
+        return;
+    }
+    let m = path.to_str().unwrap();
+    let out = powerinfer(&[
+        "bench",
+        "-m",
+        m,
+        "-p",
+        "4",
+        "-n",
+        "3",
+        "--parallel",
+        "1,3",
+        "-r",
+        "2",
+        "-t",
+        "2",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let rows = v["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    for (row, npl) in rows.iter().zip([1, 3]) {
+        assert_eq!(row["npl"], npl);
+        assert_eq!(row["tg_samples"].as_array().unwrap().len(), 2);
+        assert!(row["tg_tok_s"].as_f64().unwrap() > 0.0);
+    }
+    assert_eq!(rows[0]["tg_vs_npl1"].as_f64(), Some(1.0));
+    for bad in [&["--parallel", "0"][..], &["--parallel", "2", "-n", "0"]] {
+        let mut args = vec!["bench", "-m", m, "-r", "1"];
+        args.extend_from_slice(bad);
+        let out = powerinfer(&args);
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("--parallel"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

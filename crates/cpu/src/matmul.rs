@@ -631,7 +631,7 @@ pub fn matmul_quantized(
                 let scales = acts.gemm_scales.get(g0 * ss..).unwrap_or(&[]);
                 const RT: usize = powerinfer_quant::gemm::ROWS_TOKENS;
                 if let Some(rows_fn) = gemm_rows
-                    && g1 - g0 == RT
+                    && g1 - g0 <= RT
                     && g0 >= split
                 {
                     let mut c0 = r0;
@@ -640,6 +640,7 @@ pub fn matmul_quantized(
                         let n = c1 - c0;
                         let wr = &w.data[c0 * rb..c1 * rb];
                         let tokens = powerinfer_quant::gemm::GemmTokens {
+                            n_tokens: g1 - g0,
                             acts: a,
                             stride: acts.row_bytes,
                             scales,

@@ -53,14 +53,16 @@ mod x86;
 pub type GemmFn =
     fn(n: usize, w: &[u8], acts: &[u8], act_stride: usize, scales: &[f32], out: &mut [f32]);
 
-/// Tokens per call of a [`GemmRowsFn`].
+/// The most tokens per call of a [`GemmRowsFn`].
 pub const ROWS_TOKENS: usize = 8;
 
-/// The tokens a [`GemmRowsFn`] multiplies: exactly [`ROWS_TOKENS`] tokens' activations in
-/// the weight type's `vec_dot` type, token `j` at byte `j * stride` of `acts`, and what
-/// [`act_scales`] computed for them.
+/// The tokens a [`GemmRowsFn`] multiplies: `n_tokens` (1 to [`ROWS_TOKENS`]) tokens'
+/// activations in the weight type's `vec_dot` type, token `j` at byte `j * stride` of `acts`,
+/// and what [`act_scales`] computed for them.
 #[derive(Clone, Copy, Debug)]
 pub struct GemmTokens<'a> {
+    /// How many tokens (1 to [`ROWS_TOKENS`]).
+    pub n_tokens: usize,
     /// The quantized activations.
     pub acts: &'a [u8],
     /// Bytes from one token's activations to the next's.
@@ -70,12 +72,12 @@ pub struct GemmTokens<'a> {
 }
 
 /// `out[j * out_stride + r] = vec_dot(n, row r, token j)` for the `n_rows` rows of `w` (row
-/// `r` at byte `r * row_bytes`) and the [`ROWS_TOKENS`] tokens of `tokens`: a [`GemmFn`] that
+/// `r` at byte `r * row_bytes`) and the `n_tokens` tokens of `tokens`: a [`GemmFn`] that
 /// takes several weight rows per call, so each token's activation block is loaded once for
 /// several rows and the per-token data shared by every row is prepared once per call. The
 /// results come out token-major, as a matrix product's output is laid out. Bit for bit
-/// `vec_dot`. Panics if `n_rows > out_stride` or `out` is shorter than
-/// `7 * out_stride + n_rows`.
+/// `vec_dot`. Panics if `n_tokens` is 0 or above [`ROWS_TOKENS`], `n_rows > out_stride`, or
+/// `out` is shorter than `(n_tokens - 1) * out_stride + n_rows`.
 pub type GemmRowsFn = fn(
     n: usize,
     w: &[u8],

@@ -4,7 +4,7 @@
 //! same, and 8 tokens per call (32 vector registers).
 
 use crate::GgmlType;
-use crate::gemm::{DotFn, GemmFn, GemmRowsFn, GemmTokens};
+use crate::gemm::{DotFn, GemmFn, GemmRowsFn, GemmTokens, ROWS_TOKENS};
 use crate::x86::{hsum_epi32, hsum_epi32_128, q5_k_gemm_avx2};
 use std::arch::x86_64::*;
 
@@ -574,20 +574,20 @@ fn scale_products<const N: usize>(
     }
 }
 
-/// [`q8_family!`]'s kernel on `R` rows at once (AVX-512 VNNI, 8 tokens): each token's
+/// [`q8_family!`]'s kernel on `R` rows at once (AVX-512 VNNI, `N` tokens): each token's
 /// activation block is loaded once for the `R` rows. Per token the same operations in the same
 /// order as the one-row kernel, so the same bits. Writes `out[j * os + r]`.
 macro_rules! q8_rows {
     ($name:ident, $wsz:expr, |$x:ident| $decode:block) => {
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-        fn $name<const R: usize>(
+        fn $name<const R: usize, const N: usize>(
             n: usize,
             w: [&[u8]; R],
             t: GemmTokens<'_>,
             out: &mut [f32],
             os: usize,
         ) {
-            const N: usize = 8;
+            const { assert!(N >= 1 && N <= ROWS_TOKENS) };
             let (acts, stride, scales) = (t.acts, t.stride, t.scales);
             let nb = n / 32;
             let ss = crate::gemm::scale_stride(n);
@@ -648,17 +648,19 @@ q8_rows!(q5_0_rows_vnni, 22, |x| {
 /// The loop of the multi-row drivers: `pair` on rows `(r, r + 1)` for `r = 0, 2, ..`, each
 /// pair's successor prefetched, then `single` on a last odd row; each gets the output from its
 /// first row's column on (`out[j * out_stride + r..]`). Panics if `out` cannot hold `n_rows`
-/// columns of 8 tokens at that stride.
+/// columns of `n_tokens` tokens at that stride.
+#[allow(clippy::too_many_arguments)]
 fn row_pairs(
     w: &[u8],
     row_bytes: usize,
     n_rows: usize,
+    n_tokens: usize,
     out: &mut [f32],
     out_stride: usize,
     mut pair: impl FnMut([&[u8]; 2], &mut [f32]),
     mut single: impl FnMut([&[u8]; 1], &mut [f32]),
 ) {
-    assert!(n_rows <= out_stride && out.len() >= 7 * out_stride + n_rows);
+    assert!(n_rows <= out_stride && out.len() >= (n_tokens - 1) * out_stride + n_rows);
     let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     let mut r = 0;
     while r + 2 <= n_rows {
@@ -673,6 +675,48 @@ fn row_pairs(
     }
 }
 
+/// `$body` with the const `$nt` equal to `$n` (1 to [`ROWS_TOKENS`]; panics otherwise): the
+/// multi-row kernels are compiled once per token count.
+macro_rules! with_tokens {
+    ($n:expr, $nt:ident => $body:expr) => {
+        match $n {
+            1 => {
+                const $nt: usize = 1;
+                $body
+            }
+            2 => {
+                const $nt: usize = 2;
+                $body
+            }
+            3 => {
+                const $nt: usize = 3;
+                $body
+            }
+            4 => {
+                const $nt: usize = 4;
+                $body
+            }
+            5 => {
+                const $nt: usize = 5;
+                $body
+            }
+            6 => {
+                const $nt: usize = 6;
+                $body
+            }
+            7 => {
+                const $nt: usize = 7;
+                $body
+            }
+            8 => {
+                const $nt: usize = 8;
+                $body
+            }
+            n => panic!("a multi-row kernel takes 1 to {ROWS_TOKENS} tokens, not {n}"),
+        }
+    };
+}
+
 /// A [`crate::gemm::GemmRowsFn`] running `$kern` through [`row_pairs`].
 macro_rules! rows_driver {
     ($name:ident, $kern:ident) => {
@@ -685,21 +729,22 @@ macro_rules! rows_driver {
             out: &mut [f32],
             out_stride: usize,
         ) {
-            row_pairs(
+            with_tokens!(t.n_tokens, NT => row_pairs(
                 w,
                 row_bytes,
                 n_rows,
+                NT,
                 out,
                 out_stride,
                 |rows, o| {
                     // SAFETY: installed only after `has_vnni()` succeeded at run time.
-                    unsafe { $kern::<2>(n, rows, t, o, out_stride) }
+                    unsafe { $kern::<2, NT>(n, rows, t, o, out_stride) }
                 },
                 |rows, o| {
                     // SAFETY: as above.
-                    unsafe { $kern::<1>(n, rows, t, o, out_stride) }
+                    unsafe { $kern::<1, NT>(n, rows, t, o, out_stride) }
                 },
-            );
+            ));
         }
     };
 }
@@ -848,7 +893,7 @@ const _: () = assert!(ROWS_MAX_BLOCKS.is_multiple_of(8));
 // Index loops over the register arrays, as in the other kernels (they unroll into registers).
 #[allow(clippy::needless_range_loop)]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn q4_1_rows_vnni<const R: usize>(
+fn q4_1_rows_vnni<const R: usize, const N: usize>(
     n: usize,
     w: [&[u8]; R],
     t: GemmTokens<'_>,
@@ -856,7 +901,7 @@ fn q4_1_rows_vnni<const R: usize>(
     out: &mut [f32],
     os: usize,
 ) {
-    const N: usize = 8;
+    const { assert!(N >= 1 && N <= ROWS_TOKENS) };
     let (acts, stride, scales) = (t.acts, t.stride, t.scales);
     let nb = n / 32;
     let ss = crate::gemm::scale_stride(n);
@@ -953,48 +998,63 @@ fn gemm_rows_q4_1_vnni(
     out_stride: usize,
 ) {
     let scales = t.scales;
-    assert!(n_rows <= out_stride && out.len() >= 7 * out_stride + n_rows);
+    let nt = t.n_tokens;
+    assert!((1..=ROWS_TOKENS).contains(&nt));
+    assert!(n_rows <= out_stride && out.len() >= (nt - 1) * out_stride + n_rows);
     let nb = n / 32;
     let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     if nb > ROWS_MAX_BLOCKS {
-        let mut o = [0f32; 8];
+        let mut o = [0f32; ROWS_TOKENS];
         for r in 0..n_rows {
-            gemm_q4_1_vnni(n, row(r), t.acts, t.stride, scales, &mut o);
-            for (j, v) in o.iter().enumerate() {
+            gemm_q4_1_vnni(n, row(r), t.acts, t.stride, scales, &mut o[..nt]);
+            for (j, v) in o[..nt].iter().enumerate() {
                 out[j * out_stride + r] = *v;
             }
         }
         return;
     }
-    // The tokens' block sums, block-major: `syt[b][j]` = token `j`'s `s` of block `b`.
+    // The tokens' block sums, block-major: `syt[b][j]` = token `j`'s `s` of block `b` (zero
+    // for the lanes of absent tokens).
     let ss = crate::gemm::scale_stride(n);
     let mut syt_buf = std::mem::MaybeUninit::<[[f32; 8]; ROWS_MAX_BLOCKS]>::uninit();
     let base = syt_buf.as_mut_ptr().cast::<[f32; 8]>();
-    assert!(scales.len() >= 8 * ss);
-    for g in 0..nb.div_ceil(8) {
-        // SAFETY: `has_vnni()` succeeded before this kernel was handed out; the 8 groups of
-        // 8 floats lie inside `scales` (checked above; each token's sums are zero-padded to a
-        // multiple of 8), and blocks `8g..8g + 8` lie inside the buffer (`ROWS_MAX_BLOCKS` is
-        // a multiple of 8 and `nb <= ROWS_MAX_BLOCKS`).
-        unsafe { transpose_sums(scales.as_ptr().add(ss / 2 + 8 * g), ss, base.add(8 * g)) };
+    assert!(scales.len() >= nt * ss);
+    if nt == ROWS_TOKENS {
+        for g in 0..nb.div_ceil(8) {
+            // SAFETY: `has_vnni()` succeeded before this kernel was handed out; the 8 groups
+            // of 8 floats lie inside `scales` (checked above; each token's sums are
+            // zero-padded to a multiple of 8), and blocks `8g..8g + 8` lie inside the buffer
+            // (`ROWS_MAX_BLOCKS` is a multiple of 8 and `nb <= ROWS_MAX_BLOCKS`).
+            unsafe { transpose_sums(scales.as_ptr().add(ss / 2 + 8 * g), ss, base.add(8 * g)) };
+        }
+    } else {
+        for b in 0..nb {
+            let mut v = [0f32; 8];
+            for (j, x) in v[..nt].iter_mut().enumerate() {
+                *x = scales[j * ss + ss / 2 + b];
+            }
+            // SAFETY: `b < nb <= ROWS_MAX_BLOCKS`.
+            unsafe { base.add(b).write(v) };
+        }
     }
-    // SAFETY: the first `nb.div_ceil(8) * 8 >= nb` entries were all written above.
+    // SAFETY: the first `nb` entries were all written above.
     let syt = unsafe { std::slice::from_raw_parts(base.cast_const(), nb) };
-    row_pairs(
+    with_tokens!(nt, NT => row_pairs(
         w,
         row_bytes,
         n_rows,
+        NT,
         out,
         out_stride,
         |rows, o| {
             // SAFETY: installed only after `has_vnni()` succeeded at run time.
-            unsafe { q4_1_rows_vnni::<2>(n, rows, t, syt, o, out_stride) }
+            unsafe { q4_1_rows_vnni::<2, NT>(n, rows, t, syt, o, out_stride) }
         },
         |rows, o| {
             // SAFETY: as above.
-            unsafe { q4_1_rows_vnni::<1>(n, rows, t, syt, o, out_stride) }
+            unsafe { q4_1_rows_vnni::<1, NT>(n, rows, t, syt, o, out_stride) }
         },
-    );
+    ));
 }
 
 q4_1_kernel!(q4_1_avx2, "avx2,fma,f16c", mul_u8_f32);
