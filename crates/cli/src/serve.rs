@@ -28,6 +28,13 @@ pub struct ServeArgs {
     /// The model id the API reports (default: the file name).
     #[arg(long = "alias")]
     alias: Option<String>,
+    /// Compute every prompt from scratch instead of reusing the longest prefix a free slot's
+    /// KV cache shares with it (a conversation's earlier turns, a common instruction). With
+    /// the cache, as in llama.cpp's server, an answer can differ in the last bits of its logits
+    /// from a fresh run when the reused part or the rest was computed with other numerics
+    /// (prompt chunks of 64 tokens or more, tokens generated earlier).
+    #[arg(long = "no-cache-prompt")]
+    no_cache_prompt: bool,
 }
 
 /// Runs the subcommand until SIGINT or SIGTERM.
@@ -52,6 +59,7 @@ pub fn run(args: &ServeArgs) -> Result<(), String> {
             n_ctx: llm.n_ctx(),
             n_batch: args.model.batch_size.max(1),
             max_queue: args.queue,
+            cache_prompt: !args.no_cache_prompt,
         },
     };
     powerinfer_server::run(llm, &cfg, |addr| {

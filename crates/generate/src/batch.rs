@@ -19,13 +19,24 @@
 //! ([`StopCondition`]) and detokenizer ([`StreamDecoder`]), and a batched matrix product that
 //! equals the single-row one bit for bit.
 //!
+//! Prompt cache ([`BatchConfig::cache_prompt`], on by default): a slot keeps its KV cache after
+//! its sequence ends, and a new request goes to the free slot whose cached tokens share the
+//! longest prefix with its prompt; only the rest of the prompt is computed (at least its last
+//! token). Conversations, which resend every earlier turn, and prompts with a common
+//! instruction prefix start sooner. [`Generator`](crate::generation::Generator) reuses its
+//! cache the same way. The answer is the one a fresh prefill gives wherever the prompt's
+//! numerics do not depend on how many tokens are computed together; where they do, the logits
+//! can differ in the last bits: attention over a chunk of 64 prompt tokens or more runs in f32
+//! (as in ggml), and Q4_K products are summed in llama.cpp's order for whole groups of 4
+//! prompt tokens. [`BatchConfig::cache_prompt`] `= false` computes every prompt in full.
+//!
 //! ```no_run
 //! # use powerinfer_generate::{Model, batch::*, generation::GenerateOptions, tokenizer::Tokenizer};
 //! # use powerinfer_cpu::ThreadPool;
 //! # let model = Model::load("m.gguf").unwrap();
 //! # let tok = Tokenizer::from_gguf(model.file()).unwrap();
 //! # let pool = ThreadPool::new(0);
-//! let cfg = BatchConfig { n_parallel: 4, n_ctx: 512, n_batch: 512, max_queue: 16 };
+//! let cfg = BatchConfig { n_parallel: 4, n_ctx: 512, max_queue: 16, ..Default::default() };
 //! let (scheduler, submitter) = Scheduler::new(&model, &tok, &pool, cfg).unwrap();
 //! std::thread::scope(|s| {
 //!     s.spawn(move || scheduler.run());
@@ -65,6 +76,9 @@ pub struct BatchConfig {
     pub n_batch: usize,
     /// Requests that may wait for a slot; more are refused with [`SubmitError::QueueFull`].
     pub max_queue: usize,
+    /// Reuse the longest prefix a free slot's KV cache shares with a new prompt (see the
+    /// module documentation).
+    pub cache_prompt: bool,
 }
 
 impl Default for BatchConfig {
@@ -74,6 +88,7 @@ impl Default for BatchConfig {
             n_ctx: 2048,
             n_batch: 512,
             max_queue: 64,
+            cache_prompt: true,
         }
     }
 }
@@ -193,6 +208,7 @@ struct Counters {
     failed: AtomicU64,
     cancelled: AtomicU64,
     prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     queued: AtomicU64,
     active: AtomicU64,
@@ -214,8 +230,10 @@ pub struct BatchMetrics {
     pub failed: u64,
     /// Sequences whose listener went away before they ended.
     pub cancelled: u64,
-    /// Prompt tokens prefilled.
+    /// Prompt tokens prefilled (computed; those taken from a slot's cache are not counted).
     pub prompt_tokens: u64,
+    /// Prompt tokens taken from a slot's cache instead of being computed.
+    pub cached_prompt_tokens: u64,
     /// Tokens generated.
     pub generated_tokens: u64,
     /// Requests waiting for a slot now.
@@ -342,6 +360,7 @@ impl Submitter {
             failed: get(&c.failed),
             cancelled: get(&c.cancelled),
             prompt_tokens: get(&c.prompt_tokens),
+            cached_prompt_tokens: get(&c.cached_prompt_tokens),
             generated_tokens: get(&c.generated_tokens),
             queued: get(&c.queued),
             active: get(&c.active),
@@ -372,7 +391,24 @@ struct Seq {
 
 struct Slot {
     state: ModelState,
+    /// The tokens in `state`'s KV cache, position by position.
+    history: Vec<u32>,
+    /// When a sequence last started here (the scheduler's count of starts; 0: never).
+    last_used: u64,
     seq: Option<Seq>,
+}
+
+impl Slot {
+    /// Empties the KV cache.
+    fn reset(&mut self) {
+        self.state.clear();
+        self.history.clear();
+    }
+}
+
+/// How many leading tokens `a` and `b` share.
+fn common_prefix(a: &[u32], b: &[u32]) -> usize {
+    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The model thread's side: slots, the queue's receiving end and the batched decode loop.
@@ -387,6 +423,8 @@ pub struct Scheduler<'m> {
     /// Buffers and logits of the batched forward pass (one row per fed sequence).
     batch: BatchState,
     closed: bool,
+    /// Sequences started so far (the clock of [`Slot::last_used`]).
+    starts: u64,
 }
 
 impl std::fmt::Debug for Scheduler<'_> {
@@ -420,6 +458,8 @@ impl<'m> Scheduler<'m> {
             .map(|_| {
                 Ok(Slot {
                     state: model.new_state(cfg.n_ctx, cfg.n_batch)?,
+                    history: Vec::new(),
+                    last_used: 0,
                     seq: None,
                 })
             })
@@ -443,6 +483,7 @@ impl<'m> Scheduler<'m> {
                 slots,
                 batch: model.new_batch_state(),
                 closed: false,
+                starts: 0,
             },
             submitter,
         ))
@@ -497,13 +538,37 @@ impl<'m> Scheduler<'m> {
                 }
             };
             self.counters.queued.fetch_sub(1, Ordering::AcqRel);
-            let idx = self
-                .slots
-                .iter()
-                .position(|s| s.seq.is_none())
-                .expect("a free slot was checked above");
+            let idx = self.pick_slot(&job.request.prompt);
             self.start(idx, job);
         }
+    }
+
+    /// The free slot for `prompt`: the one whose cache shares the longest prefix with it, if
+    /// that is at least half the prompt; otherwise the least recently used (empty ones first),
+    /// so that an unrelated prompt does not evict a conversation's cache when it need not.
+    /// Panics if no slot is free.
+    fn pick_slot(&self, prompt: &[u32]) -> usize {
+        let free = || {
+            self.slots
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.seq.is_none())
+        };
+        if self.cfg.cache_prompt {
+            let best = free()
+                .map(|(i, s)| (common_prefix(&s.history, prompt), std::cmp::Reverse(i)))
+                .max();
+            if let Some((shared, std::cmp::Reverse(i))) = best
+                && shared > 0
+                && 2 * shared >= prompt.len()
+            {
+                return i;
+            }
+        }
+        free()
+            .min_by_key(|(i, s)| (s.last_used, *i))
+            .map(|(i, _)| i)
+            .expect("a free slot was checked above")
     }
 
     /// Prefills `job`'s prompt in slot `idx`; on failure reports the error and leaves the slot
@@ -525,14 +590,25 @@ impl<'m> Scheduler<'m> {
             Ok(s) => s,
             Err(e) => return fail(&mut sink, &self.counters, e.into()),
         };
+        self.starts += 1;
         let slot = &mut self.slots[idx];
-        slot.state.clear();
+        slot.last_used = self.starts;
+        // Reuse the cached prefix, but always compute at least the last prompt token: its
+        // logits choose the first generated token.
+        let cached = if self.cfg.cache_prompt {
+            common_prefix(&slot.history, prompt).min(prompt.len() - 1)
+        } else {
+            0
+        };
+        slot.state.rewind(cached);
+        slot.history.truncate(cached);
+        let fresh = &prompt[cached..];
         let start = Instant::now();
         if let Err(e) = self
             .model
-            .forward(self.pool, &mut slot.state, prompt, Logits::Last)
+            .forward(self.pool, &mut slot.state, fresh, Logits::Last)
         {
-            slot.state.clear();
+            slot.reset();
             let e = match e {
                 crate::ModelError::ContextOverflow { n_ctx, .. } => GenerateError::PromptTooLong {
                     n_prompt: prompt.len(),
@@ -546,9 +622,13 @@ impl<'m> Scheduler<'m> {
         self.counters
             .prefill_nanos
             .fetch_add(prompt_time.as_nanos() as u64, Ordering::Relaxed);
+        slot.history.extend_from_slice(fresh);
         self.counters
             .prompt_tokens
-            .fetch_add(prompt.len() as u64, Ordering::Relaxed);
+            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+        self.counters
+            .cached_prompt_tokens
+            .fetch_add(cached as u64, Ordering::Relaxed);
         if !sink.send(BatchEvent::Started {
             prompt_tokens: prompt.len(),
         }) {
@@ -639,7 +719,7 @@ impl<'m> Scheduler<'m> {
             self.counters.failed.fetch_add(1, Ordering::Relaxed);
             seq.sink.send(BatchEvent::Error(e));
         }
-        self.slots[idx].state.clear();
+        self.slots[idx].reset();
     }
 
     /// One step of every running sequence: feed pending tokens (one batched forward pass),
@@ -672,8 +752,11 @@ impl<'m> Scheduler<'m> {
                     self.fail(idx, BatchError::Step(e.clone()));
                 }
             }
-            for (i, &idx) in rows.iter().enumerate() {
-                if let Some(seq) = self.slots[idx].seq.as_mut() {
+            for (i, (&idx, &t)) in rows.iter().zip(&tokens).enumerate() {
+                let slot = &mut self.slots[idx];
+                if let Some(seq) = slot.seq.as_mut() {
+                    // (A failed step reset the slot and ended its sequence.)
+                    slot.history.push(t);
                     seq.pending = None;
                     seq.logits_row = Some(i);
                 }

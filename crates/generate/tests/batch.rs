@@ -114,6 +114,7 @@ fn config(n_parallel: usize, max_queue: usize) -> BatchConfig {
         n_ctx: N_CTX,
         n_batch: 512,
         max_queue,
+        cache_prompt: true,
     }
 }
 
@@ -198,6 +199,77 @@ fn batched_sequences_equal_single_runs() {
     });
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
         assert_eq!(g, e, "case {i} ({:?})", cases[i].0);
+    }
+}
+
+/// The prompt cache: a conversation whose every request resends the earlier turns computes only
+/// the new tokens, each request goes to the slot holding its prefix, and the answers are the
+/// ones computed from scratch (this model's weight types sum the same way in any batch).
+#[test]
+fn prompt_cache_reuses_a_slots_prefix_and_changes_no_answer() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let greedy = opts(6, SamplerConfig::greedy(), &[]);
+    // Turn 1, an unrelated prompt (it takes the other slot), then turns 2 and 3, each the
+    // previous prompt and answer plus a new question; last, turn 3's prompt again exactly.
+    let mut transcript = tok.encode("Q: Name a colour.\nA:", true, true);
+    let mut requests: Vec<Vec<u32>> = Vec::new();
+    let mut expected = Vec::new();
+    let unrelated = tok.encode("Paris is the capital of", true, true);
+    for turn in 0..3 {
+        if turn > 0 {
+            transcript.extend(tok.encode("\nQ: And another?\nA:", false, true));
+        }
+        let out = alone(&model, &tok, &pool, &transcript, &greedy);
+        requests.push(transcript.clone());
+        expected.push(out.clone());
+        if turn == 0 {
+            requests.push(unrelated.clone());
+            expected.push(alone(&model, &tok, &pool, &unrelated, &greedy));
+        }
+        transcript.extend(&out.ids);
+    }
+    requests.push(requests[3].clone());
+    expected.push(expected[3].clone());
+    for cache_prompt in [true, false] {
+        let cfg = BatchConfig {
+            cache_prompt,
+            ..config(2, 8)
+        };
+        let (got, m) = with_scheduler(&model, &tok, &pool, cfg, |sub| {
+            // One at a time, as a chat client sends its turns.
+            let got: Vec<Outcome> = requests
+                .iter()
+                .map(|p| {
+                    let rx = sub
+                        .submit_channel(BatchRequest::new(p.clone(), greedy.clone()))
+                        .expect("submit");
+                    collect(rx).expect("ok")
+                })
+                .collect();
+            (got, sub.metrics())
+        });
+        for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+            assert_eq!(g, e, "request {i}, cache_prompt {cache_prompt}");
+        }
+        let total: usize = requests.iter().map(Vec::len).sum();
+        assert_eq!(
+            m.prompt_tokens + m.cached_prompt_tokens,
+            total as u64,
+            "cache_prompt {cache_prompt}"
+        );
+        if cache_prompt {
+            // Turn 2 reuses turn 1's prompt and all but the last of its answer tokens (the
+            // last was sampled, never fed); turn 3 likewise turn 2's; the repeat all but its
+            // last token. The unrelated prompt shares only BOS with turn 1's slot, so it takes
+            // the empty one and reuses nothing.
+            let want = (requests[0].len() + expected[0].ids.len() - 1)
+                + (requests[2].len() + expected[2].ids.len() - 1)
+                + (requests[3].len() - 1);
+            assert_eq!(m.cached_prompt_tokens, want as u64);
+        } else {
+            assert_eq!(m.cached_prompt_tokens, 0);
+        }
     }
 }
 

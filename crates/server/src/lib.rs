@@ -321,8 +321,14 @@ async fn metrics(State(st): State<AppState>) -> Response {
     put(
         "prompt_tokens_total",
         "counter",
-        "Prompt tokens processed.",
+        "Prompt tokens computed (not counting those taken from a slot's prompt cache).",
         m.prompt_tokens.to_string(),
+    );
+    put(
+        "prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens taken from a slot's prompt cache instead of being computed.",
+        m.cached_prompt_tokens.to_string(),
     );
     put(
         "generated_tokens_total",
