@@ -31,12 +31,12 @@ pub struct BatchArgs {
     /// Sequences decoded together.
     #[arg(long = "parallel", visible_alias = "np", default_value_t = 4)]
     parallel: usize,
-    /// Reuse the longest prefix a free slot's KV cache shares with a prompt (prompts with a
-    /// common instruction start sooner). Off by default: a prompt of 64 tokens or more computed
-    /// in part gets attention numerics other than in full, so an answer could then depend on
-    /// which prompts ran before it; without it every answer is the single run's, bit for bit.
-    #[arg(long = "cache-prompt")]
-    cache_prompt: bool,
+    /// Compute every prompt in full instead of reusing what a free slot's KV cache holds of
+    /// it (a common instruction). The reuse keeps a full computation's bits except for Q4_K
+    /// weights and predicted-sparse FFNs, whose prompt products depend on how tokens are
+    /// grouped: there an answer could depend in its last bits on the prompts before it.
+    #[arg(long = "no-cache-prompt")]
+    no_cache_prompt: bool,
 }
 
 /// One input line's prompt and settings.
@@ -151,7 +151,7 @@ pub fn run(args: &BatchArgs) -> Result<(), String> {
         n_ctx: llm.n_ctx(),
         n_batch: args.model.batch_size.max(1),
         max_queue: items.len(),
-        cache_prompt: args.cache_prompt,
+        cache_prompt: !args.no_cache_prompt,
     };
     let (scheduler, submitter) =
         Scheduler::new(llm.model(), llm.tokenizer(), llm.pool(), cfg).map_err(|e| e.to_string())?;

@@ -28,11 +28,11 @@ pub struct ServeArgs {
     /// The model id the API reports (default: the file name).
     #[arg(long = "alias")]
     alias: Option<String>,
-    /// Compute every prompt from scratch instead of reusing the longest prefix a free slot's
-    /// KV cache shares with it (a conversation's earlier turns, a common instruction). With
-    /// the cache, as in llama.cpp's server, an answer can differ in the last bits of its logits
-    /// from a fresh run when the reused part or the rest was computed with other numerics
-    /// (prompt chunks of 64 tokens or more, tokens generated earlier).
+    /// Compute every prompt in full instead of reusing what a free slot's KV cache holds of it
+    /// (a conversation's earlier turns, a common instruction). The reuse keeps a full
+    /// computation's bits except for Q4_K weights and predicted-sparse FFNs, whose prompt
+    /// products depend on how tokens are grouped: there an answer could differ in the last
+    /// bits of its logits from a fresh run.
     #[arg(long = "no-cache-prompt")]
     no_cache_prompt: bool,
 }

@@ -20,15 +20,15 @@
 //! equals the single-row one bit for bit.
 //!
 //! Prompt cache ([`BatchConfig::cache_prompt`], on by default): a slot keeps its KV cache after
-//! its sequence ends, and a new request goes to the free slot whose cached tokens share the
-//! longest prefix with its prompt; only the rest of the prompt is computed (at least its last
-//! token). Conversations, which resend every earlier turn, and prompts with a common
-//! instruction prefix start sooner. [`Generator`](crate::generation::Generator) reuses its
-//! cache the same way. The answer is the one a fresh prefill gives wherever the prompt's
-//! numerics do not depend on how many tokens are computed together; where they do, the logits
-//! can differ in the last bits: attention over a chunk of 64 prompt tokens or more runs in f32
-//! (as in ggml), and Q4_K products are summed in llama.cpp's order for whole groups of 4
-//! prompt tokens. [`BatchConfig::cache_prompt`] `= false` computes every prompt in full.
+//! its sequence ends, and a new request goes to the free slot whose cache it can reuse most
+//! of; only the rest of the prompt is computed (at least its last token). Prompts with a
+//! common instruction and conversations, which resend every earlier turn, start sooner. The
+//! reuse keeps the bits of a full computation ([`crate::prompt_cache`]: only positions whose
+//! attention numerics a full computation would repeat are reused, and the rest is computed
+//! with the numerics of its full micro-batches), except for Q4_K weights and predicted-sparse
+//! FFNs, whose prompt products depend on how tokens are grouped: there an answer can differ in
+//! the last bits of its logits. [`BatchConfig::cache_prompt`] `= false` computes every prompt
+//! in full. [`Generator`](crate::generation::Generator) reuses its cache the same way.
 //!
 //! ```no_run
 //! # use powerinfer_generate::{Model, batch::*, generation::GenerateOptions, tokenizer::Tokenizer};
@@ -61,7 +61,8 @@ use crate::ModelError;
 use crate::generation::{
     FinishReason, GenerateError, GenerateOptions, GeneratedToken, GenerationStats,
 };
-use crate::model::{BatchState, Logits, Model, ModelState};
+use crate::model::{BatchState, Model, ModelState};
+use crate::prompt_cache::PromptCache;
 use crate::sampling::{Sampler, StopCondition};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -391,8 +392,8 @@ struct Seq {
 
 struct Slot {
     state: ModelState,
-    /// The tokens in `state`'s KV cache, position by position.
-    history: Vec<u32>,
+    /// What `state`'s KV cache holds.
+    cache: PromptCache,
     /// When a sequence last started here (the scheduler's count of starts; 0: never).
     last_used: u64,
     seq: Option<Seq>,
@@ -402,13 +403,8 @@ impl Slot {
     /// Empties the KV cache.
     fn reset(&mut self) {
         self.state.clear();
-        self.history.clear();
+        self.cache.clear();
     }
-}
-
-/// How many leading tokens `a` and `b` share.
-fn common_prefix(a: &[u32], b: &[u32]) -> usize {
-    a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
 
 /// The model thread's side: slots, the queue's receiving end and the batched decode loop.
@@ -458,7 +454,7 @@ impl<'m> Scheduler<'m> {
             .map(|_| {
                 Ok(Slot {
                     state: model.new_state(cfg.n_ctx, cfg.n_batch)?,
-                    history: Vec::new(),
+                    cache: PromptCache::new(),
                     last_used: 0,
                     seq: None,
                 })
@@ -543,10 +539,10 @@ impl<'m> Scheduler<'m> {
         }
     }
 
-    /// The free slot for `prompt`: the one whose cache shares the longest prefix with it, if
-    /// that is at least half the prompt; otherwise the least recently used (empty ones first),
-    /// so that an unrelated prompt does not evict a conversation's cache when it need not.
-    /// Panics if no slot is free.
+    /// The free slot for `prompt`: the one whose cache it can reuse most of, if that is at
+    /// least half the prompt; otherwise the least recently used (empty ones first), so that an
+    /// unrelated prompt does not evict a conversation's cache when it need not. Panics if no
+    /// slot is free.
     fn pick_slot(&self, prompt: &[u32]) -> usize {
         let free = || {
             self.slots
@@ -556,7 +552,10 @@ impl<'m> Scheduler<'m> {
         };
         if self.cfg.cache_prompt {
             let best = free()
-                .map(|(i, s)| (common_prefix(&s.history, prompt), std::cmp::Reverse(i)))
+                .map(|(i, s)| {
+                    let reusable = s.cache.reusable(self.model, &s.state, prompt);
+                    (reusable, std::cmp::Reverse(i))
+                })
                 .max();
             if let Some((shared, std::cmp::Reverse(i))) = best
                 && shared > 0
@@ -593,20 +592,17 @@ impl<'m> Scheduler<'m> {
         self.starts += 1;
         let slot = &mut self.slots[idx];
         slot.last_used = self.starts;
-        // Reuse the cached prefix, but always compute at least the last prompt token: its
-        // logits choose the first generated token.
+        // Reuse what the cache can give exactly; the last prompt token is always computed (its
+        // logits choose the first generated token).
         let cached = if self.cfg.cache_prompt {
-            common_prefix(&slot.history, prompt).min(prompt.len() - 1)
+            slot.cache.reusable(self.model, &slot.state, prompt)
         } else {
             0
         };
-        slot.state.rewind(cached);
-        slot.history.truncate(cached);
-        let fresh = &prompt[cached..];
         let start = Instant::now();
-        if let Err(e) = self
-            .model
-            .forward(self.pool, &mut slot.state, fresh, Logits::Last)
+        if let Err(e) = slot
+            .cache
+            .prefill(self.model, self.pool, &mut slot.state, prompt, cached)
         {
             slot.reset();
             let e = match e {
@@ -622,10 +618,9 @@ impl<'m> Scheduler<'m> {
         self.counters
             .prefill_nanos
             .fetch_add(prompt_time.as_nanos() as u64, Ordering::Relaxed);
-        slot.history.extend_from_slice(fresh);
         self.counters
             .prompt_tokens
-            .fetch_add(fresh.len() as u64, Ordering::Relaxed);
+            .fetch_add((prompt.len() - cached) as u64, Ordering::Relaxed);
         self.counters
             .cached_prompt_tokens
             .fetch_add(cached as u64, Ordering::Relaxed);
@@ -756,7 +751,7 @@ impl<'m> Scheduler<'m> {
                 let slot = &mut self.slots[idx];
                 if let Some(seq) = slot.seq.as_mut() {
                     // (A failed step reset the slot and ended its sequence.)
-                    slot.history.push(t);
+                    slot.cache.push_decoded(self.model, t);
                     seq.pending = None;
                     seq.logits_row = Some(i);
                 }

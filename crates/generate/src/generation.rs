@@ -11,6 +11,7 @@ use powerinfer_cpu::ThreadPool;
 
 use crate::ModelError;
 use crate::model::{Logits, Model, ModelState};
+use crate::prompt_cache::PromptCache;
 use crate::sampling::{Sampler, SamplerConfig, SamplerError, StopCondition};
 use crate::tokenizer::{StreamDecoder, Tokenizer};
 
@@ -135,8 +136,8 @@ pub struct Generator<'m> {
     tokenizer: &'m Tokenizer,
     pool: &'m ThreadPool,
     state: ModelState,
-    /// The tokens whose keys and values are in the cache, in order.
-    history: Vec<u32>,
+    /// The tokens whose keys and values are in the cache, in order, and their numerics.
+    cache: PromptCache,
 }
 
 impl<'m> Generator<'m> {
@@ -153,7 +154,7 @@ impl<'m> Generator<'m> {
             tokenizer,
             pool,
             state: model.new_state(n_ctx, n_batch)?,
-            history: Vec::new(),
+            cache: PromptCache::new(),
         })
     }
 
@@ -164,17 +165,17 @@ impl<'m> Generator<'m> {
 
     /// The tokens currently in the KV cache.
     pub fn history(&self) -> &[u32] {
-        &self.history
+        self.cache.tokens()
     }
 
     /// Forgets the cache.
     pub fn reset(&mut self) {
         self.state.clear();
-        self.history.clear();
+        self.cache.clear();
     }
 
-    /// Processes `prompt` (reusing the longest cached prefix) and returns the stream of
-    /// generated tokens.
+    /// Processes `prompt` (reusing the longest cached prefix that keeps a full computation's
+    /// bits, see [`crate::prompt_cache`]) and returns the stream of generated tokens.
     pub fn generate(
         &mut self,
         prompt: &[u32],
@@ -193,28 +194,18 @@ impl<'m> Generator<'m> {
         let sampler = Sampler::new(opts.sampler)?;
         // Reuse the cached prefix, but always compute at least the last prompt token: its
         // logits choose the first generated token.
-        let common = self
-            .history
-            .iter()
-            .zip(prompt)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(prompt.len() - 1);
-        self.state.rewind(common);
-        self.history.truncate(common);
+        let common = self.cache.reusable(self.model, &self.state, prompt);
         let start = Instant::now();
-        let fresh = &prompt[common..];
         let result = self
-            .model
-            .forward(self.pool, &mut self.state, fresh, Logits::Last);
+            .cache
+            .prefill(self.model, self.pool, &mut self.state, prompt, common);
         if let Err(e) = result {
             // A failed forward leaves the cache in an unknown state.
             self.reset();
             return Err(e.into());
         }
-        self.history.extend_from_slice(fresh);
         let stats = GenerationStats {
-            prompt_tokens: fresh.len(),
+            prompt_tokens: prompt.len() - common,
             prompt_time: start.elapsed(),
             ..Default::default()
         };
@@ -297,7 +288,7 @@ impl TokenStream<'_, '_> {
                 return Ok(None);
             }
             g.model.forward(g.pool, &mut g.state, &[t], Logits::Last)?;
-            g.history.push(t);
+            g.cache.push_decoded(g.model, t);
         }
         let id = self.sampler.sample(self.generator.state.logits())?;
         self.sampler.accept(id);

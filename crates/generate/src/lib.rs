@@ -14,6 +14,7 @@ pub mod kv_cache;
 pub mod model;
 pub mod perplexity;
 pub mod profile;
+pub mod prompt_cache;
 pub mod pwri;
 pub mod sampling;
 pub mod tokenizer;

@@ -515,3 +515,121 @@ fn gemma3_forward_batch_of_five_equals_single_rows() {
         }
     }
 }
+
+/// The premise of the exact prompt cache: a prompt computed in pieces gets the bits of the
+/// full computation when each piece runs with its full micro-batch's attention numerics
+/// (`forward_as_ubatch_of`), and below 64 tokens in any split at all; a piece of a 64-token
+/// micro-batch computed with its own (smaller) numerics does not.
+#[test]
+fn prompt_in_pieces_equals_full_prompt_bit_for_bit() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let text = "It is a truth universally acknowledged, that a single man in possession of a good \
+                fortune, must be in want of a wife. However little known the feelings or views \
+                of such a man may be on his first entering a neighbourhood, this truth is so well \
+                fixed in the minds of the surrounding families, that he is considered as the \
+                rightful property of some one or other of their daughters.";
+    let ids = tok.encode(text, true, true);
+    assert!(ids.len() >= 70, "{}", ids.len());
+    let n = 70;
+    let nv = model.config().n_vocab;
+    let last_row =
+        |l: &[f32]| -> Vec<u32> { l[l.len() - nv..].iter().map(|v| v.to_bits()).collect() };
+    // Pieces computed with their own numerics.
+    let split = |cuts: &[usize], end: usize| -> Vec<u32> {
+        let mut st = model.new_state(512, 512).unwrap();
+        let mut start = 0;
+        let mut out = Vec::new();
+        for &c in cuts.iter().chain([&end]) {
+            out = last_row(
+                model
+                    .forward(&pool, &mut st, &ids[start..c], Logits::Last)
+                    .unwrap(),
+            );
+            start = c;
+        }
+        out
+    };
+    for cuts in [&[30][..], &[39], &[10, 20, 39]] {
+        assert_eq!(
+            split(cuts, 40),
+            split(&[], 40),
+            "f16 numerics, cuts {cuts:?}"
+        );
+    }
+    assert_ne!(
+        split(&[66], n),
+        split(&[], n),
+        "a 4-token piece of a 70-token micro-batch"
+    );
+    for first in [64usize, 66, 69] {
+        let mut st = model.new_state(512, 512).unwrap();
+        model
+            .forward(&pool, &mut st, &ids[..first], Logits::None)
+            .unwrap();
+        let l = model
+            .forward_as_ubatch_of(&pool, &mut st, &ids[first..n], Logits::Last, n)
+            .unwrap();
+        assert_eq!(last_row(l), split(&[], n), "first {first}");
+    }
+    // More tokens than the state's micro-batch: an error, not a silent split.
+    let mut st = model.new_state(512, 8).unwrap();
+    assert!(
+        model
+            .forward_as_ubatch_of(&pool, &mut st, &ids[..9], Logits::Last, 9)
+            .is_err()
+    );
+}
+
+/// With prompts of 64 tokens or more the prompt cache still gives the answers of full
+/// computations: a long shared instruction is reused whatever followed it, and a
+/// conversation's next turn reuses the earlier prompt but recomputes the generated tokens
+/// (decoded in f16, computed in f32 inside the next turn's 64+-token micro-batch).
+#[test]
+fn prompt_cache_is_exact_for_long_prompts() {
+    let Some((model, tok)) = smollm() else { return };
+    let pool = ThreadPool::new(2);
+    let greedy = opts(8, SamplerConfig::greedy(), &[]);
+    let instruction = "You are a careful assistant for a village library. Answer every question \
+                       in one short, friendly paragraph, mention a book from the library's \
+                       collection when it helps, and never invent opening hours or prices. The \
+                       library is open to everyone and lends books for three weeks.\n\n";
+    let mut requests: Vec<Vec<u32>> = ["How do I get a library card?", "Do you lend audiobooks?"]
+        .iter()
+        .map(|q| tok.encode(&format!("{instruction}Question: {q}\nAnswer:"), true, true))
+        .collect();
+    assert!(requests[0].len() >= 64, "{}", requests[0].len());
+    let first = alone(&model, &tok, &pool, &requests[0], &greedy);
+    let mut turn2 = requests[0].clone();
+    turn2.extend(&first.ids);
+    turn2.extend(tok.encode("\nQuestion: And for children?\nAnswer:", false, true));
+    requests.push(turn2);
+    let expected: Vec<Outcome> = requests
+        .iter()
+        .map(|p| alone(&model, &tok, &pool, p, &greedy))
+        .collect();
+    let (got, m) = with_scheduler(&model, &tok, &pool, config(1, 8), |sub| {
+        let got: Vec<Outcome> = requests
+            .iter()
+            .map(|p| {
+                let rx = sub
+                    .submit_channel(BatchRequest::new(p.clone(), greedy.clone()))
+                    .expect("submit");
+                collect(rx).expect("ok")
+            })
+            .collect();
+        (got, sub.metrics())
+    });
+    for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
+        assert_eq!(g, e, "request {i}");
+    }
+    // Request 2 reuses the instruction (up to where the questions differ); request 3 (request
+    // 1's conversation) only what request 2 left of request 1's prompt, not its answer.
+    let shared = requests[0]
+        .iter()
+        .zip(&requests[1])
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert!(shared >= 50, "{shared}");
+    assert_eq!(m.cached_prompt_tokens, 2 * shared as u64);
+}

@@ -656,9 +656,8 @@ impl Model {
                 let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
                 // whole KV groups per work item for prompts, single heads for decode
                 let heads_per_item = if n > 1 { c.n_head / c.n_head_kv } else { 1 };
-                self.attend(pool, &params(n), sc, n, heads_per_item, |t| {
-                    (kc, vc, pos0 + t)
-                })?;
+                let p = params(sc.attn_tokens.unwrap_or(n));
+                self.attend(pool, &p, sc, n, heads_per_item, |t| (kc, vc, pos0 + t))?;
             }
             KvRows::Batch { seqs, positions } => {
                 for (t, s) in seqs.iter_mut().enumerate() {

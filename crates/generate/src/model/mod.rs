@@ -471,7 +471,40 @@ impl Model {
         tokens: &[u32],
         logits: Logits,
     ) -> Result<&'s [f32], ModelError> {
-        self.forward_impl(pool, state, tokens, logits, None)
+        self.forward_impl(pool, state, tokens, logits, None, None)
+    }
+
+    /// [`forward`](Self::forward) with the attention numerics of a micro-batch of
+    /// `ubatch_tokens` tokens, whatever the number of `tokens` (one micro-batch at most: fails
+    /// if `tokens` is longer than the state's). The prompt numerics depend on the micro-batch
+    /// size only through attention (from 64 queries on, f32 and the tiled kernel, as in ggml;
+    /// below, f16 accumulation, the same bits in any split), so a prompt computed in part
+    /// this way, after a cached prefix, gets the bits a full computation would give for the
+    /// same positions, for weight types whose products do not depend on how tokens are
+    /// grouped (all but Q4_K, whose prompt products follow llama.cpp's groups of 4 tokens).
+    pub fn forward_as_ubatch_of<'s>(
+        &self,
+        pool: &ThreadPool,
+        state: &'s mut ModelState,
+        tokens: &[u32],
+        logits: Logits,
+        ubatch_tokens: usize,
+    ) -> Result<&'s [f32], ModelError> {
+        if tokens.len() > state.n_ubatch {
+            return Err(ModelError::InvalidConfig(format!(
+                "forward_as_ubatch_of: {} tokens exceed the state's micro-batch of {}",
+                tokens.len(),
+                state.n_ubatch
+            )));
+        }
+        self.forward_impl(
+            pool,
+            state,
+            tokens,
+            logits,
+            None,
+            Some(ubatch_tokens.max(1)),
+        )
     }
 
     /// [`forward`](Self::forward) that shows every layer's FFN input and intermediate
@@ -484,7 +517,7 @@ impl Model {
         logits: Logits,
         observer: &mut dyn FfnObserver,
     ) -> Result<&'s [f32], ModelError> {
-        self.forward_impl(pool, state, tokens, logits, Some(observer))
+        self.forward_impl(pool, state, tokens, logits, Some(observer), None)
     }
 
     fn forward_impl<'s>(
@@ -494,10 +527,12 @@ impl Model {
         tokens: &[u32],
         logits: Logits,
         mut observer: Option<&mut dyn FfnObserver>,
+        attn_tokens: Option<usize>,
     ) -> Result<&'s [f32], ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyInput);
         }
+        state.scratch.attn_tokens = attn_tokens;
         let n_vocab = self.config.n_vocab;
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(ModelError::TokenOutOfRange { token: t, n_vocab });
@@ -669,7 +704,7 @@ impl Model {
                 &mut vc[pos0 * v_dim..(pos0 + n) * v_dim],
             )?;
         }
-        let p = self.attn_params(layer, n);
+        let p = self.attn_params(layer, sc.attn_tokens.unwrap_or(n));
         let kc: &[f16] = &kv.keys(il)[..(pos0 + n) * k_dim];
         let vc: &[f16] = &kv.values(il)[..(pos0 + n) * v_dim];
         if powerinfer_cpu::flash::tiled_available(&p) {
@@ -791,6 +826,13 @@ impl Model {
             window: layer.attn.window,
             precision: self.attn_precision(n_tokens),
         }
+    }
+
+    /// The attention numerics of a micro-batch of `n_tokens` queries (1: decoding): what makes
+    /// a prompt's bits depend on how it is cut into micro-batches
+    /// ([`crate::prompt_cache`]).
+    pub fn attention_numerics(&self, n_tokens: usize) -> AttnPrecision {
+        self.attn_precision(n_tokens)
     }
 
     /// The attention numerics for a micro-batch of `n_tokens` queries.
@@ -1157,6 +1199,12 @@ impl ModelState {
         self.kv.n_ctx()
     }
 
+    /// Most tokens [`Model::forward`] computes together (longer prompts go in pieces of this
+    /// many).
+    pub fn n_ubatch(&self) -> usize {
+        self.n_ubatch
+    }
+
     /// Forget all positions from `pos` on (e.g. to start over, or to rewind to a prompt prefix).
     pub fn rewind(&mut self, pos: usize) {
         self.kv.truncate(pos);
@@ -1216,6 +1264,9 @@ struct Scratch {
     sparse: sparse::SparseBuffers,
     /// Attention output of the LayerNorm decoders (sized by them).
     ln_attn: Vec<f32>,
+    /// Attention numerics as for a micro-batch of this many tokens instead of the real count
+    /// ([`Model::forward_as_ubatch_of`]).
+    attn_tokens: Option<usize>,
 }
 
 impl Scratch {
