@@ -32,9 +32,9 @@ pub struct BatchArgs {
     #[arg(long = "parallel", visible_alias = "np", default_value_t = 4)]
     parallel: usize,
     /// Compute every prompt in full instead of reusing what a free slot's KV cache holds of
-    /// it (a common instruction). The reuse keeps a full computation's bits except for Q4_K
-    /// weights and predicted-sparse FFNs, whose prompt products depend on how tokens are
-    /// grouped: there an answer could depend in its last bits on the prompts before it.
+    /// it (a common instruction). The reuse keeps a full computation's bits, except with the
+    /// sparse FFNs of PWRI files (a micro-batch computes its tokens' union of active neurons):
+    /// there an answer could depend in its last bits on the prompts before it.
     #[arg(long = "no-cache-prompt")]
     no_cache_prompt: bool,
 }

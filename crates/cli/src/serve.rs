@@ -30,9 +30,9 @@ pub struct ServeArgs {
     alias: Option<String>,
     /// Compute every prompt in full instead of reusing what a free slot's KV cache holds of it
     /// (a conversation's earlier turns, a common instruction). The reuse keeps a full
-    /// computation's bits except for Q4_K weights and predicted-sparse FFNs, whose prompt
-    /// products depend on how tokens are grouped: there an answer could differ in the last
-    /// bits of its logits from a fresh run.
+    /// computation's bits, except with the sparse FFNs of PWRI files (a micro-batch computes
+    /// its tokens' union of active neurons): there an answer could differ in the last bits of
+    /// its logits from a fresh run.
     #[arg(long = "no-cache-prompt")]
     no_cache_prompt: bool,
 }

@@ -132,6 +132,9 @@ pub struct ActBuffer {
     gemm_scales: Vec<f32>,
     /// Every token in the single-token order (see [`ActBuffer::set_decode_order`]).
     decode_order: bool,
+    /// How many leading tokens follow the grouped order (see
+    /// [`ActBuffer::set_grouped_tokens`]).
+    grouped_tokens: Option<usize>,
 }
 
 impl std::fmt::Debug for ActBuffer {
@@ -221,6 +224,29 @@ impl ActBuffer {
     /// Kept across [`quantize`](Self::quantize) calls.
     pub fn set_decode_order(&mut self, on: bool) {
         self.decode_order = on;
+    }
+
+    /// For the types llama.cpp sums in another order for whole groups of 4 prompt tokens
+    /// (`powerinfer_quant::gemm::grouped_for`): `Some(k)` makes [`matmul_quantized`] use that
+    /// order for exactly the first `k` tokens (the rest as decoding does), whatever the token
+    /// count; `None` (the default) for the first `n - n % 4` of `n`, as llama.cpp does for a
+    /// batch. A part of a prompt computed apart then gets the bits it has inside the whole
+    /// batch. [`set_decode_order`](Self::set_decode_order) takes precedence. Kept across
+    /// [`quantize`](Self::quantize) calls.
+    pub fn set_grouped_tokens(&mut self, k: Option<usize>) {
+        self.grouped_tokens = k;
+    }
+
+    /// What [`set_grouped_tokens`](Self::set_grouped_tokens) set.
+    pub fn grouped_tokens(&self) -> Option<usize> {
+        self.grouped_tokens
+    }
+
+    /// Whether [`matmul_quantized`] would put some of `n_tokens` tokens of this buffer in the
+    /// grouped order because of [`set_grouped_tokens`](Self::set_grouped_tokens) (so a
+    /// one-token product must not take the single-token path).
+    pub fn forces_grouped(&self, n_tokens: usize) -> bool {
+        !self.decode_order && self.grouped_tokens.is_some_and(|k| k.min(n_tokens) > 0)
     }
 
     /// The weight type these activations were prepared for, if any.
@@ -593,10 +619,10 @@ pub fn matmul_quantized(
     } else {
         powerinfer_quant::gemm::grouped_for(k)
     };
-    let split = if grouped.is_some() {
-        n_tokens - n_tokens % 4
-    } else {
-        0
+    let split = match (grouped, acts.grouped_tokens) {
+        (None, _) => 0,
+        (Some(_), Some(k)) => k.min(n_tokens),
+        (Some(_), None) => n_tokens - n_tokens % 4,
     };
     let out = SharedSlice::new(y);
     let tile = |t_idx: usize| {

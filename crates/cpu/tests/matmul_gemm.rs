@@ -84,3 +84,54 @@ fn decode_order_gives_every_token_the_single_token_result() {
         }
     }
 }
+
+/// With `set_grouped_tokens(Some(k))`, exactly the first `k` tokens of a Q4_K batch (any `k`,
+/// also past the batch or not a multiple of 4; one token too) get the grouped-order result and
+/// the rest the single-token one; `set_decode_order` still wins.
+#[test]
+fn grouped_tokens_sets_exactly_which_tokens_take_the_grouped_order() {
+    let pool = ThreadPool::new(2);
+    let mut rng = Rng::new(0x6e33_0003);
+    let (ty, cols, rows) = (GgmlType::Q4_K, 512, 13);
+    let k = kernels(ty).unwrap();
+    let Some((_, grouped_dot)) = powerinfer_quant::gemm::grouped_for(k) else {
+        return; // no grouped order on this CPU
+    };
+    let data = random_weights(ty, rows * cols, &mut rng);
+    let w = Matrix::new(ty, rows, cols, &data).unwrap();
+    for (n_tokens, kk) in [
+        (10usize, 3usize),
+        (10, 0),
+        (10, 10),
+        (5, 9),
+        (1, 1),
+        (1, 0),
+        (9, 6),
+    ] {
+        let x = rng.activations(cols * n_tokens);
+        for decode in [false, true] {
+            let mut acts = ActBuffer::new();
+            acts.set_grouped_tokens(Some(kk));
+            acts.set_decode_order(decode);
+            acts.quantize_with(k, &x, cols, n_tokens).unwrap();
+            assert_eq!(acts.forces_grouped(n_tokens), !decode && kk > 0);
+            let mut y = vec![f32::NAN; rows * n_tokens];
+            matmul_quantized(&pool, &w, &acts, &mut y).unwrap();
+            for t in 0..n_tokens {
+                let dot = if t < kk && !decode {
+                    grouped_dot
+                } else {
+                    k.vec_dot
+                };
+                for r in 0..rows {
+                    let want = dot(cols, w.row(r).unwrap(), acts.token(t).unwrap());
+                    assert_eq!(
+                        y[t * rows + r].to_bits(),
+                        want.to_bits(),
+                        "{n_tokens} tokens, k {kk}, decode {decode}: t{t} r{r}"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -24,10 +24,10 @@
 //! of; only the rest of the prompt is computed (at least its last token). Prompts with a
 //! common instruction and conversations, which resend every earlier turn, start sooner. The
 //! reuse keeps the bits of a full computation ([`crate::prompt_cache`]: only positions whose
-//! attention numerics a full computation would repeat are reused, and the rest is computed
-//! with the numerics of its full micro-batches), except for Q4_K weights and predicted-sparse
-//! FFNs, whose prompt products depend on how tokens are grouped: there an answer can differ in
-//! the last bits of its logits. [`BatchConfig::cache_prompt`] `= false` computes every prompt
+//! numerics a full computation would repeat are reused, and the rest is computed as parts of
+//! its full micro-batches), except for the sparse FFNs of PWRI files, which compute a
+//! micro-batch's union of active neurons: there an answer can differ in the last bits of its
+//! logits. [`BatchConfig::cache_prompt`] `= false` computes every prompt
 //! in full. [`Generator`](crate::generation::Generator) reuses its cache the same way.
 //!
 //! ```no_run

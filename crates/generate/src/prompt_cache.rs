@@ -1,22 +1,23 @@
 //! What a KV cache holds, so that a new prompt can reuse the prefix it shares with it **and get
 //! the bits a full computation would give**.
 //!
-//! A prompt's numerics depend on how many tokens are computed together only through attention:
-//! a micro-batch of 64 queries or more runs f32 attention (ggml's tiled kernel), a smaller one
-//! (and decoding) f16 accumulation ([`Model::attention_numerics`]); f16 accumulation gives the
-//! same bits in any split, and the matrix products give the same bits in any batch for every
-//! weight type but Q4_K (whose prompt products follow llama.cpp's groups of 4 tokens) and in
-//! every FFN but a predicted-sparse one (a batch computes the union of its tokens' neurons).
+//! A prompt's bits depend on how its tokens are cut into micro-batches in two places:
+//! attention (a micro-batch of 64 queries or more runs f32 attention, ggml's tiled kernel; a
+//! smaller one, and decoding, f16 accumulation, which gives the same bits in any split:
+//! [`Model::attention_numerics`]) and, for Q4_K weights, the products (llama.cpp sums the first
+//! `n - n % 4` tokens of a micro-batch of `n` in another order than single tokens:
+//! [`Model::groups_prompt_products`]). Every other product gives the same bits in any batch.
 //!
-//! [`PromptCache`] records, for every cached position, its token and the attention numerics it
-//! was computed with. A new prompt reuses the longest prefix whose tokens are the same **and**
-//! whose numerics are those a full computation of the new prompt would use at each position
-//! (the micro-batch each position falls in, [`ModelState::n_ubatch`] tokens at a time), and
-//! computes the rest in pieces cut at the same micro-batch boundaries, each with its full
-//! micro-batch's numerics ([`Model::forward_as_ubatch_of`]). So a shared instruction is reused
-//! whatever followed it, and a conversation's earlier turns are reused up to the first token
-//! that a full computation would compute otherwise (tokens generated one at a time, in f16,
-//! that the next turn's prompt computes in a micro-batch of 64 or more, in f32).
+//! [`PromptCache`] records, for every cached position, its token and how it was computed. A
+//! new prompt reuses the longest prefix whose tokens are the same **and** which a full
+//! computation of the new prompt would compute the same way at each position (given the
+//! micro-batch each position falls in, [`ModelState::n_ubatch`] tokens at a time), and computes
+//! the rest in pieces cut at the same micro-batch boundaries, each as that part of its
+//! micro-batch ([`Model::forward_as_ubatch_of`]). So a shared instruction is reused whatever
+//! followed it, and a conversation's earlier turns are reused up to the first token that a
+//! full computation would compute otherwise (tokens generated one at a time, in f16, that the
+//! next turn's prompt computes in a micro-batch of 64 or more, in f32). The one exception is
+//! the sparse FFNs of PWRI files, which compute a micro-batch's union of active neurons.
 
 use powerinfer_cpu::ThreadPool;
 use powerinfer_cpu::ops::AttnPrecision;
@@ -24,11 +25,15 @@ use powerinfer_cpu::ops::AttnPrecision;
 use crate::ModelError;
 use crate::model::{Logits, Model, ModelState};
 
-/// The tokens in a [`ModelState`]'s KV cache and the attention numerics of each position.
+/// How one cached position was computed: its attention numerics, and whether its products
+/// took the grouped order of a micro-batch's whole groups of 4 tokens (Q4_K).
+type Numerics = (AttnPrecision, bool);
+
+/// The tokens in a [`ModelState`]'s KV cache and how each position was computed.
 #[derive(Debug, Clone, Default)]
 pub struct PromptCache {
     tokens: Vec<u32>,
-    numerics: Vec<AttnPrecision>,
+    numerics: Vec<Numerics>,
 }
 
 impl PromptCache {
@@ -54,13 +59,14 @@ impl PromptCache {
     pub fn reusable(&self, model: &Model, state: &ModelState, prompt: &[u32]) -> usize {
         let ub = state.n_ubatch();
         let n = prompt.len();
+        let grouping = model.groups_prompt_products();
         self.tokens
             .iter()
             .zip(&self.numerics)
             .zip(prompt)
             .enumerate()
             .take_while(|&(p, ((&t, &num), &want))| {
-                t == want && num == model.attention_numerics(fresh_ubatch(p, n, ub))
+                t == want && num == fresh_numerics(model, grouping, p, n, ub)
             })
             .count()
             .min(n.saturating_sub(1))
@@ -92,16 +98,17 @@ impl PromptCache {
             let end = (mb + ub).min(n);
             let size = end - mb;
             let logits = if end == n { Logits::Last } else { Logits::None };
-            if let Err(e) =
-                model.forward_as_ubatch_of(pool, state, &prompt[start..end], logits, size)
+            let part = &prompt[start..end];
+            if let Err(e) = model.forward_as_ubatch_of(pool, state, part, logits, size, start - mb)
             {
                 state.clear();
                 self.clear();
                 return Err(e);
             }
-            self.tokens.extend_from_slice(&prompt[start..end]);
-            let num = model.attention_numerics(size);
-            self.numerics.resize(end, num);
+            self.tokens.extend_from_slice(part);
+            let grouping = model.groups_prompt_products();
+            self.numerics
+                .extend((start..end).map(|p| fresh_numerics(model, grouping, p, n, ub)));
             start = end;
         }
         Ok(state.logits())
@@ -110,8 +117,19 @@ impl PromptCache {
     /// Records a token fed alone (a decoding step) after the cached ones.
     pub fn push_decoded(&mut self, model: &Model, token: u32) {
         self.tokens.push(token);
-        self.numerics.push(model.attention_numerics(1));
+        self.numerics.push((model.attention_numerics(1), false));
     }
+}
+
+/// How a full computation of `n` prompt tokens, `ub` at a time, computes position `p`
+/// (`grouping`: [`Model::groups_prompt_products`]).
+fn fresh_numerics(model: &Model, grouping: bool, p: usize, n: usize, ub: usize) -> Numerics {
+    let size = fresh_ubatch(p, n, ub);
+    let index = p % ub;
+    (
+        model.attention_numerics(size),
+        grouping && index < size - size % 4,
+    )
 }
 
 /// The size of the micro-batch position `p` falls in when `n` tokens are computed `ub` at a

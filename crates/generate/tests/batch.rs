@@ -517,66 +517,99 @@ fn gemma3_forward_batch_of_five_equals_single_rows() {
 }
 
 /// The premise of the exact prompt cache: a prompt computed in pieces gets the bits of the
-/// full computation when each piece runs with its full micro-batch's attention numerics
-/// (`forward_as_ubatch_of`), and below 64 tokens in any split at all; a piece of a 64-token
-/// micro-batch computed with its own (smaller) numerics does not.
+/// full computation when each piece runs as that part of its micro-batch
+/// (`forward_as_ubatch_of`: the micro-batch's attention numerics, and for Q4_K its products'
+/// grouping), while a piece computed on its own does not (always so from 64 tokens on, where
+/// attention switches to f32; for Q4_K also below). SmolLM2 (Q4_1, Q8_0) and Gemma 3 (Q4_K_M).
 #[test]
 fn prompt_in_pieces_equals_full_prompt_bit_for_bit() {
-    let Some((model, tok)) = smollm() else { return };
+    let Some((smollm, smollm_tok)) = smollm() else {
+        return;
+    };
+    let gemma_path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/gemma-3-270m-q4_k_m.gguf");
+    let gemma = gemma_path.exists().then(|| {
+        let m = Model::load(&gemma_path).expect("gemma loads");
+        let t = Tokenizer::from_gguf(m.file()).expect("tokenizer");
+        (m, t)
+    });
+    assert!(!smollm.groups_prompt_products());
     let pool = ThreadPool::new(2);
     let text = "It is a truth universally acknowledged, that a single man in possession of a good \
                 fortune, must be in want of a wife. However little known the feelings or views \
                 of such a man may be on his first entering a neighbourhood, this truth is so well \
                 fixed in the minds of the surrounding families, that he is considered as the \
                 rightful property of some one or other of their daughters.";
-    let ids = tok.encode(text, true, true);
-    assert!(ids.len() >= 70, "{}", ids.len());
-    let n = 70;
-    let nv = model.config().n_vocab;
-    let last_row =
-        |l: &[f32]| -> Vec<u32> { l[l.len() - nv..].iter().map(|v| v.to_bits()).collect() };
-    // Pieces computed with their own numerics.
-    let split = |cuts: &[usize], end: usize| -> Vec<u32> {
-        let mut st = model.new_state(512, 512).unwrap();
-        let mut start = 0;
-        let mut out = Vec::new();
-        for &c in cuts.iter().chain([&end]) {
-            out = last_row(
-                model
-                    .forward(&pool, &mut st, &ids[start..c], Logits::Last)
-                    .unwrap(),
-            );
-            start = c;
+    for (model, tok) in
+        std::iter::once((&smollm, &smollm_tok)).chain(gemma.as_ref().map(|(m, t)| (m, t)))
+    {
+        let grouping = model.groups_prompt_products();
+        let ids = tok.encode(text, true, true);
+        assert!(ids.len() >= 70, "{}", ids.len());
+        let nv = model.config().n_vocab;
+        let last_row =
+            |l: &[f32]| -> Vec<u32> { l[l.len() - nv..].iter().map(|v| v.to_bits()).collect() };
+        // Pieces each computed on its own.
+        let split = |cuts: &[usize], end: usize| -> Vec<u32> {
+            let mut st = model.new_state(512, 512).unwrap();
+            let mut start = 0;
+            let mut out = Vec::new();
+            for &c in cuts.iter().chain([&end]) {
+                out = last_row(
+                    model
+                        .forward(&pool, &mut st, &ids[start..c], Logits::Last)
+                        .unwrap(),
+                );
+                start = c;
+            }
+            out
+        };
+        // Pieces each computed as part of the whole micro-batch.
+        let parts = |cuts: &[usize], end: usize| -> Vec<u32> {
+            let mut st = model.new_state(512, 512).unwrap();
+            let mut start = 0;
+            let mut out = Vec::new();
+            for &c in cuts.iter().chain([&end]) {
+                let l = model
+                    .forward_as_ubatch_of(&pool, &mut st, &ids[start..c], Logits::Last, end, start)
+                    .unwrap();
+                out = last_row(l);
+                start = c;
+            }
+            out
+        };
+        let name = format!("{:?}", model.config().arch);
+        for (cuts, end) in [
+            (&[30][..], 40usize),
+            (&[39], 40),
+            (&[10, 21, 39], 40),
+            (&[64], 70),
+            (&[66], 70),
+            (&[5, 69], 70),
+        ] {
+            let full = split(&[], end);
+            assert_eq!(parts(cuts, end), full, "{name}: parts {cuts:?} of {end}");
+            if end >= 64 || grouping {
+                assert_ne!(
+                    split(cuts, end),
+                    full,
+                    "{name}: pieces {cuts:?} of {end} alone"
+                );
+            } else {
+                assert_eq!(
+                    split(cuts, end),
+                    full,
+                    "{name}: f16 numerics, cuts {cuts:?}"
+                );
+            }
         }
-        out
-    };
-    for cuts in [&[30][..], &[39], &[10, 20, 39]] {
-        assert_eq!(
-            split(cuts, 40),
-            split(&[], 40),
-            "f16 numerics, cuts {cuts:?}"
-        );
-    }
-    assert_ne!(
-        split(&[66], n),
-        split(&[], n),
-        "a 4-token piece of a 70-token micro-batch"
-    );
-    for first in [64usize, 66, 69] {
-        let mut st = model.new_state(512, 512).unwrap();
-        model
-            .forward(&pool, &mut st, &ids[..first], Logits::None)
-            .unwrap();
-        let l = model
-            .forward_as_ubatch_of(&pool, &mut st, &ids[first..n], Logits::Last, n)
-            .unwrap();
-        assert_eq!(last_row(l), split(&[], n), "first {first}");
     }
     // More tokens than the state's micro-batch: an error, not a silent split.
-    let mut st = model.new_state(512, 8).unwrap();
+    let ids = smollm_tok.encode(text, true, true);
+    let mut st = smollm.new_state(512, 8).unwrap();
     assert!(
-        model
-            .forward_as_ubatch_of(&pool, &mut st, &ids[..9], Logits::Last, 9)
+        smollm
+            .forward_as_ubatch_of(&pool, &mut st, &ids[..9], Logits::Last, 9, 0)
             .is_err()
     );
 }

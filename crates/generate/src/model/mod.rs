@@ -474,14 +474,16 @@ impl Model {
         self.forward_impl(pool, state, tokens, logits, None, None)
     }
 
-    /// [`forward`](Self::forward) with the attention numerics of a micro-batch of
-    /// `ubatch_tokens` tokens, whatever the number of `tokens` (one micro-batch at most: fails
-    /// if `tokens` is longer than the state's). The prompt numerics depend on the micro-batch
-    /// size only through attention (from 64 queries on, f32 and the tiled kernel, as in ggml;
-    /// below, f16 accumulation, the same bits in any split), so a prompt computed in part
-    /// this way, after a cached prefix, gets the bits a full computation would give for the
-    /// same positions, for weight types whose products do not depend on how tokens are
-    /// grouped (all but Q4_K, whose prompt products follow llama.cpp's groups of 4 tokens).
+    /// [`forward`](Self::forward) of `tokens` as positions `offset..offset + tokens.len()` of
+    /// a micro-batch of `ubatch_tokens` tokens: with that micro-batch's attention numerics and
+    /// its products' order, whatever the number of `tokens` (one micro-batch at most: fails if
+    /// `tokens` is longer than the state's). A prompt's bits depend on how it is cut into
+    /// micro-batches only through attention (from 64 queries on, f32 and the tiled kernel, as
+    /// in ggml; below, f16 accumulation, the same bits in any split) and, for Q4_K weights,
+    /// the products (llama.cpp's order for whole groups of 4 tokens of a micro-batch). So a
+    /// prompt computed in part this way, after a cached prefix, gets the bits a full
+    /// computation gives the same positions ([`crate::prompt_cache`]), with dense FFNs (a
+    /// predicted-sparse FFN computes the union of its micro-batch's active neurons).
     pub fn forward_as_ubatch_of<'s>(
         &self,
         pool: &ThreadPool,
@@ -489,6 +491,7 @@ impl Model {
         tokens: &[u32],
         logits: Logits,
         ubatch_tokens: usize,
+        offset: usize,
     ) -> Result<&'s [f32], ModelError> {
         if tokens.len() > state.n_ubatch {
             return Err(ModelError::InvalidConfig(format!(
@@ -497,14 +500,9 @@ impl Model {
                 state.n_ubatch
             )));
         }
-        self.forward_impl(
-            pool,
-            state,
-            tokens,
-            logits,
-            None,
-            Some(ubatch_tokens.max(1)),
-        )
+        let s = ubatch_tokens.max(1);
+        let grouped = (s - s % 4).saturating_sub(offset);
+        self.forward_impl(pool, state, tokens, logits, None, Some((s, grouped)))
     }
 
     /// [`forward`](Self::forward) that shows every layer's FFN input and intermediate
@@ -527,12 +525,16 @@ impl Model {
         tokens: &[u32],
         logits: Logits,
         mut observer: Option<&mut dyn FfnObserver>,
-        attn_tokens: Option<usize>,
+        as_part: Option<(usize, usize)>,
     ) -> Result<&'s [f32], ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::EmptyInput);
         }
-        state.scratch.attn_tokens = attn_tokens;
+        // (micro-batch size, tokens in the grouped order) of a part of a micro-batch
+        state.scratch.attn_tokens = as_part.map(|(s, _)| s);
+        let grouped = as_part.map(|(_, g)| g);
+        state.scratch.acts_a.set_grouped_tokens(grouped);
+        state.scratch.acts_b.set_grouped_tokens(grouped);
         let n_vocab = self.config.n_vocab;
         if let Some(&t) = tokens.iter().find(|&&t| t as usize >= n_vocab) {
             return Err(ModelError::TokenOutOfRange { token: t, n_vocab });
@@ -674,7 +676,16 @@ impl Model {
         sc.acts_a.quantize(w.ty, &sc.xn[..n_out * d], d, n_out)?;
         let nv = c.n_vocab;
         let out = &mut st.logits[dst_row * nv..(dst_row + n_out) * nv];
-        mm(pool, &w, &sc.acts_a, n_out, out)?;
+        if matches!(rows, OutRows::Last) {
+            // One row alone, as a full micro-batch computes it too.
+            let grouped = sc.acts_a.grouped_tokens();
+            sc.acts_a.set_grouped_tokens(None);
+            let r = mm(pool, &w, &sc.acts_a, n_out, out);
+            sc.acts_a.set_grouped_tokens(grouped);
+            r?;
+        } else {
+            mm(pool, &w, &sc.acts_a, n_out, out)?;
+        }
         Ok(())
     }
 
@@ -826,6 +837,17 @@ impl Model {
             window: layer.attn.window,
             precision: self.attn_precision(n_tokens),
         }
+    }
+
+    /// Whether some of this model's weight matrices have a type whose prompt products sum whole
+    /// groups of 4 tokens in another order than single tokens on this CPU (Q4_K, see
+    /// `powerinfer_quant::gemm::grouped_for`): then a prompt's bits also depend on where its
+    /// micro-batches start ([`crate::prompt_cache`]).
+    pub fn groups_prompt_products(&self) -> bool {
+        self.file.tensors().iter().any(|t| {
+            powerinfer_quant::kernels(t.ty)
+                .is_some_and(|k| powerinfer_quant::gemm::grouped_for(k).is_some())
+        })
     }
 
     /// The attention numerics of a micro-batch of `n_tokens` queries (1: decoding): what makes
@@ -1138,7 +1160,7 @@ fn mm(
     n: usize,
     y: &mut [f32],
 ) -> Result<(), CpuError> {
-    if n == 1 {
+    if n == 1 && !acts.forces_grouped(1) {
         matvec_quantized(pool, w, acts, y)
     } else {
         matmul_quantized(pool, w, acts, y)
