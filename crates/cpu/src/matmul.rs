@@ -624,6 +624,13 @@ pub fn matmul_quantized(
         (Some(_), Some(k)) => k.min(n_tokens),
         (Some(_), None) => n_tokens - n_tokens % 4,
     };
+    if grouped.is_none()
+        && (2..=powerinfer_quant::gemm::DOT4_TOKENS).contains(&n_tokens)
+        && let Some(dot4) = powerinfer_quant::gemm::dot4_tokens_for(k)
+    {
+        few_tokens(pool, w, acts, rb, dot4, y);
+        return Ok(());
+    }
     let out = SharedSlice::new(y);
     let tile = |t_idx: usize| {
         // Row-tile major: consecutive tiles share weight rows, which stay in cache.
@@ -712,6 +719,61 @@ pub fn matmul_quantized(
     };
     pool.for_each_chunk(n_tiles, 1, |range| range.for_each(tile));
     Ok(())
+}
+
+/// [`matmul_quantized`] for a few tokens (a small decoding batch): the memory pattern of
+/// [`matvec_quantized`] (each thread a few long runs of rows, four rows at a time from the
+/// four quarters of a run: four sequential streams), each row's blocks decoded once for all the
+/// tokens by `dot4`. Tiles of rows handed out one by one, as the many-token path does, stream
+/// at about half the rate when the product is this cheap per byte. Callers checked every size.
+fn few_tokens(
+    pool: &ThreadPool,
+    w: &Matrix,
+    acts: &ActBuffer,
+    rb: usize,
+    dot4: powerinfer_quant::gemm::Dot4TokensFn,
+    y: &mut [f32],
+) {
+    let (rows, cols, n_tokens) = (w.rows, w.cols, acts.n_tokens);
+    let k = acts.kernels.expect("checked by kernels_for");
+    let tokens = powerinfer_quant::gemm::GemmTokens {
+        n_tokens,
+        acts: &acts.data[..n_tokens * acts.row_bytes],
+        stride: acts.row_bytes,
+        scales: &acts.gemm_scales,
+    };
+    let total = w.data.len();
+    let chunk_bytes = MATVEC_CHUNK_BYTES.max(total / (pool.n_threads() * MATVEC_CHUNKS_PER_THREAD));
+    let chunk_rows = (chunk_bytes / rb).max(1);
+    let out = SharedSlice::new(y);
+    let row = |r: usize| &w.data[r * rb..(r + 1) * rb];
+    pool.for_each_chunk(rows, chunk_rows, |range| {
+        let (first, len) = (range.start, range.len());
+        let q = if len >= 8 { len / 4 } else { 0 };
+        for i in 0..q {
+            let r = [
+                first + i,
+                first + q + i,
+                first + 2 * q + i,
+                first + 3 * q + i,
+            ];
+            let o = dot4(cols, r.map(row), tokens);
+            for (t, vals) in o.iter().enumerate().take(n_tokens) {
+                for (&ri, &v) in r.iter().zip(vals) {
+                    // SAFETY: element (t, ri) lies in this thread's row range, and
+                    // `for_each_chunk` hands out disjoint ranges.
+                    unsafe { out.write(t * rows + ri, v) };
+                }
+            }
+        }
+        for ri in first + 4 * q..range.end {
+            for t in 0..n_tokens {
+                let act = &acts.data[t * acts.row_bytes..(t + 1) * acts.row_bytes];
+                // SAFETY: as above.
+                unsafe { out.write(t * rows + ri, (k.vec_dot)(cols, row(ri), act)) };
+            }
+        }
+    });
 }
 
 #[cfg(test)]

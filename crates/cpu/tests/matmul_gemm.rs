@@ -24,6 +24,16 @@ fn gemm_matmul_matches_vec_dot_per_output() {
         (GgmlType::Q6_K, 4096, 19, 33),
         (GgmlType::Q4_K, 512, 67, 9),
         (GgmlType::Q6_K, 768, 5, 2),
+        // A few tokens: Q4_1's four-row kernel over the threads' runs of rows, with leftover
+        // rows (and runs too short for it).
+        (GgmlType::Q4_1, 576, 1541, 2),
+        (GgmlType::Q4_1, 576, 1541, 3),
+        (GgmlType::Q4_1, 4096, 37, 3),
+        (GgmlType::Q4_1, 576, 1541, 4),
+        (GgmlType::Q4_1, 4096, 7, 2),
+        (GgmlType::Q8_0, 576, 1541, 2),
+        (GgmlType::Q8_0, 576, 1541, 3),
+        (GgmlType::Q8_0, 576, 999, 4),
     ];
     for (ty, cols, rows, n_tokens) in cases {
         let k = kernels(ty).unwrap();

@@ -88,6 +88,31 @@ pub type GemmRowsFn = fn(
     out_stride: usize,
 );
 
+/// The most tokens a [`Dot4TokensFn`] takes.
+pub const DOT4_TOKENS: usize = 4;
+
+/// `out[j][r] = vec_dot(n, w[r], token j)` for four weight rows (anywhere in memory) and the
+/// `n_tokens` (1 to [`DOT4_TOKENS`]) tokens of `tokens` (with [`act_scales`]' output, as for
+/// a [`GemmRowsFn`]): each row's blocks decoded once for all the tokens, for decoding a few
+/// sequences together. Bit for bit `vec_dot`. Entries past `n_tokens` are unspecified. Panics
+/// if `n_tokens` is out of range or a buffer is too short.
+pub type Dot4TokensFn =
+    fn(n: usize, w: [&[u8]; 4], tokens: GemmTokens<'_>) -> [[f32; 4]; DOT4_TOKENS];
+
+/// A [`Dot4TokensFn`] for `k`, if this build and CPU have one (x86-64 with AVX-512 VNNI: Q4_1,
+/// Q8_0).
+pub fn dot4_tokens_for(k: &TypeKernels) -> Option<Dot4TokensFn> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::dot4_tokens_for(k.ty, k.act_ty, k.name)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = k;
+        None
+    }
+}
+
 /// A single-row dot product (the signature of [`TypeKernels::vec_dot`]).
 pub type DotFn = fn(n: usize, w: &[u8], act: &[u8]) -> f32;
 

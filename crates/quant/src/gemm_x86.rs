@@ -986,8 +986,133 @@ fn prefetch_lines(b: &[u8]) {
     }
 }
 
+/// The single-token four-row Q4_1 dot (`x86::dot4_q4_1_vnni_impl`) for `T` tokens at once:
+/// per block each row's scales and nibbles are decoded once for the `T` tokens, then every
+/// (row, token) pair takes exactly the one-row kernel's operations (`[dx * dy, mx * sy]` in one
+/// multiply, the `mx * sy` lane summed apart, `(dx * dy) * sum(qx * qy)` into 8 lanes), so the
+/// same bits. For few tokens it does less per row, token and block than [`q4_1_rows_vnni`],
+/// whose per-row work (scales of 8 blocks, the transposed `mx * sy` terms) needs 8 tokens to
+/// pay off. `out[t * os + r]`.
+// Index loops over the register arrays, as in the other kernels (they unroll into registers).
+#[allow(clippy::needless_range_loop)]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn q4_1_dot4_tokens_vnni<const T: usize>(
+    n: usize,
+    w: [&[u8]; 4],
+    t: GemmTokens<'_>,
+    out: &mut [f32],
+    os: usize,
+) {
+    let nb = n / 32;
+    let w: [&[u8]; 4] = arr!(4, &[][..], |r| &w[r][..20 * nb]);
+    let a: [&[u8]; T] = arr!(T, &[][..], |j| &t.acts
+        [j * t.stride..j * t.stride + 36 * nb]);
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let mut summs = [[_mm_setzero_ps(); 4]; T];
+    for i in 0..nb {
+        let hy: [__m128; T] = arr!(T, _mm_setzero_ps(), |j| h2x2(&a[j][36 * i..], 0));
+        let qy: [__m256i; T] = arr!(T, _mm256_setzero_si256(), |j| load32(&a[j][36 * i..], 4));
+        for r in 0..4 {
+            let x = &w[r][20 * i..20 * i + 20];
+            let hx = h2x2(x, 0);
+            let qx = nibbles32(x, 4);
+            for j in 0..T {
+                // [dx * dy, mx * sy]
+                let p = _mm_mul_ps(hx, hy[j]);
+                summs[j][r] = _mm_add_ps(summs[j][r], p);
+                let d = _mm256_broadcastss_ps(p);
+                acc[j][r] = _mm256_fmadd_ps(d, mul_u8_f32_vnni(qx, qy[j]), acc[j][r]);
+            }
+        }
+    }
+    let out = &mut out[..(T - 1) * os + 4];
+    for j in 0..T {
+        for r in 0..4 {
+            out[j * os + r] = hsum_ps(acc[j][r]) + _mm_cvtss_f32(_mm_movehdup_ps(summs[j][r]));
+        }
+    }
+}
+
+/// A [`crate::gemm::Dot4TokensFn`]: [`q4_1_dot4_tokens_vnni`] for 1 to
+/// [`crate::gemm::DOT4_TOKENS`] tokens.
+fn dot4_tokens_q4_1_vnni(
+    n: usize,
+    w: [&[u8]; 4],
+    t: GemmTokens<'_>,
+) -> [[f32; 4]; crate::gemm::DOT4_TOKENS] {
+    let mut out = [0f32; 4 * crate::gemm::DOT4_TOKENS];
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe {
+        match t.n_tokens {
+            1 => q4_1_dot4_tokens_vnni::<1>(n, w, t, &mut out, 4),
+            2 => q4_1_dot4_tokens_vnni::<2>(n, w, t, &mut out, 4),
+            3 => q4_1_dot4_tokens_vnni::<3>(n, w, t, &mut out, 4),
+            4 => q4_1_dot4_tokens_vnni::<4>(n, w, t, &mut out, 4),
+            k => panic!(
+                "dot4_tokens: 1 to {} tokens, not {k}",
+                crate::gemm::DOT4_TOKENS
+            ),
+        }
+    }
+    let mut r = [[0f32; 4]; crate::gemm::DOT4_TOKENS];
+    for (dst, src) in r.iter_mut().zip(out.chunks_exact(4)) {
+        dst.copy_from_slice(src);
+    }
+    r
+}
+
+/// A four-row kernel for a few tokens ([`crate::gemm::dot4_tokens_for`]), if any.
+pub(super) fn dot4_tokens_for(
+    ty: GgmlType,
+    act_ty: GgmlType,
+    name: &str,
+) -> Option<crate::gemm::Dot4TokensFn> {
+    use GgmlType as T;
+    if crate::simd_level() != "avx512vnni" || !has_vnni() {
+        return None;
+    }
+    match (ty, act_ty, name) {
+        (T::Q4_1, T::Q8_1, "avx2" | "avx512vnni") => Some(dot4_tokens_q4_1_vnni),
+        (T::Q8_0, T::Q8_0, "avx2" | "avx512vnni") => Some(dot4_tokens_q8_0_vnni),
+        _ => None,
+    }
+}
+
+/// A [`crate::gemm::Dot4TokensFn`]: [`q8_0_rows_vnni`] on four rows (its per-row work is one
+/// scale conversion per 8 blocks, cheap for few tokens too).
+fn dot4_tokens_q8_0_vnni(
+    n: usize,
+    w: [&[u8]; 4],
+    t: GemmTokens<'_>,
+) -> [[f32; 4]; crate::gemm::DOT4_TOKENS] {
+    let mut out = [0f32; 4 * crate::gemm::DOT4_TOKENS];
+    // SAFETY: installed only after `has_vnni()` succeeded at run time.
+    unsafe {
+        match t.n_tokens {
+            1 => q8_0_rows_vnni::<4, 1>(n, w, t, &mut out, 4),
+            2 => q8_0_rows_vnni::<4, 2>(n, w, t, &mut out, 4),
+            3 => q8_0_rows_vnni::<4, 3>(n, w, t, &mut out, 4),
+            4 => q8_0_rows_vnni::<4, 4>(n, w, t, &mut out, 4),
+            k => panic!(
+                "dot4_tokens: 1 to {} tokens, not {k}",
+                crate::gemm::DOT4_TOKENS
+            ),
+        }
+    }
+    let mut r = [[0f32; 4]; crate::gemm::DOT4_TOKENS];
+    for (dst, src) in r.iter_mut().zip(out.chunks_exact(4)) {
+        dst.copy_from_slice(src);
+    }
+    r
+}
+
+/// Tokens up to which [`gemm_rows_q4_1_vnni`] takes [`q4_1_dot4_tokens_vnni`] (four rows at a
+/// time) rather than [`q4_1_rows_vnni`].
+const Q4_1_DOT4_MAX_TOKENS: usize = 3;
+
 /// A [`crate::gemm::GemmRowsFn`]: [`q4_1_rows_vnni`] on pairs of rows (and a last single
-/// row), each pair's successor prefetched.
+/// row), each pair's successor prefetched; for up to [`Q4_1_DOT4_MAX_TOKENS`] tokens,
+/// [`q4_1_dot4_tokens_vnni`] on four rows at a time first.
 fn gemm_rows_q4_1_vnni(
     n: usize,
     w: &[u8],
@@ -997,10 +1122,49 @@ fn gemm_rows_q4_1_vnni(
     out: &mut [f32],
     out_stride: usize,
 ) {
-    let scales = t.scales;
     let nt = t.n_tokens;
     assert!((1..=ROWS_TOKENS).contains(&nt));
     assert!(n_rows <= out_stride && out.len() >= (nt - 1) * out_stride + n_rows);
+    let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
+    if nt <= Q4_1_DOT4_MAX_TOKENS {
+        let mut r = 0;
+        while r + 4 <= n_rows {
+            if let Some(next) = w.get((r + 4) * row_bytes..(r + 8) * row_bytes) {
+                prefetch_lines(next);
+            }
+            let rows = [row(r), row(r + 1), row(r + 2), row(r + 3)];
+            let o = &mut out[r..];
+            // SAFETY: installed only after `has_vnni()` succeeded at run time.
+            unsafe {
+                match nt {
+                    1 => q4_1_dot4_tokens_vnni::<1>(n, rows, t, o, out_stride),
+                    2 => q4_1_dot4_tokens_vnni::<2>(n, rows, t, o, out_stride),
+                    _ => q4_1_dot4_tokens_vnni::<3>(n, rows, t, o, out_stride),
+                }
+            }
+            r += 4;
+        }
+        if r < n_rows {
+            // The last rows (fewer than four).
+            let rest = &w[r * row_bytes..];
+            q4_1_rows_pairs(n, rest, row_bytes, n_rows - r, t, &mut out[r..], out_stride);
+        }
+        return;
+    }
+    q4_1_rows_pairs(n, w, row_bytes, n_rows, t, out, out_stride);
+}
+
+/// [`gemm_rows_q4_1_vnni`] with [`q4_1_rows_vnni`] on pairs of rows only.
+fn q4_1_rows_pairs(
+    n: usize,
+    w: &[u8],
+    row_bytes: usize,
+    n_rows: usize,
+    t: GemmTokens<'_>,
+    out: &mut [f32],
+    out_stride: usize,
+) {
+    let (scales, nt) = (t.scales, t.n_tokens);
     let nb = n / 32;
     let row = |r: usize| &w[r * row_bytes..(r + 1) * row_bytes];
     if nb > ROWS_MAX_BLOCKS {

@@ -252,3 +252,66 @@ fn grouped_kernels_agree_and_stay_close_to_vec_dot() {
     }
     let _ = checked;
 }
+
+#[test]
+fn four_row_few_token_kernels_match_vec_dot_bit_for_bit() {
+    use powerinfer_quant::gemm::{DOT4_TOKENS, dot4_tokens_for};
+    let mut rng = SplitMix(0x7077_2027);
+    let mut checked = 0usize;
+    for ty in TYPES {
+        for k in all_kernels(ty) {
+            let Some(dot4) = dot4_tokens_for(&k) else {
+                continue;
+            };
+            for blocks in [1usize, 2, 7, 17, 48, 257] {
+                let n = blocks * ty.block_size();
+                let rb = row_bytes(ty, n).unwrap();
+                let arb = row_bytes(k.act_ty, n).unwrap();
+                let stride = arb + 5;
+                let mut acts = vec![0u8; DOT4_TOKENS * stride];
+                for a in acts.chunks_exact_mut(stride) {
+                    let x: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                    (k.quantize_act)(&x, &mut a[..arb]);
+                }
+                let rows: Vec<Vec<u8>> = (0..4)
+                    .map(|_| {
+                        let wf: Vec<f32> = (0..n).map(|_| rng.f()).collect();
+                        let mut row = vec![0u8; rb];
+                        quantize_row(ty, &wf, &mut row).unwrap();
+                        row
+                    })
+                    .collect();
+                let mut scales = Vec::new();
+                act_scales(&k, n, &acts, stride, DOT4_TOKENS, &mut scales);
+                for n_tokens in 1..=DOT4_TOKENS {
+                    let tokens = GemmTokens {
+                        n_tokens,
+                        acts: &acts[..(n_tokens - 1) * stride + arb],
+                        stride,
+                        scales: &scales[..n_tokens * scale_stride(n)],
+                    };
+                    let w = [&rows[0][..], &rows[1][..], &rows[2][..], &rows[3][..]];
+                    let got = dot4(n, w, tokens);
+                    for (t, got_t) in got.iter().enumerate().take(n_tokens) {
+                        for (r, row) in rows.iter().enumerate() {
+                            let want = (k.vec_dot)(n, row, &acts[t * stride..]);
+                            assert_eq!(
+                                got_t[r].to_bits(),
+                                want.to_bits(),
+                                "{ty:?} {} n={n} tokens={n_tokens} t={t} r={r}",
+                                k.name
+                            );
+                            checked += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx512vnni") && std::is_x86_feature_detected!("avx512vl") {
+        // Q4_1's and Q8_0's kernels run on this CPU (for their "avx2" and "avx512vnni" sets).
+        assert!(checked >= 2 * 2 * 6 * 6 * 4, "{checked}");
+    }
+    let _ = checked;
+}
