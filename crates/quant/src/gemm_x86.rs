@@ -1033,6 +1033,15 @@ fn q4_1_dot4_tokens_vnni<const T: usize>(
     }
 }
 
+/// Four results per token, token after token, as [`crate::gemm::Dot4TokensFn`] returns them.
+fn by_token(out: &[f32; 4 * crate::gemm::DOT4_TOKENS]) -> [[f32; 4]; crate::gemm::DOT4_TOKENS] {
+    let mut r = [[0f32; 4]; crate::gemm::DOT4_TOKENS];
+    for (dst, src) in r.iter_mut().zip(out.chunks_exact(4)) {
+        dst.copy_from_slice(src);
+    }
+    r
+}
+
 /// A [`crate::gemm::Dot4TokensFn`]: [`q4_1_dot4_tokens_vnni`] for 1 to
 /// [`crate::gemm::DOT4_TOKENS`] tokens.
 fn dot4_tokens_q4_1_vnni(
@@ -1054,11 +1063,7 @@ fn dot4_tokens_q4_1_vnni(
             ),
         }
     }
-    let mut r = [[0f32; 4]; crate::gemm::DOT4_TOKENS];
-    for (dst, src) in r.iter_mut().zip(out.chunks_exact(4)) {
-        dst.copy_from_slice(src);
-    }
-    r
+    by_token(&out)
 }
 
 /// A four-row kernel for a few tokens ([`crate::gemm::dot4_tokens_for`]), if any.
@@ -1099,11 +1104,7 @@ fn dot4_tokens_q8_0_vnni(
             ),
         }
     }
-    let mut r = [[0f32; 4]; crate::gemm::DOT4_TOKENS];
-    for (dst, src) in r.iter_mut().zip(out.chunks_exact(4)) {
-        dst.copy_from_slice(src);
-    }
-    r
+    by_token(&out)
 }
 
 /// Tokens up to which [`gemm_rows_q4_1_vnni`] takes [`q4_1_dot4_tokens_vnni`] (four rows at a
