@@ -34,6 +34,8 @@ fn gemm_matmul_matches_vec_dot_per_output() {
         (GgmlType::Q8_0, 576, 1541, 2),
         (GgmlType::Q8_0, 576, 1541, 3),
         (GgmlType::Q8_0, 576, 999, 4),
+        (GgmlType::Q4_0, 4096, 301, 2),
+        (GgmlType::Q5_0, 576, 1001, 3),
     ];
     for (ty, cols, rows, n_tokens) in cases {
         let k = kernels(ty).unwrap();

@@ -99,8 +99,8 @@ pub const DOT4_TOKENS: usize = 4;
 pub type Dot4TokensFn =
     fn(n: usize, w: [&[u8]; 4], tokens: GemmTokens<'_>) -> [[f32; 4]; DOT4_TOKENS];
 
-/// A [`Dot4TokensFn`] for `k`, if this build and CPU have one (x86-64 with AVX-512 VNNI: Q4_1,
-/// Q8_0).
+/// A [`Dot4TokensFn`] for `k`, if this build and CPU have one (x86-64 with AVX-512 VNNI: Q4_0,
+/// Q4_1, Q5_0, Q8_0).
 pub fn dot4_tokens_for(k: &TypeKernels) -> Option<Dot4TokensFn> {
     #[cfg(target_arch = "x86_64")]
     {

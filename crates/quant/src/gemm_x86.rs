@@ -1079,33 +1079,43 @@ pub(super) fn dot4_tokens_for(
     match (ty, act_ty, name) {
         (T::Q4_1, T::Q8_1, "avx2" | "avx512vnni") => Some(dot4_tokens_q4_1_vnni),
         (T::Q8_0, T::Q8_0, "avx2" | "avx512vnni") => Some(dot4_tokens_q8_0_vnni),
+        (T::Q4_0, T::Q8_0, "avx2" | "avx512vnni") => Some(dot4_tokens_q4_0_vnni),
+        (T::Q5_0, T::Q8_0, "avx2" | "avx512vnni") => Some(dot4_tokens_q5_0_vnni),
         _ => None,
     }
 }
 
-/// A [`crate::gemm::Dot4TokensFn`]: [`q8_0_rows_vnni`] on four rows (its per-row work is one
-/// scale conversion per 8 blocks, cheap for few tokens too).
-fn dot4_tokens_q8_0_vnni(
-    n: usize,
-    w: [&[u8]; 4],
-    t: GemmTokens<'_>,
-) -> [[f32; 4]; crate::gemm::DOT4_TOKENS] {
-    let mut out = [0f32; 4 * crate::gemm::DOT4_TOKENS];
-    // SAFETY: installed only after `has_vnni()` succeeded at run time.
-    unsafe {
-        match t.n_tokens {
-            1 => q8_0_rows_vnni::<4, 1>(n, w, t, &mut out, 4),
-            2 => q8_0_rows_vnni::<4, 2>(n, w, t, &mut out, 4),
-            3 => q8_0_rows_vnni::<4, 3>(n, w, t, &mut out, 4),
-            4 => q8_0_rows_vnni::<4, 4>(n, w, t, &mut out, 4),
-            k => panic!(
-                "dot4_tokens: 1 to {} tokens, not {k}",
-                crate::gemm::DOT4_TOKENS
-            ),
+/// A [`crate::gemm::Dot4TokensFn`] running a [`q8_rows!`] kernel on four rows (their per-row
+/// work is one scale conversion per 8 blocks, cheap for few tokens too).
+macro_rules! q8_dot4_tokens {
+    ($name:ident, $kern:ident) => {
+        fn $name(
+            n: usize,
+            w: [&[u8]; 4],
+            t: GemmTokens<'_>,
+        ) -> [[f32; 4]; crate::gemm::DOT4_TOKENS] {
+            let mut out = [0f32; 4 * crate::gemm::DOT4_TOKENS];
+            // SAFETY: installed only after `has_vnni()` succeeded at run time.
+            unsafe {
+                match t.n_tokens {
+                    1 => $kern::<4, 1>(n, w, t, &mut out, 4),
+                    2 => $kern::<4, 2>(n, w, t, &mut out, 4),
+                    3 => $kern::<4, 3>(n, w, t, &mut out, 4),
+                    4 => $kern::<4, 4>(n, w, t, &mut out, 4),
+                    k => panic!(
+                        "dot4_tokens: 1 to {} tokens, not {k}",
+                        crate::gemm::DOT4_TOKENS
+                    ),
+                }
+            }
+            by_token(&out)
         }
-    }
-    by_token(&out)
+    };
 }
+
+q8_dot4_tokens!(dot4_tokens_q8_0_vnni, q8_0_rows_vnni);
+q8_dot4_tokens!(dot4_tokens_q4_0_vnni, q4_0_rows_vnni);
+q8_dot4_tokens!(dot4_tokens_q5_0_vnni, q5_0_rows_vnni);
 
 /// Tokens up to which [`gemm_rows_q4_1_vnni`] takes [`q4_1_dot4_tokens_vnni`] (four rows at a
 /// time) rather than [`q4_1_rows_vnni`].
