@@ -624,12 +624,16 @@ pub fn matmul_quantized(
         (Some(_), Some(k)) => k.min(n_tokens),
         (Some(_), None) => n_tokens - n_tokens % 4,
     };
-    if grouped.is_none()
-        && (2..=powerinfer_quant::gemm::DOT4_TOKENS).contains(&n_tokens)
-        && let Some(dot4) = powerinfer_quant::gemm::dot4_tokens_for(k)
-    {
-        few_tokens(pool, w, acts, rb, dot4, y);
-        return Ok(());
+    if grouped.is_none() && (2..=powerinfer_quant::gemm::DOT4_TOKENS).contains(&n_tokens) {
+        let few = match (powerinfer_quant::gemm::dot4_tokens_for(k), gemm) {
+            (Some(dot4), _) => Some(FewKernel::Dot4(dot4)),
+            (None, Some(g)) => Some(FewKernel::Rows(g)),
+            (None, None) => None,
+        };
+        if let Some(few) = few {
+            few_tokens(pool, w, acts, rb, few, y);
+            return Ok(());
+        }
     }
     let out = SharedSlice::new(y);
     let tile = |t_idx: usize| {
@@ -721,17 +725,27 @@ pub fn matmul_quantized(
     Ok(())
 }
 
+/// The kernel of [`few_tokens`].
+#[derive(Clone, Copy)]
+enum FewKernel {
+    /// Four rows at a time, from the four quarters of a thread's run.
+    Dot4(powerinfer_quant::gemm::Dot4TokensFn),
+    /// One row at a time (the multi-token kernel).
+    Rows(powerinfer_quant::gemm::GemmFn),
+}
+
 /// [`matmul_quantized`] for a few tokens (a small decoding batch): the memory pattern of
-/// [`matvec_quantized`] (each thread a few long runs of rows, four rows at a time from the
-/// four quarters of a run: four sequential streams), each row's blocks decoded once for all the
-/// tokens by `dot4`. Tiles of rows handed out one by one, as the many-token path does, stream
-/// at about half the rate when the product is this cheap per byte. Callers checked every size.
+/// [`matvec_quantized`] (each thread a few long runs of rows; with a four-row kernel, four rows
+/// at a time from the four quarters of a run: four sequential streams), each row's blocks
+/// decoded once for all the tokens. Tiles of rows handed out one by one, as the many-token path
+/// does, stream at about half the rate when the product is this cheap per byte. Callers
+/// checked every size.
 fn few_tokens(
     pool: &ThreadPool,
     w: &Matrix,
     acts: &ActBuffer,
     rb: usize,
-    dot4: powerinfer_quant::gemm::Dot4TokensFn,
+    kernel: FewKernel,
     y: &mut [f32],
 ) {
     let (rows, cols, n_tokens) = (w.rows, w.cols, acts.n_tokens);
@@ -749,6 +763,29 @@ fn few_tokens(
     let row = |r: usize| &w.data[r * rb..(r + 1) * rb];
     pool.for_each_chunk(rows, chunk_rows, |range| {
         let (first, len) = (range.start, range.len());
+        let dot4 = match kernel {
+            FewKernel::Dot4(d) => d,
+            FewKernel::Rows(gemm) => {
+                let mut buf = [0f32; powerinfer_quant::gemm::DOT4_TOKENS];
+                for ri in range {
+                    let part = &mut buf[..n_tokens];
+                    gemm(
+                        cols,
+                        row(ri),
+                        tokens.acts,
+                        tokens.stride,
+                        tokens.scales,
+                        part,
+                    );
+                    for (t, &v) in part.iter().enumerate() {
+                        // SAFETY: element (t, ri) lies in this thread's row range, and
+                        // `for_each_chunk` hands out disjoint ranges.
+                        unsafe { out.write(t * rows + ri, v) };
+                    }
+                }
+                return;
+            }
+        };
         let q = if len >= 8 { len / 4 } else { 0 };
         for i in 0..q {
             let r = [

@@ -79,20 +79,41 @@ fn gemm_matmul_matches_vec_dot_per_output() {
 fn decode_order_gives_every_token_the_single_token_result() {
     let pool = ThreadPool::new(2);
     let mut rng = Rng::new(0x6e33_0002);
-    let (ty, cols, rows, n_tokens) = (GgmlType::Q4_K, 1024, 29, 9);
+    // 9 tokens: the tiles; 2 and 3 (a small decoding batch): the few-token path.
+    for (ty, cols, rows, n_tokens) in [
+        (GgmlType::Q4_K, 1024, 29, 9),
+        (GgmlType::Q4_K, 1024, 1029, 3),
+        (GgmlType::Q4_K, 512, 301, 2),
+    ] {
+        decode_order_case(&pool, &mut rng, ty, cols, rows, n_tokens);
+    }
+}
+
+fn decode_order_case(
+    pool: &ThreadPool,
+    rng: &mut Rng,
+    ty: GgmlType,
+    cols: usize,
+    rows: usize,
+    n_tokens: usize,
+) {
     let k = kernels(ty).unwrap();
-    let data = random_weights(ty, rows * cols, &mut rng);
+    let data = random_weights(ty, rows * cols, rng);
     let w = Matrix::new(ty, rows, cols, &data).unwrap();
     let x = rng.activations(cols * n_tokens);
     let mut acts = ActBuffer::new();
     acts.set_decode_order(true);
     acts.quantize_with(k, &x, cols, n_tokens).unwrap();
     let mut y = vec![f32::NAN; rows * n_tokens];
-    matmul_quantized(&pool, &w, &acts, &mut y).unwrap();
+    matmul_quantized(pool, &w, &acts, &mut y).unwrap();
     for t in 0..n_tokens {
         for r in 0..rows {
             let want = (k.vec_dot)(cols, w.row(r).unwrap(), acts.token(t).unwrap());
-            assert_eq!(y[t * rows + r].to_bits(), want.to_bits(), "t{t} r{r}");
+            assert_eq!(
+                y[t * rows + r].to_bits(),
+                want.to_bits(),
+                "{n_tokens} tokens: t{t} r{r}"
+            );
         }
     }
 }
