@@ -913,7 +913,9 @@ fn cmd_batched(a: &Args) -> Result<()> {
     let load_before = loadavg();
     let mut rows = Vec::new();
     for &npl in &npls {
-        let per_seq = n_prompt + n_gen + 1;
+        // llama.cpp pads the context to a multiple of 256 and splits it evenly between the
+        // sequences: give each a multiple of 256.
+        let per_seq = (n_prompt + n_gen + 1).next_multiple_of(256);
         let opts = CtxOpts {
             n_ctx: (npl * per_seq) as u32,
             n_batch: (npl * n_prompt).max(npl) as u32,
