@@ -237,11 +237,6 @@ impl ActBuffer {
         self.grouped_tokens = k;
     }
 
-    /// What [`set_grouped_tokens`](Self::set_grouped_tokens) set.
-    pub fn grouped_tokens(&self) -> Option<usize> {
-        self.grouped_tokens
-    }
-
     /// Whether [`matmul_quantized`] would put some of `n_tokens` tokens of this buffer in the
     /// grouped order because of [`set_grouped_tokens`](Self::set_grouped_tokens) (so a
     /// one-token product must not take the single-token path).

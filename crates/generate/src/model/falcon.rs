@@ -636,7 +636,7 @@ impl Model {
             head_dim_v: c.head_dim_v,
             scale: ln.kq_scale,
             window: None,
-            precision: self.attn_precision(n_tokens),
+            precision: self.attention_numerics(n_tokens),
         };
         match kv {
             KvRows::Seq { kv, pos0 } => {

@@ -677,12 +677,9 @@ impl Model {
         let nv = c.n_vocab;
         let out = &mut st.logits[dst_row * nv..(dst_row + n_out) * nv];
         if matches!(rows, OutRows::Last) {
-            // One row alone, as a full micro-batch computes it too.
-            let grouped = sc.acts_a.grouped_tokens();
-            sc.acts_a.set_grouped_tokens(None);
-            let r = mm(pool, &w, &sc.acts_a, n_out, out);
-            sc.acts_a.set_grouped_tokens(grouped);
-            r?;
+            // One row alone, as a full micro-batch computes it too (whatever the grouped order
+            // the part of a micro-batch set for its own tokens).
+            matvec_quantized(pool, &w, &sc.acts_a, out)?;
         } else {
             mm(pool, &w, &sc.acts_a, n_out, out)?;
         }
@@ -835,7 +832,7 @@ impl Model {
             head_dim_v: c.head_dim_v,
             scale: layer.attn.kq_scale,
             window: layer.attn.window,
-            precision: self.attn_precision(n_tokens),
+            precision: self.attention_numerics(n_tokens),
         }
     }
 
@@ -854,11 +851,6 @@ impl Model {
     /// a prompt's bits depend on how it is cut into micro-batches
     /// ([`crate::prompt_cache`]).
     pub fn attention_numerics(&self, n_tokens: usize) -> AttnPrecision {
-        self.attn_precision(n_tokens)
-    }
-
-    /// The attention numerics for a micro-batch of `n_tokens` queries.
-    fn attn_precision(&self, n_tokens: usize) -> AttnPrecision {
         // ggml switches to its tiled (f32) flash-attention kernel from 64 queries on
         if self.legacy_attention {
             AttnPrecision::Legacy
