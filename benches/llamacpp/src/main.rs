@@ -357,26 +357,12 @@ impl<'m> Ctx<'m> {
 
     /// Decodes `tokens` at positions `pos0..` of sequence 0 with logits for every token.
     fn decode_all_logits(&self, tokens: &[sys::llama_token], pos0: usize) -> Result<()> {
-        let n = tokens.len();
-        // SAFETY: llama_batch_init allocates n entries of each array (1 seq id each); we fill
-        // exactly n entries, decode, and free the batch on every path.
-        unsafe {
-            let mut batch = sys::llama_batch_init(n as i32, 0, 1);
-            for (i, &t) in tokens.iter().enumerate() {
-                *batch.token.add(i) = t;
-                *batch.pos.add(i) = (pos0 + i) as sys::llama_pos;
-                *batch.n_seq_id.add(i) = 1;
-                *(*batch.seq_id.add(i)) = 0;
-                *batch.logits.add(i) = 1;
-            }
-            batch.n_tokens = n as i32;
-            let rc = sys::llama_decode(self.ptr.as_ptr(), batch);
-            sys::llama_batch_free(batch);
-            if rc != 0 {
-                return Err(Error::Decode(rc));
-            }
-        }
-        Ok(())
+        let entries: Vec<_> = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| (t, pos0 + i, 0))
+            .collect();
+        self.decode_entries(&entries)
     }
 
     /// Decodes one batch of `(token, position, sequence)` entries, each with its logits.

@@ -47,7 +47,7 @@ pub struct BenchArgs {
 struct Subject<'a> {
     llm: &'a powerinfer::Llm,
     state: powerinfer::generate::model::ModelState,
-    seed: u64,
+    tokens: RandomTokens,
     /// Context positions each test starts from.
     depth: usize,
     pp: Vec<f64>,
@@ -72,7 +72,7 @@ impl<'a> Subject<'a> {
         Ok(Subject {
             llm,
             state,
-            seed: 0x9E37_79B9_7F4A_7C15,
+            tokens: RandomTokens::new(llm),
             depth,
             pp: Vec::new(),
             tg: Vec::new(),
@@ -94,13 +94,8 @@ impl<'a> Subject<'a> {
         Ok(())
     }
 
-    /// Deterministic pseudo-random token ids (a splitmix64 stream, the same for every subject).
     fn next_token(&mut self) -> u32 {
-        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.seed;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        ((z ^ (z >> 31)) % self.llm.model().config().n_vocab as u64) as u32
+        self.tokens.next()
     }
 
     /// One repetition: a prompt of `n_prompt` tokens, then `n_gen` tokens decoded one by one,
@@ -146,6 +141,29 @@ impl<'a> Subject<'a> {
         let layers: f64 = self.timings.iter().sum();
         self.timings
             .map(|x| if layers > 0.0 { x / layers } else { 0.0 })
+    }
+}
+
+/// Deterministic pseudo-random token ids (a splitmix64 stream, the same for every subject).
+struct RandomTokens {
+    seed: u64,
+    n_vocab: u64,
+}
+
+impl RandomTokens {
+    fn new(llm: &powerinfer::Llm) -> Self {
+        RandomTokens {
+            seed: 0x9E37_79B9_7F4A_7C15,
+            n_vocab: llm.model().config().n_vocab as u64,
+        }
+    }
+
+    fn next(&mut self) -> u32 {
+        self.seed = self.seed.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.seed;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        ((z ^ (z >> 31)) % self.n_vocab) as u32
     }
 }
 
@@ -298,7 +316,7 @@ fn run_parallel(args: &BenchArgs) -> Result<(), String> {
     let llm = load(&args.model)?;
     let model = llm.model();
     let pool = llm.pool();
-    let mut tokens = Subject::new(&llm, 1, 1, 0)?;
+    let mut tokens = RandomTokens::new(&llm);
     let mut batch = model.new_batch_state();
     let mut rows = Vec::new();
     for &npl in &args.parallel {
@@ -311,7 +329,7 @@ fn run_parallel(args: &BenchArgs) -> Result<(), String> {
         for rep in 0..=args.reps {
             for st in states.iter_mut() {
                 st.clear();
-                let prompt: Vec<u32> = (0..args.n_prompt).map(|_| tokens.next_token()).collect();
+                let prompt: Vec<u32> = (0..args.n_prompt).map(|_| tokens.next()).collect();
                 model
                     .forward(pool, st, &prompt, Logits::Last)
                     .map_err(|e| e.to_string())?;
@@ -319,7 +337,7 @@ fn run_parallel(args: &BenchArgs) -> Result<(), String> {
             let steps = if rep == 0 { 1 } else { args.n_gen };
             let t = Instant::now();
             for _ in 0..steps {
-                let step: Vec<u32> = (0..npl).map(|_| tokens.next_token()).collect();
+                let step: Vec<u32> = (0..npl).map(|_| tokens.next()).collect();
                 let mut refs: Vec<_> = states.iter_mut().collect();
                 model
                     .forward_batch(pool, &mut batch, &mut refs, &step)

@@ -202,6 +202,30 @@ fn batched_sequences_equal_single_runs() {
     }
 }
 
+/// Runs `requests` through a scheduler one after another (each submitted when the previous one
+/// ended, as a chat client sends its turns); their outcomes and the final metrics.
+fn one_at_a_time(
+    model: &Model,
+    tok: &Tokenizer,
+    pool: &ThreadPool,
+    cfg: BatchConfig,
+    requests: &[Vec<u32>],
+    opts: &GenerateOptions,
+) -> (Vec<Outcome>, powerinfer_generate::batch::BatchMetrics) {
+    with_scheduler(model, tok, pool, cfg, |sub| {
+        let got = requests
+            .iter()
+            .map(|p| {
+                let rx = sub
+                    .submit_channel(BatchRequest::new(p.clone(), opts.clone()))
+                    .expect("submit");
+                collect(rx).expect("ok")
+            })
+            .collect();
+        (got, sub.metrics())
+    })
+}
+
 /// The prompt cache: a conversation whose every request resends the earlier turns computes only
 /// the new tokens, each request goes to the slot holding its prefix, and the answers are the
 /// ones computed from scratch (this model's weight types sum the same way in any batch).
@@ -236,19 +260,7 @@ fn prompt_cache_reuses_a_slots_prefix_and_changes_no_answer() {
             cache_prompt,
             ..config(2, 8)
         };
-        let (got, m) = with_scheduler(&model, &tok, &pool, cfg, |sub| {
-            // One at a time, as a chat client sends its turns.
-            let got: Vec<Outcome> = requests
-                .iter()
-                .map(|p| {
-                    let rx = sub
-                        .submit_channel(BatchRequest::new(p.clone(), greedy.clone()))
-                        .expect("submit");
-                    collect(rx).expect("ok")
-                })
-                .collect();
-            (got, sub.metrics())
-        });
+        let (got, m) = one_at_a_time(&model, &tok, &pool, cfg, &requests, &greedy);
         for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
             assert_eq!(g, e, "request {i}, cache_prompt {cache_prompt}");
         }
@@ -641,18 +653,7 @@ fn prompt_cache_is_exact_for_long_prompts() {
         .iter()
         .map(|p| alone(&model, &tok, &pool, p, &greedy))
         .collect();
-    let (got, m) = with_scheduler(&model, &tok, &pool, config(1, 8), |sub| {
-        let got: Vec<Outcome> = requests
-            .iter()
-            .map(|p| {
-                let rx = sub
-                    .submit_channel(BatchRequest::new(p.clone(), greedy.clone()))
-                    .expect("submit");
-                collect(rx).expect("ok")
-            })
-            .collect();
-        (got, sub.metrics())
-    });
+    let (got, m) = one_at_a_time(&model, &tok, &pool, config(1, 8), &requests, &greedy);
     for (i, (g, e)) in got.iter().zip(&expected).enumerate() {
         assert_eq!(g, e, "request {i}");
     }
