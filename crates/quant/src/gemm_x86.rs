@@ -5,7 +5,7 @@
 
 use crate::GgmlType;
 use crate::gemm::{DotFn, GemmFn, GemmRowsFn, GemmTokens, ROWS_TOKENS};
-use crate::x86::{hsum_epi32, hsum_epi32_128, q5_k_gemm_avx2};
+use crate::x86::{h2x2, hsum_epi32, hsum_epi32_128, hsum_ps, load32, nibbles32, q5_k_gemm_avx2};
 use std::arch::x86_64::*;
 
 /// Tokens per kernel call: 4 accumulators plus the decoded block fit the 16 ymm registers.
@@ -180,37 +180,6 @@ macro_rules! arr {
 // ---------------------------------------------------------------------------------------------
 // helpers (the same operations as the single-row kernels use)
 
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_ps(v: __m256) -> f32 {
-    let lo = _mm256_castps256_ps128(v);
-    let hi = _mm256_extractf128_ps(v, 1);
-    let s = _mm_add_ps(lo, hi);
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    _mm_cvtss_f32(s)
-}
-
-/// Loads 32 bytes; panics if `b` is shorter than `off + 32`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn load32(b: &[u8], off: usize) -> __m256i {
-    let s = &b[off..off + 32];
-    // SAFETY: `s` is exactly 32 readable bytes; unaligned load.
-    unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
-}
-
-/// 16 packed nibble bytes -> 32 bytes: low nibbles (elements 0..16), then high nibbles.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles32(b: &[u8], off: usize) -> __m256i {
-    let s = &b[off..off + 16];
-    // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
-    let t = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
-    let v = _mm256_insertf128_si256(_mm256_castsi128_si256(t), _mm_srli_epi16(t, 4), 1);
-    _mm256_and_si256(v, _mm256_set1_epi8(0x0F))
-}
-
 /// 32 bits -> 32 bytes, 0xFF where the bit is set.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -233,14 +202,6 @@ fn bits32(b: &[u8], off: usize) -> __m256i {
 fn mul_u8_f32(ax: __m256i, sy: __m256i) -> __m256 {
     let dot = _mm256_maddubs_epi16(ax, sy);
     _mm256_cvtepi32_ps(_mm256_madd_epi16(dot, _mm256_set1_epi16(1)))
-}
-
-/// The two f16 at `b[off..off + 4]` as f32 lanes 0 and 1.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn h2x2(b: &[u8], off: usize) -> __m128 {
-    let v = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
-    _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32))
 }
 
 /// The token in each lane of [`transpose_mins`]' vectors.

@@ -146,7 +146,7 @@ pub(crate) fn variants(base: &[TypeKernels], out: &mut Vec<Vec<TypeKernels>>) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum_ps(v: __m256) -> f32 {
+pub(crate) fn hsum_ps(v: __m256) -> f32 {
     let lo = _mm256_castps256_ps128(v);
     let hi = _mm256_extractf128_ps(v, 1);
     let s = _mm_add_ps(lo, hi);
@@ -177,7 +177,7 @@ pub(crate) fn hsum_epi32_128(v: __m128i) -> i32 {
 /// Loads 32 bytes. Caller guarantees `b.len() >= off + 32`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn load32(b: &[u8], off: usize) -> __m256i {
+pub(crate) fn load32(b: &[u8], off: usize) -> __m256i {
     let s = &b[off..off + 32];
     // SAFETY: `s` is exactly 32 readable bytes; unaligned load.
     unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
@@ -186,7 +186,7 @@ fn load32(b: &[u8], off: usize) -> __m256i {
 /// 16 packed nibble bytes -> 32 bytes: low nibbles (elements 0..16), then high nibbles.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn nibbles32(b: &[u8], off: usize) -> __m256i {
+pub(crate) fn nibbles32(b: &[u8], off: usize) -> __m256i {
     let s = &b[off..off + 16];
     // SAFETY: `s` is exactly 16 readable bytes; unaligned load.
     let t = unsafe { _mm_loadu_si128(s.as_ptr().cast()) };
@@ -238,7 +238,7 @@ fn mul_u8_f32(ax: __m256i, sy: __m256i) -> __m256 {
 /// loop on the FMA latency (5x slower).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn h2x2(b: &[u8], off: usize) -> __m128 {
+pub(crate) fn h2x2(b: &[u8], off: usize) -> __m128 {
     let v = u32::from_le_bytes([b[off], b[off + 1], b[off + 2], b[off + 3]]);
     _mm_cvtph_ps(_mm_cvtsi32_si128(v as i32))
 }
